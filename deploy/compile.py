@@ -1,0 +1,142 @@
+"""`edgejit compile`: ONNX model -> artifact directory for a target preset."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge import build as edge_build
+from edge.artifact import FORMAT_VERSION, MANIFEST, TensorSpec, sha256_file, tvm_versions
+from edge.errors import EdgeJitError, ModelError
+from edge.targets import Preset, get_preset
+
+from . import onnx_import, optimize
+from .padding import check_padding
+
+EDGEJIT_VERSION = "0.1.0"
+
+
+def _dims_of(struct_info) -> tuple:
+    from tvm import tirx
+
+    dims = []
+    for d in struct_info.shape.values:
+        dims.append(int(d) if isinstance(d, tirx.IntImm) else str(d))
+    return tuple(dims)
+
+
+def _dtype(sinfo) -> str:
+    return str(sinfo.dtype)
+
+
+def signature(mod, input_names: list[str]) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    from tvm import relax
+
+    main = mod["main"]
+    n = int(main.attrs["num_input"])
+    inputs = [
+        TensorSpec(name, _dtype(p.struct_info), _dims_of(p.struct_info))
+        for name, p in zip(input_names, main.params[:n])
+    ]
+    ret = main.ret_struct_info
+    fields = ret.fields if isinstance(ret, relax.TupleStructInfo) else [ret]
+    outputs = [TensorSpec(f"output_{i}", _dtype(s), _dims_of(s)) for i, s in enumerate(fields)]
+    return inputs, outputs
+
+
+def find_seq_dim(inputs: list[TensorSpec], requested: str | None) -> str:
+    symbolic = [d for s in inputs for d in s.shape if isinstance(d, str)]
+    if requested:
+        if requested not in symbolic:
+            raise ModelError(f"--seq-dim '{requested}' is not a symbolic input dim (have: {', '.join(dict.fromkeys(symbolic)) or 'none'})")
+        return requested
+    for s in inputs:
+        if len(s.shape) >= 2 and isinstance(s.shape[1], str):
+            return s.shape[1]
+    raise ModelError("no symbolic sequence dimension on the inputs (export the model with a dynamic sequence axis, or pass --seq-dim)")
+
+
+def compile_model(
+    model_path: str | Path,
+    target: str | Preset,
+    out: str | Path,
+    *,
+    name: str | None = None,
+    precision: str = "fp32",
+    max_seq: int = 512,
+    seq_dim: str | None = None,
+    force: bool = False,
+    log=print,
+) -> Path:
+    preset = get_preset(target) if isinstance(target, str) else target
+    out = Path(out)
+    if out.exists() and not force:
+        raise EdgeJitError(f"{out} exists (pass --force to replace it)")
+    if preset.linker and shutil.which(preset.linker) is None:
+        raise EdgeJitError(
+            f"target {preset.name} needs the aarch64 linker '{preset.linker}': install the Debian package gcc-aarch64-linux-gnu"
+        )
+    model_path = Path(model_path)
+    t0 = time.perf_counter()
+    model = onnx_import.load(model_path)
+    input_names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    mod, params = onnx_import.to_relax(model)
+    inputs, outputs = signature(mod, input_names)
+    seq = find_seq_dim(inputs, seq_dim)
+    output_names = [o.name for o in model.graph.output]
+    if len(output_names) == len(outputs):
+        outputs = [TensorSpec(n, o.dtype, o.shape) for n, o in zip(output_names, outputs)]
+    log(f"imported {model_path.name}: {len(inputs)} inputs, {len(outputs)} outputs, {len(params)} weights ({time.perf_counter() - t0:.1f}s)")
+
+    mod, params = optimize.prepare(mod, params, preset.tvm_target(), precision=precision)
+    padding = check_padding(model_path, inputs, outputs, seq)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        t1 = time.perf_counter()
+        ex = edge_build.build(mod, preset.target)
+        edge_build.export(ex, tmp / "generic.so", preset.target)
+        log(f"built generic module for {preset.name} ({time.perf_counter() - t1:.1f}s)")
+        import tvm
+
+        (tmp / "module.json").write_text(tvm.ir.save_json(mod))
+        np.savez(tmp / "params.npz", **{f"p{i}": p for i, p in enumerate(params)})
+        symbolic = dict.fromkeys(d for s in inputs for d in s.shape if isinstance(d, str))
+        manifest = {
+            "format": FORMAT_VERSION,
+            "model": {"name": name or model_path.stem, "sha256": sha256_file(model_path), "source": model_path.name},
+            "inputs": [s.to_json() for s in inputs],
+            "outputs": [s.to_json() for s in outputs],
+            "seq_dim": seq,
+            "dims": {d: {"min": 1, "max": max_seq if d == seq else None} for d in symbolic},
+            "padding": padding,
+            "precision": precision,
+            "target": {
+                "preset": preset.name,
+                "arch": preset.arch,
+                "requires": preset.requires,
+                "tvm": json.loads(json.dumps(preset.target)),
+            },
+            "tvm": tvm_versions(),
+            "pipeline": edge_build.PIPELINE_VERSION,
+            "edgejit": EDGEJIT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out} ({time.perf_counter() - t0:.1f}s in all)")
+    return out

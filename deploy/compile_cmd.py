@@ -1,0 +1,24 @@
+"""`edgejit compile`: command-line front of deploy.compile."""
+
+from __future__ import annotations
+
+from .compile import compile_model
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", help="ONNX model file (external data next to it is read too)")
+    p.add_argument("--target", "-t", default="host", help="target preset (see `edgejit targets`; default: host)")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--name", help="model name in the manifest (default: the file's stem)")
+    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
+    p.add_argument("--max-seq", type=int, default=512, help="longest sequence the artifact accepts (default 512)")
+    p.add_argument("--seq-dim", help="name of the symbolic sequence dim (default: dim 1 of the first input)")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact")
+
+
+def main(args) -> int:
+    compile_model(
+        args.model, args.target, args.output, name=args.name, precision=args.precision,
+        max_seq=args.max_seq, seq_dim=args.seq_dim, force=args.force,
+    )
+    return 0

@@ -1,0 +1,91 @@
+"""Decide at compile time whether a model's results survive right-padding of the sequence.
+
+The JIT may serve a length L from a variant compiled for a bucket B > L by right-padding the
+inputs and slicing the outputs. That is exact only for some models: encoders whose attention mask
+hides the padding, and causal decoders (position i never sees positions > i). We do not trust the
+input names alone: the padded and unpadded runs are compared with ONNX Runtime on the model itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge.artifact import TensorSpec
+
+TOLERANCE = 1e-4  # relative to the output's scale
+
+
+def sample_inputs(inputs: list[TensorSpec], dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Plausible inputs for a language model: token ids, all-ones masks, zero token types."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s in inputs:
+        shape = tuple(d if isinstance(d, int) else dims[d] for d in s.shape)
+        lname = s.name.lower()
+        if np.issubdtype(np.dtype(s.dtype), np.integer) or s.dtype == "bool":
+            if "mask" in lname:
+                a = np.ones(shape)
+            elif "type" in lname or "segment" in lname:
+                a = np.zeros(shape)
+            elif "position" in lname:
+                a = np.broadcast_to(np.arange(shape[-1]), shape)
+            else:
+                a = rng.integers(1, 100, size=shape)
+            out[s.name] = np.ascontiguousarray(a.astype(s.dtype))
+        else:
+            out[s.name] = rng.standard_normal(shape).astype(s.dtype)
+    return out
+
+
+def pad_inputs(inputs: list[TensorSpec], arrays: list[np.ndarray], seq: str, length: int) -> list[np.ndarray]:
+    """Right-pad every seq axis of every input with zeros (mask inputs: 0 = masked out)."""
+    padded = []
+    for s, a in zip(inputs, arrays):
+        widths = [(0, length - a.shape[i]) if d == seq else (0, 0) for i, d in enumerate(s.shape)]
+        padded.append(np.pad(a, widths) if any(w[1] for w in widths) else a)
+    return padded
+
+
+def slice_outputs(outputs: list[TensorSpec], arrays: list[np.ndarray], seq: str, length: int) -> list[np.ndarray]:
+    out = []
+    for s, a in zip(outputs, arrays):
+        index = tuple(slice(0, length) if d == seq else slice(None) for d in s.shape)
+        out.append(a[index])
+    return out
+
+
+def check_padding(model_path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], seq: str) -> dict:
+    """Returns the manifest's "padding" entry: {"safe": bool, "mode": ..., "why": ...}."""
+    for s in outputs:
+        for d in s.shape:
+            if isinstance(d, str) and d != seq and seq in d:
+                return {"safe": False, "mode": "exact", "why": f"output {s.name} has a dim '{d}' derived from {seq}"}
+    has_mask = any("mask" in s.name.lower() and seq in s.shape for s in inputs)
+    mode = "attention_mask" if has_mask else "right"
+    try:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        dims = {d: 2 for s in inputs for d in s.shape if isinstance(d, str)}
+        worst = 0.0
+        for length, padded_len in ((5, 8), (3, 16)):
+            dims[seq] = length
+            x = sample_inputs(inputs, dims, seed=length)
+            arrays = [x[s.name] for s in inputs]
+            ref = sess.run(None, x)
+            p = pad_inputs(inputs, arrays, seq, padded_len)
+            got = slice_outputs(outputs, sess.run(None, {s.name: a for s, a in zip(inputs, p)}), seq, length)
+            for r, g in zip(ref, got):
+                if r.shape != g.shape:
+                    return {"safe": False, "mode": "exact", "why": "padded outputs have another shape"}
+                scale = max(1.0, float(np.abs(r).max()))
+                worst = max(worst, float(np.abs(r.astype(np.float64) - g).max()) / scale)
+    except Exception as e:  # the check is best-effort: an unrunnable model is not padded
+        return {"safe": False, "mode": "exact", "why": f"could not check with ONNX Runtime: {str(e).splitlines()[0][:200]}"}
+    if worst > TOLERANCE:
+        return {"safe": False, "mode": "exact", "why": f"right-padding changes the outputs (rel. error {worst:.2e})"}
+    return {"safe": True, "mode": mode, "why": f"checked with ONNX Runtime, rel. error {worst:.1e}"}

@@ -1,0 +1,61 @@
+"""The `edgejit` command. Each subcommand lives in its own module, which provides
+`add_arguments(parser)` and `main(args) -> int`; host-side ones are imported only when used, so
+the device needs none of the compiler's dependencies."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import EdgeJitError
+
+# name -> (module, one-line help). Host-side modules live in deploy/.
+COMMANDS = {
+    "compile": ("deploy.compile_cmd", "compile an ONNX model into an artifact for a target preset"),
+    "run": ("edge.run_cmd", "run an artifact once on this machine"),
+    "targets": ("edge.targets_cmd", "list the target presets"),
+}
+
+
+def _module(name: str):
+    modname = COMMANDS[name][0]
+    try:
+        return importlib.import_module(modname)
+    except ModuleNotFoundError as e:
+        if modname.startswith("deploy") and e.name in ("onnx", "onnxruntime", "onnxscript"):
+            raise EdgeJitError(
+                f"'{name}' runs on the build host and needs {e.name}: pip install 'edgejit[host]'"
+            ) from None
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="edgejit", description="Edge-device JIT runtime for language models on Apache TVM")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    for name, (_, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == chosen:
+            try:
+                _module(name).add_arguments(p)
+            except EdgeJitError as e:
+                print(f"edgejit: error: {e}", file=sys.stderr)
+                return 2
+    args = parser.parse_args(argv)
+    try:
+        return int(_module(args.command).main(args) or 0)
+    except EdgeJitError as e:
+        if args.verbose:
+            raise
+        print(f"edgejit {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"edgejit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

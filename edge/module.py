@@ -1,0 +1,71 @@
+"""A compiled module ready to call: the shared library, the weights, and one VM per calling thread."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+
+class CompiledModule:
+    """Calls a compiled Relax `main(inputs..., params...)`; safe to call from many threads.
+
+    A relax VirtualMachine keeps per-call state, so each calling thread gets its own VM over the
+    same loaded library; the weights are shared read-only between all VMs and all modules.
+    """
+
+    def __init__(self, lib, params, *, kind: str, bind: dict | None = None, threads: int | None = None):
+        self.lib = lib
+        self.params = params  # list of tvm tensors, shared
+        self.kind = kind  # "generic" or "variant"
+        self.bind = dict(bind or {})
+        self.threads = threads
+        self._local = threading.local()
+
+    @classmethod
+    def load(cls, so_path: Path, params, **kw) -> "CompiledModule":
+        import tvm
+
+        return cls(tvm.runtime.load_module(str(so_path)), params, **kw)
+
+    def _vm(self):
+        vm = getattr(self._local, "vm", None)
+        if vm is None:
+            import tvm
+            from tvm import relax
+
+            if self.threads:
+                set_threads(self.threads)
+            vm = relax.VirtualMachine(self.lib, tvm.cpu())
+            self._local.vm = vm
+        return vm
+
+    def __call__(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        import tvm
+
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
+        out = self._vm()["main"](*args, *self.params)
+        return [o.numpy() for o in _flatten(out)]
+
+
+def _flatten(out):
+    if hasattr(out, "numpy"):
+        return [out]
+    result = []
+    for item in out:
+        result.extend(_flatten(item))
+    return result
+
+
+_threads_set = threading.local()
+
+
+def set_threads(n: int) -> None:
+    """Size the TVM worker pool of the calling thread (TVM keeps one pool per calling thread)."""
+    if getattr(_threads_set, "n", None) == n:
+        return
+    import tvm_ffi
+
+    tvm_ffi.get_global_func("runtime.config_threadpool")(0, n)
+    _threads_set.n = n
