@@ -16,23 +16,23 @@ from edge.artifact import FORMAT_VERSION, MANIFEST, TensorSpec, sha256_file, tvm
 from edge.errors import EdgeJitError, ModelError
 from edge.targets import Preset, get_preset
 
-from . import onnx_import, optimize
+from . import keys, onnx_import, optimize
 from .padding import check_padding
 
 EDGEJIT_VERSION = "0.1.0"
 
 
-def _dims_of(struct_info) -> tuple:
+def _dims_of(ty) -> tuple:
     from tvm import tirx
 
     dims = []
-    for d in struct_info.shape.values:
+    for d in ty.shape.values:
         dims.append(int(d) if isinstance(d, tirx.IntImm) else str(d))
     return tuple(dims)
 
 
-def _dtype(sinfo) -> str:
-    return str(sinfo.dtype)
+def _dtype(ty) -> str:
+    return str(ty.dtype)
 
 
 def signature(mod, input_names: list[str]) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -41,13 +41,40 @@ def signature(mod, input_names: list[str]) -> tuple[list[TensorSpec], list[Tenso
     main = mod["main"]
     n = int(main.attrs["num_input"])
     inputs = [
-        TensorSpec(name, _dtype(p.struct_info), _dims_of(p.struct_info))
+        TensorSpec(name, _dtype(p.ty), _dims_of(p.ty))
         for name, p in zip(input_names, main.params[:n])
     ]
-    ret = main.ret_struct_info
-    fields = ret.fields if isinstance(ret, relax.TupleStructInfo) else [ret]
+    ret = main.ret_ty
+    fields = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
     outputs = [TensorSpec(f"output_{i}", _dtype(s), _dims_of(s)) for i, s in enumerate(fields)]
     return inputs, outputs
+
+
+_VALUE_PRESERVING = {"Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten"}
+
+
+def index_ranges(model) -> dict[str, tuple[int, int]]:
+    """Inputs used as indices into a weight table (token ids into embeddings) and their valid range.
+    The compiled Gather does not bounds-check, so the runtime must."""
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, i))
+    tables = {t.name: t.dims[0] for t in model.graph.initializer if len(t.dims) >= 1}
+    ranges = {}
+    for inp in model.graph.input:
+        frontier, seen, limits = [inp.name], set(), []
+        while frontier:
+            name = frontier.pop()
+            for node, pos in consumers.get(name, []):
+                if node.op_type == "Gather" and pos == 1 and node.input[0] in tables:
+                    limits.append(tables[node.input[0]])
+                elif node.op_type in _VALUE_PRESERVING and pos == 0 and node.output[0] not in seen:
+                    seen.add(node.output[0])
+                    frontier.append(node.output[0])
+        if limits:
+            ranges[inp.name] = (0, min(limits) - 1)
+    return ranges
 
 
 def find_seq_dim(inputs: list[TensorSpec], requested: str | None) -> str:
@@ -72,9 +99,13 @@ def compile_model(
     max_seq: int = 512,
     seq_dim: str | None = None,
     force: bool = False,
+    sign: str | Path | None = None,
     log=print,
 ) -> Path:
+    """Compile `model_path` into the artifact directory `out`; with `sign` (a private key file from
+    `edgejit keygen`), the manifest is signed and the signature written as manifest.sig."""
     preset = get_preset(target) if isinstance(target, str) else target
+    signing_key = keys.load_private_key(sign) if sign else None  # fail before the long compile
     out = Path(out)
     if out.exists() and not force:
         raise EdgeJitError(f"{out} exists (pass --force to replace it)")
@@ -89,6 +120,8 @@ def compile_model(
     mod, params = onnx_import.to_relax(model)
     inputs, outputs = signature(mod, input_names)
     seq = find_seq_dim(inputs, seq_dim)
+    ranges = index_ranges(model)
+    inputs = [TensorSpec(s.name, s.dtype, s.shape, ranges.get(s.name)) for s in inputs]
     output_names = [o.name for o in model.graph.output]
     if len(output_names) == len(outputs):
         outputs = [TensorSpec(n, o.dtype, o.shape) for n, o in zip(output_names, outputs)]
@@ -131,6 +164,8 @@ def compile_model(
         }
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if signing_key is not None:
+            log(f"signed manifest with key {keys.sign_artifact(tmp, signing_key)[:16]}…")
         os.chmod(tmp, 0o755)
         if out.exists():
             shutil.rmtree(out)

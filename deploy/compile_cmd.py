@@ -14,11 +14,12 @@ def add_arguments(p) -> None:
     p.add_argument("--max-seq", type=int, default=512, help="longest sequence the artifact accepts (default 512)")
     p.add_argument("--seq-dim", help="name of the symbolic sequence dim (default: dim 1 of the first input)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact")
+    p.add_argument("--sign", metavar="KEY", help="sign the artifact with this private key (see `edgejit keygen`)")
 
 
 def main(args) -> int:
     compile_model(
         args.model, args.target, args.output, name=args.name, precision=args.precision,
-        max_seq=args.max_seq, seq_dim=args.seq_dim, force=args.force,
+        max_seq=args.max_seq, seq_dim=args.seq_dim, force=args.force, sign=args.sign,
     )
     return 0

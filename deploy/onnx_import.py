@@ -30,8 +30,11 @@ def to_relax(model):
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
+    from . import onnx_converters
+
     try:
-        mod = from_onnx(model, keep_params_in_input=True)
+        with onnx_converters.patched():
+            mod = from_onnx(model, keep_params_in_input=True)
     except Exception as e:
         raise ModelError(f"ONNX import failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     mod, params = relax.frontend.detach_params(mod)

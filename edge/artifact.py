@@ -18,9 +18,11 @@ import numpy as np
 
 from . import host
 from .errors import ArtifactError
+from .trust import Trust
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+REQUIRED_FILES = ("module.json", "params.npz", "generic.so")  # what the runtime reads
 
 
 def sha256_file(path: Path) -> str:
@@ -43,13 +45,17 @@ class TensorSpec:
     name: str
     dtype: str
     shape: tuple  # ints for static dims, strings for symbolic ones
+    range: tuple | None = None  # (min, max) allowed values, e.g. token ids within the vocabulary
 
     @classmethod
     def from_json(cls, d: dict) -> "TensorSpec":
-        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+        return cls(d["name"], d["dtype"], tuple(d["shape"]), tuple(d["range"]) if d.get("range") else None)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        d = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.range:
+            d["range"] = list(self.range)
+        return d
 
 
 class Artifact:
@@ -58,6 +64,7 @@ class Artifact:
     def __init__(self, path: Path, manifest: dict):
         self.path = path
         self.manifest = manifest
+        self.signed_by: str | None = None  # id of the trusted key that signed it, if checked
         self.inputs = [TensorSpec.from_json(d) for d in manifest["inputs"]]
         self.outputs = [TensorSpec.from_json(d) for d in manifest["outputs"]]
 
@@ -95,7 +102,10 @@ class Artifact:
 
     # -- loading and checks --------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, *, check_host: bool = True) -> "Artifact":
+    def open(cls, path: str | Path, *, check_host: bool = True, trust: Trust | None = None) -> "Artifact":
+        """Open and verify an artifact. The manifest's signature is checked against `trust`
+        (default: Trust(), which has no keys and loads with a warning) before anything else is
+        read, then every file's checksum against the manifest."""
         path = Path(path)
         mpath = path / MANIFEST
         if not path.is_dir():
@@ -103,8 +113,14 @@ class Artifact:
         if not mpath.is_file():
             raise ArtifactError(f"{path}: no {MANIFEST} (not an artifact, or an incomplete one)")
         try:
-            manifest = json.loads(mpath.read_text())
-        except (OSError, ValueError) as e:
+            manifest_bytes = mpath.read_bytes()
+        except OSError as e:
+            raise ArtifactError(f"{mpath}: unreadable manifest: {e}") from None
+        # The signature covers these exact bytes; everything below parses the same bytes.
+        signed_by = (trust if trust is not None else Trust()).verify(path, manifest_bytes)
+        try:
+            manifest = json.loads(manifest_bytes)
+        except ValueError as e:
             raise ArtifactError(f"{mpath}: unreadable manifest: {e}") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
             raise ArtifactError(
@@ -112,6 +128,7 @@ class Artifact:
                 f" is not supported (this runtime reads format {FORMAT_VERSION})"
             )
         art = cls(path, manifest)
+        art.signed_by = signed_by
         art.verify_files()
         if check_host:
             art.check_host()
@@ -119,7 +136,12 @@ class Artifact:
 
     def verify_files(self) -> None:
         files = self.manifest.get("files", {})
+        for name in REQUIRED_FILES:
+            if name not in files:
+                raise ArtifactError(f"{self.path}: the manifest does not list {name} (so it cannot be verified)")
         for name, digest in files.items():
+            if Path(name).name != name or name.startswith("."):
+                raise ArtifactError(f"{self.path}: the manifest lists a file outside the artifact: {name!r}")
             p = self.path / name
             if not p.is_file():
                 raise ArtifactError(f"{self.path}: file {name} listed in the manifest is missing")

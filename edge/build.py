@@ -33,7 +33,7 @@ def build(mod, target: dict, *, bind: dict[str, int] | None = None, tuning_dir: 
 
 def export(executable, path: Path, target: dict) -> None:
     """Write a compiled executable as a shared library, cross-linking when the target is foreign."""
-    from tvm.contrib import cc
+    from tvm.support import cc
 
     triple = target.get("mtriple", "")
     fcompile = None

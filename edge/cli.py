@@ -13,8 +13,13 @@ from .errors import EdgeJitError
 # name -> (module, one-line help). Host-side modules live in deploy/.
 COMMANDS = {
     "compile": ("deploy.compile_cmd", "compile an ONNX model into an artifact for a target preset"),
+    "keygen": ("deploy.keys", "make an Ed25519 key pair for signing artifacts (compile --sign)"),
     "run": ("edge.run_cmd", "run an artifact once on this machine"),
+    "daemon": ("edge.daemon.command", "serve artifacts over a local HTTP API with the JIT (see docs/daemon.md)"),
+    "demo": ("deploy.demo", "run the whole system on this machine: compile, broker, coordinator, daemon, traffic, report"),
     "targets": ("edge.targets_cmd", "list the target presets"),
+    "coordinator": ("deploy.coordinator.run_cmd", "collect a fleet's MQTT telemetry into SQLite (see docs/telemetry.md)"),
+    "fleet": ("deploy.coordinator.fleet_cmd", "report fleet latency, JIT and device state from coordinator databases"),
 }
 
 

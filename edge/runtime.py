@@ -12,6 +12,7 @@ from . import host
 from .artifact import Artifact
 from .module import CompiledModule
 from .signature import bind_inputs
+from .trust import Trust
 
 
 class Runtime:
@@ -24,6 +25,11 @@ class Runtime:
     With `jit` set (a JitPolicy, or the name of a policy file in configs/), the runtime observes the
     sequence lengths it receives and compiles static-shape variants for the hot ones in the
     background; see edge/jit.
+
+    `trust` (an edge.trust.Trust, or trusted public key files/directories) decides which
+    artifacts may load; the manifest's signature is checked before anything is loaded. Without
+    it, no key is configured and the artifact loads with a warning in the log; see
+    docs/security.md.
     """
 
     def __init__(
@@ -33,11 +39,15 @@ class Runtime:
         threads: int | None = None,
         jit=None,
         cache_dir: str | Path | None = None,
+        state_dir: str | Path | None = None,
         listeners=(),
+        trust: Trust | str | Path | list | None = None,
     ):
         import tvm
 
-        self.artifact = Artifact.open(artifact)
+        if trust is not None and not isinstance(trust, Trust):
+            trust = Trust.load(trust)  # key files/directories: signed artifacts only
+        self.artifact = Artifact.open(artifact, trust=trust)
         self.threads = threads or host.cores()
         self.listeners = list(listeners)
         params = [tvm.runtime.tensor(p) for p in self.artifact.load_params()]
@@ -50,7 +60,7 @@ class Runtime:
         if jit is not None:
             from .jit import Specializer
 
-            self.specializer = Specializer(self, jit, cache_dir=cache_dir)
+            self.specializer = Specializer(self, jit, cache_dir=cache_dir, state_dir=state_dir)
 
     @property
     def name(self) -> str:
@@ -74,6 +84,8 @@ class Runtime:
         else:
             outs, kind = route.run(arrays, seq)
         latency = time.perf_counter() - start
+        if self.specializer is not None and seq is not None:
+            self.specializer.record(seq, kind)
         for listener in self.listeners:
             listener.on_request(self.name, seq, kind, latency)
         return outs

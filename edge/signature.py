@@ -46,6 +46,12 @@ def bind_inputs(
                 raise InputError(
                     f"input '{spec.name}': dim {axis} ('{want}') is {got} but another input has {values[want]}"
                 )
+        if spec.range is not None and a.size:
+            lo, hi = spec.range
+            amin, amax = a.min(), a.max()
+            if amin < lo or amax > hi:
+                bad = amin if amin < lo else amax
+                raise InputError(f"input '{spec.name}': value {bad} is outside [{lo}, {hi}] (e.g. a token id beyond the vocabulary)")
         out.append(a)
     for name, v in values.items():
         lim = dims.get(name, {})

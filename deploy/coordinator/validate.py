@@ -1,0 +1,88 @@
+"""Check one incoming MQTT message against protocol version 1 (schema_v1.json + topic + sketches).
+
+Returns a parsed message or raises Rejected with a reason the coordinator counts:
+`oversized`, `malformed` (not UTF-8 JSON), `schema` (valid JSON, wrong shape or version),
+`mismatch` (payload names another device/fleet than its topic), `topic` (not a device topic).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import jsonschema
+
+from edge.telemetry import protocol, sketch
+
+SCHEMA_PATH = Path(__file__).with_name("schema_v1.json")
+DEFAULT_MAX_PAYLOAD = 256 * 1024
+REASONS = ("oversized", "malformed", "schema", "mismatch", "topic", "error")
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class Message:
+    fleet: str
+    device: str
+    kind: str
+    body: dict
+    payload: str  # the JSON text as received
+
+    @property
+    def session(self) -> int:
+        return self.body["session"]
+
+    @property
+    def seq(self) -> int | None:
+        return self.body.get("seq")
+
+
+@functools.lru_cache(maxsize=1)
+def _validators() -> dict:
+    schema = json.loads(SCHEMA_PATH.read_text())
+    return {k: jsonschema.Draft202012Validator({**schema, "$ref": f"#/$defs/{k}"}) for k in protocol.DEVICE_KINDS}
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse(prefix: str, topic: str, payload: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Message:
+    if len(payload) > max_payload:
+        raise Rejected("oversized", f"{len(payload)} bytes > {max_payload}")
+    where = protocol.parse_device_topic(prefix, topic)
+    if where is None:
+        raise Rejected("topic", f"not a device topic: {topic[:200]!r}")
+    fleet, device, kind = where
+    try:
+        text = payload.decode("utf-8")
+        body = json.loads(text, parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise Rejected("malformed", f"not JSON: {str(e)[:200]}") from None
+    if not isinstance(body, dict):
+        raise Rejected("schema", "payload is not a JSON object")
+    error = jsonschema.exceptions.best_match(_validators()[kind].iter_errors(body))
+    if error is not None:
+        path = "/".join(map(str, error.absolute_path)) or "(top)"
+        raise Rejected("schema", f"{kind} {path}: {error.message[:200]}")
+    if body["type"] != kind:
+        raise Rejected("schema", f"type {body['type']!r} on a {kind} topic")
+    if body["device"] != device or body["fleet"] != fleet:
+        raise Rejected("mismatch", f"payload says {body['fleet']}/{body['device']}, topic {fleet}/{device}")
+    if kind == "metrics":
+        for s in body["series"]:
+            try:
+                sk = sketch.decode(s["sketch"])
+            except sketch.SketchError as e:
+                raise Rejected("schema", f"series {s['model']}/{s['seq_len']}: {e}") from None
+            if abs(sk.count - s["count"]) > 1e-6 or not all(math.isfinite(s[k]) for k in ("sum_ms", "min_ms", "max_ms")):
+                raise Rejected("schema", f"series {s['model']}/{s['seq_len']}: count {s['count']} != sketch count {sk.count}")
+    return Message(fleet, device, kind, body, text)

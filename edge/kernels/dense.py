@@ -1,0 +1,96 @@
+"""Dense layer against a pre-packed weight: y[..., j] = sum_k x[..., k] * Wp[j // n, k, j % n].
+
+The weight is packed on the host into `[N / n, K, n]` panels (see `pack_weight`), so the inner
+loop reads `n` contiguous floats for every k. The schedule keeps an `rows x n` tile of the output
+in registers: the `n` columns are vectorized, the rows unrolled, the reduction over K runs outside
+the tile, and the column panels are spread over the thread pool. Rows are the (possibly symbolic)
+batch x sequence positions; a tail of fewer than `rows` rows is handled by a predicate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK_NAME = "edgejit_dense_packed"
+
+
+def pack_weight(w: np.ndarray, n: int) -> np.ndarray:
+    """[K, N] -> [N / n, K, n] (N must be a multiple of n)."""
+    k, cols = w.shape
+    return np.ascontiguousarray(w.reshape(k, cols // n, n).transpose(1, 0, 2))
+
+
+def compute(x, wp, rows: int):
+    """TE compute for the packed dense; `x` is [..., K], `wp` is [N / n, K, n].
+
+    The product is computed into row tiles `tile[M / rows, N / n, rows, n]` (rows past the end
+    read the last row again), then laid out as [..., N]: the tile stays a fixed-size register
+    block even when M is symbolic, and the tail needs no predicate inside the K loop.
+    """
+    from tvm import te, tirx
+
+    panels, k_dim, n = wp.shape
+    lead = list(x.shape[:-1])
+    m = lead[0]
+    for d in lead[1:]:
+        m = m * d
+    idx_t = str(m.ty.dtype)
+    rows_c = tirx.const(rows, idx_t)
+    k = te.reduce_axis((tirx.const(0, str(k_dim.ty.dtype)), k_dim), name="k")
+
+    def unflatten(r):
+        out = []
+        for d in reversed(lead):
+            out.append(r % d)
+            r = r // d
+        return tuple(reversed(out))
+
+    def tile_body(q, jo, mi, ji):
+        r = tirx.min(q * rows_c + mi, m - tirx.const(1, idx_t))
+        return te.sum(x[(*unflatten(r), k)] * wp[jo, k, ji], axis=k)
+
+    tile = te.compute(
+        [(m + rows_c - tirx.const(1, idx_t)) // rows_c, panels, rows_c, n], tile_body, name=BLOCK_NAME
+    )
+
+    def out_body(*idx):
+        r = idx[0]
+        for i, d in zip(idx[1:-1], lead[1:]):
+            r = r * d + i
+        j = idx[-1]
+        return tile[r // rows_c, j // n, r % rows_c, j % n]
+
+    return te.compute([*lead, panels * n], out_body, name=BLOCK_NAME + "_out")
+
+
+def schedule(sch, block, *, lanes: int) -> None:
+    """Schedule the dense tile block and everything after it (its layout block and the fused
+    elementwise epilogue: bias, activation, residual) in place."""
+    after = _blocks_after(sch, block)
+    for b in after[:-1]:
+        sch.compute_inline(b)
+    q, jo, mi, ji, k = sch.get_loops(block)
+    sch.reorder(jo, q, k, mi, ji)
+    sch.unroll(mi)
+    sch.vectorize(ji)
+    sch.parallel(jo)
+    _schedule_elementwise(sch, after[-1], lanes)
+    sch.decompose_reduction(block, k)
+
+
+def _schedule_elementwise(sch, block, lanes: int) -> None:
+    *lead, j = sch.get_loops(block)
+    outer = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+    _, ji = sch.split(j, factors=[None, lanes])
+    sch.vectorize(ji)
+    sch.parallel(outer)
+
+
+def _panel_width(sch, block) -> int:
+    return int(sch.get(block).writes[0].source.shape[-1])
+
+
+def _blocks_after(sch, block):
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    return blocks[names.index(sch.get(block).name_hint) + 1:]

@@ -1,0 +1,69 @@
+"""edge.Runtime: results equal ONNX Runtime's on the same file; bad inputs get one-line errors."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import edge
+from edge.errors import InputError
+from tests.fixtures import handmade
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_artifact):
+    return edge.Runtime(tiny_artifact)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_onnx):
+    return ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("seq", [1, 7, 64, 128])
+def test_matches_onnxruntime(runtime, reference, batch, seq):
+    x = handmade.inputs(batch, seq, seed=seq)
+    x["attention_mask"][:, seq // 2 + 1:] = 0
+    got = runtime.run(x)
+    want = reference.run(None, x)
+    assert [g.shape for g in got] == [w.shape for w in want]
+    for g, w in zip(got, want):
+        assert np.abs(g - w).max() <= 1e-4 * max(1.0, np.abs(w).max())
+
+
+def test_list_inputs_in_signature_order(runtime):
+    x = handmade.inputs(1, 5)
+    a = runtime.run(x)
+    b = runtime.run([x["input_ids"], x["attention_mask"]])
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda x: x.update(bogus=x.pop("input_ids")), "unknown input 'bogus'"),
+    (lambda x: x.pop("attention_mask"), "missing input 'attention_mask'"),
+    (lambda x: x.update(input_ids=x["input_ids"].astype(np.int32)), "input 'input_ids': dtype int32, expected int64"),
+    (lambda x: x.update(input_ids=x["input_ids"][0]), "input 'input_ids': rank 1"),
+    (lambda x: x.update(attention_mask=x["attention_mask"][:, :3]), "dim 1 \\('seq'\\) is 3 but another input has 5"),
+    (lambda x: x.update(input_ids=x["input_ids"] + 1000), "outside \\[0, 63\\]"),
+])
+def test_bad_inputs(runtime, mutate, message):
+    x = handmade.inputs(2, 5)
+    mutate(x)
+    with pytest.raises(InputError, match=message):
+        runtime.run(x)
+
+
+def test_sequence_longer_than_declared_max(runtime):
+    with pytest.raises(InputError, match="'seq' = 129 is outside the model's range \\[1, 128\\]"):
+        runtime.run(handmade.inputs(1, 129))
+
+
+def test_concurrent_callers_get_their_own_results(runtime, reference):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i):
+        x = handmade.inputs(1, 1 + i % 40, seed=i)
+        return np.abs(runtime.run(x)[1] - reference.run(None, x)[1]).max()
+
+    with ThreadPoolExecutor(4) as pool:
+        assert max(pool.map(one, range(64))) < 1e-4
