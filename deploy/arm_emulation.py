@@ -256,7 +256,7 @@ def _make_inputs(specs, seq: int, seed: int) -> dict:
         lname = s.name.lower()
         if "mask" in lname:
             a = np.ones(shape, s.dtype)
-        elif "type" in lname or "position" in lname and s.range is None:
+        elif "type" in lname:
             a = np.zeros(shape, s.dtype)
         elif s.dtype.startswith("int"):
             lo, hi = s.range or (0, 63)
@@ -313,7 +313,7 @@ def verify(
     from edge.runtime import Runtime
     from edge.targets import get_preset
 
-    workdir = Path(workdir)
+    workdir = Path(workdir).resolve()
     report = Report()
     t = time.perf_counter()
     us = userspace(cache_dir, log=log)

@@ -68,9 +68,12 @@ class Broker:
         prefix: str = "edgejit",
         acl: str | None = None,
         port: int | None = None,
+        tls: bool = False,
         start: bool = True,
     ):
-        """users: {username: password}; None means anonymous access without ACL."""
+        """users: {username: password}; None means anonymous access without ACL. tls: serve TLS
+        with a fresh self-signed CA (its certificate is `ca_file`) and a server certificate for
+        127.0.0.1/localhost."""
         self.binary = find_mosquitto()
         if self.binary is None:
             raise BrokerError("mosquitto is not installed (Debian/Ubuntu: apt-get install mosquitto)")
@@ -85,6 +88,7 @@ class Broker:
         self.users = dict(users or {})
         self.log_path = self.dir / "mosquitto.log"
         self.proc: subprocess.Popen | None = None
+        self.ca_file = make_test_ca(self.dir) if tls else None
         self._write_config(acl if acl is not None else fleet_acl(prefix, coordinators))
         if start:
             self.start()
@@ -100,6 +104,8 @@ class Broker:
             "max_queued_messages 100000",  # a coordinator away for a while must not lose its queue
             "max_inflight_messages 100",
         ]
+        if self.ca_file:
+            lines += [f"cafile {self.ca_file}", f"certfile {self.dir / 'server.pem'}", f"keyfile {self.dir / 'server.key'}"]
         if os.geteuid() == 0:
             lines.append("user root")  # else mosquitto drops to user 'mosquitto', who can't read our files
         if self.users:
@@ -130,11 +136,9 @@ class Broker:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode(errors="replace").strip()
                 raise BrokerError(f"mosquitto exited at start ({self.proc.returncode}): {err or self.log_tail()}")
-            try:
-                socket.create_connection((self.host, self.port), timeout=0.2).close()
+            if _listening(self.host, self.port):
                 return
-            except OSError:
-                time.sleep(0.02)
+            time.sleep(0.02)
         self.kill()
         raise BrokerError(f"mosquitto did not listen on {self.host}:{self.port} within {timeout} s")
 
@@ -181,6 +185,52 @@ class Broker:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def make_test_ca(directory: Path) -> Path:
+    """A throwaway CA (ca.pem) and a server certificate for 127.0.0.1/localhost (server.pem,
+    server.key) valid for a day, for TLS in tests and the demo."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgejit test CA")])
+
+    def cert(subject, public_key, *, ca: bool):
+        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name).public_key(public_key)
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+             .not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            b = b.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        else:
+            b = b.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return b.sign(ca_key, hashes.SHA256())
+
+    pem = serialization.Encoding.PEM
+    ca_file = directory / "ca.pem"
+    ca_file.write_bytes(cert(ca_name, ca_key.public_key(), ca=True).public_bytes(pem))
+    server = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    (directory / "server.pem").write_bytes(cert(server, key.public_key(), ca=False).public_bytes(pem))
+    key_file = directory / "server.key"
+    key_file.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key_file.chmod(0o600)
+    return ca_file
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
 
 
 def _passwd_tool(binary: str) -> str:

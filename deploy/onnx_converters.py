@@ -101,21 +101,30 @@ def _scalar_tensor_proto(value: np.ndarray):
 
 @contextlib.contextmanager
 def patched():
-    """Make the frontend use our converters (for ops we fix) inside the block."""
+    """Make the frontend use our converters (for ops we fix) inside the block. Yields a dict whose
+    "node" entry is (op_type, node name) of the node being converted, for error messages."""
     F = _frontend()
-    original = F._get_convert_map
+    original_map = F._get_convert_map
+    original_convert = F.ONNXGraphImporter._convert_operator
     fixes = _converters()
+    where: dict = {}
 
     def convert_map():
-        m = dict(original())
+        m = dict(original_map())
         m.update(fixes)
         return m
 
+    def convert_operator(self, op_name, inputs, attrs, opset):
+        where["node"] = (op_name, str(attrs.get("tvm_custom", {}).get("name", "")))
+        return original_convert(self, op_name, inputs, attrs, opset)
+
     F._get_convert_map = convert_map
+    F.ONNXGraphImporter._convert_operator = convert_operator
     try:
-        yield
+        yield where
     finally:
-        F._get_convert_map = original
+        F._get_convert_map = original_map
+        F.ONNXGraphImporter._convert_operator = original_convert
 
 
 def supported_ops() -> set[str]:

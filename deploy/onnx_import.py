@@ -1,28 +1,141 @@
-"""Read an ONNX model from disk and import it into Relax with the sequence dimension symbolic."""
+"""Read an ONNX model from disk and import it into Relax with the sequence dimension symbolic.
+
+`load` reads, checks and normalizes (deploy/onnx_normalize.py) the model; `to_relax` checks every
+operator is convertible, then imports it with TVM's frontend plus our converter fixes
+(deploy/onnx_converters.py). Every failure is a one-line ModelError.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import os
+import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 from edge.errors import ModelError
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].strip() if text else type(e).__name__
 
 
 def load(path: str | Path):
     """Load and check an ONNX model, with its external data. One-line ModelError on any problem."""
     import onnx
 
+    from .onnx_normalize import normalize
+
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such file")
     try:
-        model = onnx.load(str(path), load_external_data=True)
-    except FileNotFoundError as e:
-        raise ModelError(f"{path}: missing external data file {Path(e.filename).name if e.filename else e}") from None
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError and friends
-        raise ModelError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'parse error'})") from None
+        raise ModelError(f"{path}: not an ONNX model, or a truncated one ({type(e).__name__}: {_first_line(e)})") from None
     if not model.graph.node:
         raise ModelError(f"{path}: not an ONNX model (empty graph)")
-    return model
+    _load_external_data(model, path)
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise ModelError(f"{path}: invalid ONNX model: {_first_line(e)}") from None
+    return normalize(model)
+
+
+def _load_external_data(model, path: Path) -> None:
+    """Read tensors kept in external data files, with errors that name the file."""
+    from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model, uses_external_data
+
+    tensors = [t for t in _all_tensors(model) if uses_external_data(t)]
+    for t in tensors:
+        location = ExternalDataInfo(t).location
+        target = (path.parent / location).resolve()
+        if not target.is_relative_to(path.parent.resolve()):
+            raise ModelError(f"{path}: external data '{location}' of tensor '{t.name}' is outside the model's directory")
+        if not target.is_file():
+            raise ModelError(f"{path}: missing external data file '{location}' (tensor '{t.name}')")
+    if not tensors:
+        return
+    try:
+        load_external_data_for_model(model, str(path.parent))
+    except Exception as e:
+        raise ModelError(f"{path}: bad external data ({_first_line(e)})") from None
+
+
+def _all_tensors(model):
+    """Initializers and Constant node values, subgraphs included."""
+
+    def walk(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                if a.HasField("g"):
+                    yield from walk(a.g)
+                for g in a.graphs:
+                    yield from walk(g)
+
+    return list(walk(model.graph))
+
+
+def unsupported_ops(model) -> list[tuple[str, str]]:
+    """(op_type, node name) of nodes the importer can't convert, in graph order (subgraphs too)."""
+    from .onnx_converters import supported_ops
+
+    ok = supported_ops()
+    bad = []
+
+    def walk(graph):
+        for i, node in enumerate(graph.node):
+            if node.op_type not in ok:
+                bad.append((node.op_type if not node.domain else f"{node.domain}.{node.op_type}", node.name or f"#{i}"))
+            for a in node.attribute:
+                if a.g.node:
+                    walk(a.g)
+                for g in a.graphs:
+                    walk(g)
+
+    walk(model.graph)
+    return bad
+
+
+def check_supported(model) -> None:
+    bad = unsupported_ops(model)
+    if bad:
+        op, node = bad[0]
+        more = f" (and {len(bad) - 1} more: {', '.join(sorted({o for o, _ in bad[1:]}))})" if len(bad) > 1 else ""
+        raise ModelError(f"unsupported operator {op} at node '{node}'{more}")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The frontend prints conversion errors to stdout, warns about every renamed input, and TVM
+    logs from C++ to fd 2 (e.g. when a half-built BlockBuilder is collected): keep all that out of
+    our one-line errors."""
+    saved = None
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        sink = tempfile.TemporaryFile()
+        os.dup2(sink.fileno(), 2)
+    except (OSError, ValueError, AttributeError):  # no real fd 2 (e.g. embedded): just don't redirect
+        saved = None
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if saved is not None:
+            gc.collect()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.close()
 
 
 def to_relax(model):
@@ -32,10 +145,17 @@ def to_relax(model):
 
     from . import onnx_converters
 
-    try:
-        with onnx_converters.patched():
-            mod = from_onnx(model, keep_params_in_input=True)
-    except Exception as e:
-        raise ModelError(f"ONNX import failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    check_supported(model)
+    error = None
+    with _quiet():
+        try:
+            with onnx_converters.patched() as where:
+                mod = from_onnx(model, keep_params_in_input=True)
+        except Exception as e:
+            node = where.get("node")
+            at = f" at node '{node[1]}' ({node[0]})" if node else ""
+            error = f"ONNX import failed{at}: {_first_line(e)}"
+    if error is not None:
+        raise ModelError(error)
     mod, params = relax.frontend.detach_params(mod)
     return mod, [p.numpy() for p in params.get("main", [])]

@@ -13,7 +13,7 @@ from pathlib import Path
 from .errors import TargetError
 
 # Bump when the pipeline or the kernels change the code they generate.
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"
 
 
 def build(mod, target: dict, *, bind: dict[str, int] | None = None, tuning_dir: Path | None = None):
@@ -27,8 +27,8 @@ def build(mod, target: dict, *, bind: dict[str, int] | None = None, tuning_dir: 
         mod = relax.transform.BindSymbolicVars(bind)(mod)
     tvm_target = tvm.target.Target(target)
     mod = kernels.optimize(mod, tvm_target, tuning_dir=tuning_dir)
-    with tvm_target:
-        return tvm.compile(mod, target=tvm_target)
+    with tvm_target, tvm.transform.PassContext(opt_level=3):
+        return tvm.compile(mod, target=tvm_target, relax_pipeline=kernels.relax_pipeline(tvm_target))
 
 
 def export(executable, path: Path, target: dict) -> None:

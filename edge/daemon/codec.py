@@ -104,6 +104,10 @@ def fill_defaults(specs, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     first given input of the same rank). Anything else missing is left to the signature check."""
     if not arrays:
         return arrays
+    for s in specs:  # report a wrong rank as such, not as a missing mask
+        a = arrays.get(s.name)
+        if a is not None and a.ndim != len(s.shape):
+            raise BadRequest(f"input '{s.name}': rank {a.ndim} (shape {list(a.shape)}), expected rank {len(s.shape)} {list(s.shape)}")
     ref = next(iter(arrays.values()))
     for s in specs:
         lname = s.name.lower()

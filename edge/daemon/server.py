@@ -264,18 +264,29 @@ class Handler(BaseHTTPRequestHandler):
         accept = self.headers.get("Accept", "")
         if not any(t in accept for t in (codec.JSON, codec.NPZ)):
             accept = content_type or codec.JSON  # answer in the request's encoding
-        future = svc.submit(slot.name, body, content_type, accept)
+        future, ticket = svc.submit(slot.name, body, content_type, accept)
         try:
-            payload, media, info = future.result(timeout=svc.cfg.server.request_timeout_s)
-        except FutureTimeout:
-            raise HttpError(503, f"request took longer than {svc.cfg.server.request_timeout_s:g}s (server busy)", {"Retry-After": "5"}) from None
-        svc.metrics.observe_request(name, time.perf_counter() - start)
-        headers = {
-            "X-Edgejit-Model-Version": info["version"],
-            "X-Edgejit-Module": info["module"],
-            "X-Edgejit-Inference-Ms": f"{info['inference_ms']:.3f}",
-        }
-        return self._send(200, payload, media, headers)
+            try:
+                payload, media, info = future.result(timeout=svc.cfg.server.request_timeout_s)
+            except FutureTimeout:
+                raise HttpError(503, f"request took longer than {svc.cfg.server.request_timeout_s:g}s (server busy)", {"Retry-After": "5"}) from None
+            svc.metrics.observe_request(name, time.perf_counter() - start)
+            headers = {
+                "X-Edgejit-Model-Version": info["version"],
+                "X-Edgejit-Module": info["module"],
+                "X-Edgejit-Inference-Ms": f"{info['inference_ms']:.3f}",
+            }
+            return self._send(200, payload, media, headers)
+        except HttpError as e:
+            return self._error(e.status, str(e), e.headers)
+        except codec.BadRequest as e:
+            return self._error(e.status, str(e))
+        except InputError as e:
+            return self._error(400, str(e))
+        except ModelUnavailable as e:
+            return self._error(503, str(e), {"Retry-After": "5"})
+        finally:
+            ticket.release()  # after the response is written: shutdown waits for it
 
     def _reload(self, name: str) -> int:
         svc = self.service

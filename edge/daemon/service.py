@@ -59,6 +59,22 @@ class Progress:
         self._stop.set()
 
 
+class _Ticket:
+    """An admitted request: done when both the worker and the HTTP handler let go of it."""
+
+    def __init__(self, on_done):
+        self._left = 2
+        self._lock = threading.Lock()
+        self._on_done = on_done
+
+    def release(self) -> None:
+        with self._lock:
+            self._left -= 1
+            done = self._left == 0
+        if done:
+            self._on_done()
+
+
 class ModelListener:
     """Runtime listener for one configured model: metrics, JIT progress logs, telemetry.
     Reports under the daemon's model name (the name in URLs), whatever the artifact calls itself."""
@@ -160,17 +176,21 @@ class Daemon:
 
     # -- inference ------------------------------------------------------------------------
     def submit(self, name: str, body: bytes, content_type, accept):
-        """Admit a request (or raise Saturated) and queue it for an inference worker."""
+        """Admit a request (or raise Saturated) and queue it for an inference worker. Returns
+        (future, ticket); the caller releases the ticket once the response is written, so that a
+        shutdown waits for the response, not just the computation."""
         limit = self.cfg.server.workers + self.cfg.server.queue
         with self._pending_lock:
             if self._pending >= limit:
                 self.metrics.count_rejected("saturated")
                 raise Saturated(f"server saturated ({limit} requests running or queued); retry shortly")
             self._pending += 1
+        ticket = _Ticket(self._done)
         try:
-            return self._pool.submit(self._run, name, body, content_type, accept)
+            return self._pool.submit(self._run, ticket, name, body, content_type, accept), ticket
         except RuntimeError:  # the pool is shut down
-            self._done()
+            ticket.release()
+            ticket.release()
             raise Saturated("the daemon is shutting down") from None
 
     def _done(self) -> None:
@@ -179,7 +199,7 @@ class Daemon:
             if self._pending == 0:
                 self._idle.notify_all()
 
-    def _run(self, name, body, content_type, accept):
+    def _run(self, ticket, name, body, content_type, accept):
         try:
             version = self.registry.acquire(name)
             try:
@@ -193,7 +213,7 @@ class Daemon:
             finally:
                 self.registry.release(name, version)
         finally:
-            self._done()
+            ticket.release()
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:

@@ -200,7 +200,8 @@ def _apply_limits(limits: dict, parent_pid: int) -> None:
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL this worker when the serving process dies (best effort elsewhere)."""
+    """Ask Linux to SIGKILL this worker when the serving process dies (best effort elsewhere).
+    Strictly: when the thread that started it exits, which is after compile_in_worker returns."""
     try:
         import ctypes
 
@@ -213,12 +214,6 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(EXIT_ERROR)
 
 
-def _limits_set() -> bool:
-    import resource
-
-    return resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
-
-
 def _test_fault(fault: str | None, stage: str):
     """Test-only misbehaviour, selected by EDGEJIT_WORKER_TEST_FAULT (see the module docstring)."""
     if fault == "hang" and stage == "start":  # a child first, so the test can see the group killed
@@ -228,11 +223,12 @@ def _test_fault(fault: str | None, stage: str):
         while True:
             time.sleep(1)
     if fault == "oom" and stage == "build":
-        if not _limits_set():
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit == resource.RLIM_INFINITY:
             raise RuntimeError("test fault 'oom' needs a memory limit")
-        hoard = []
-        while True:
-            hoard.append(bytearray(64 << 20))
+        bytearray(limit)  # more than is left under the limit: fails at once, touches nothing
     if fault == "sigkill" and stage == "build":
         import tvm
 
@@ -282,7 +278,11 @@ def main() -> int:
     except (ValueError, KeyError, TypeError) as e:
         print(f"{ERROR_PREFIX}bad request: {e}", flush=True)
         return EXIT_BAD_REQUEST
-    _apply_limits(limits, parent_pid)
+    try:
+        _apply_limits(limits, parent_pid)
+    except (OSError, ValueError) as e:
+        print(f"{ERROR_PREFIX}cannot apply the limits {limits}: {e}", flush=True)
+        return EXIT_BAD_REQUEST
     fault = os.environ.get(TEST_FAULT_ENV)
     _test_fault(fault, "start")
     try:

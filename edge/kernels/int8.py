@@ -96,7 +96,8 @@ def _panels_per_tile(n: int) -> int:
 
 
 def _mark(func, kind: str):
-    return func.with_attr(KERNEL_ATTR, kind).with_attr("tir.is_scheduled", True).with_attr("tir.noalias", True)
+    # op_pattern 8 = kOpaque: never fused into other kernels.
+    return func.with_attr(KERNEL_ATTR, kind).with_attr("tir.is_scheduled", True).with_attr("tir.noalias", True).with_attr("op_pattern", 8)
 
 
 def quantize_rows(k: int, isa: str, *, static: bool = False):
@@ -117,38 +118,40 @@ def quantize_rows(k: int, isa: str, *, static: bool = False):
         return T.Cast(vq, r + T.broadcast(T.float32(shift), lanes))
 
     if static:
-        @T.prim_func
+        @T.prim_func(s_tir=True)
         def func(x: T.handle, s: T.handle, q: T.handle, xs: T.handle):
             M = T.int64()
             X = T.match_buffer(x, (M, k), "float32")
             S = T.match_buffer(s, (1,), "float32")
             Q = T.match_buffer(q, (M, k), qdtype)
             XS = T.match_buffer(xs, (M,), "float32")
-            for m in T.parallel(M):
-                XS[m] = S[0]
-                for kb in range(k // lanes):
-                    Q[m, T.ramp(kb * lanes, 1, lanes)] = quantize(X.vload([m, kb * lanes], f"float32x{lanes}"), T.float32(1.0) / S[0])
+            with T.sblock("root"):
+                for m in T.parallel(M):
+                    XS[m] = S[0]
+                    for kb in range(k // lanes):
+                        Q[m, T.ramp(kb * lanes, 1, lanes)] = quantize(X.vload([m, kb * lanes], f"float32x{lanes}"), T.float32(1.0) / S[0])
 
         return _mark(func, "quantize_static")
 
-    @T.prim_func
+    @T.prim_func(s_tir=True)
     def func(x: T.handle, q: T.handle, xs: T.handle):
         M = T.int64()
         X = T.match_buffer(x, (M, k), "float32")
         Q = T.match_buffer(q, (M, k), qdtype)
         XS = T.match_buffer(xs, (M,), "float32")
-        for m in T.parallel(M):
-            acc = T.alloc_buffer((lanes,), "float32", scope="local")
-            amax = T.alloc_buffer((1,), "float32", scope="local")
-            acc[T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
-            for kb in range(k // lanes):
-                acc[T.ramp(0, 1, lanes)] = T.max(acc.vload([0], f"float32x{lanes}"), T.fabs(X.vload([m, kb * lanes], f"float32x{lanes}")))
-            amax[0] = T.float32(0)
-            for j in range(lanes):
-                amax[0] = T.max(amax[0], acc[j])
-            XS[m] = T.Select(amax[0] > T.float32(0), amax[0] / T.float32(127.0), T.float32(1.0))
-            for kb in range(k // lanes):
-                Q[m, T.ramp(kb * lanes, 1, lanes)] = quantize(X.vload([m, kb * lanes], f"float32x{lanes}"), T.float32(1.0) / XS[m])
+        with T.sblock("root"):
+            for m in T.parallel(M):
+                acc = T.alloc_buffer((lanes,), "float32", scope="local")
+                amax = T.alloc_buffer((1,), "float32", scope="local")
+                acc[T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+                for kb in range(k // lanes):
+                    acc[T.ramp(0, 1, lanes)] = T.max(acc.vload([0], f"float32x{lanes}"), T.fabs(X.vload([m, kb * lanes], f"float32x{lanes}")))
+                amax[0] = T.float32(0)
+                for j in range(lanes):
+                    amax[0] = T.max(amax[0], acc[j])
+                XS[m] = T.Select(amax[0] > T.float32(0), amax[0] / T.float32(127.0), T.float32(1.0))
+                for kb in range(k // lanes):
+                    Q[m, T.ramp(kb * lanes, 1, lanes)] = quantize(X.vload([m, kb * lanes], f"float32x{lanes}"), T.float32(1.0) / XS[m])
 
     return _mark(func, "quantize_dynamic")
 
@@ -209,7 +212,7 @@ def qdense(k: int, n: int, isa: str):
 
     # Loops marked unroll are unrolled by TVM, so the accumulator indices become constants and
     # LLVM keeps the whole rows x width tile in vector registers.
-    @T.prim_func
+    @T.prim_func(s_tir=True)
     def func(q: T.handle, xs: T.handle, w: T.handle, wcomp: T.handle, ws: T.handle, b: T.handle, y: T.handle):
         M = T.int64()
         Q = T.match_buffer(q, (M, k), qdtype)
@@ -219,28 +222,29 @@ def qdense(k: int, n: int, isa: str):
         WS = T.match_buffer(ws, (n,), "float32")
         B = T.match_buffer(b, (n,), "float32")
         Y = T.match_buffer(y, (M, n), "float32")
-        for jt in T.parallel(npanel // per_tile):
-            acc = T.alloc_buffer((rows, width), "int32", scope="local")
-            for mt in range((M + rows - 1) // rows):
-                for i in T.unroll(rows):
-                    acc[i, T.ramp(0, 1, width)] = T.broadcast(0, width)
-                for kk in range(kg):
+        with T.sblock("root"):
+            for jt in T.parallel(npanel // per_tile):
+                acc = T.alloc_buffer((rows, width), "int32", scope="local")
+                for mt in range((M + rows - 1) // rows):
                     for i in T.unroll(rows):
-                        for p in T.unroll(per_tile):
-                            for h in T.unroll(sub):
-                                acc[i, T.ramp(p * PANEL + h * lanes, 1, lanes)] = upd(
-                                    acc.vload([i, p * PANEL + h * lanes], vacc),
-                                    T.reinterpret("int32", Q.vload([T.min(mt * rows + i, M - 1), kk * KGROUP], f"{qdtype}x4")),
-                                    W.vload([jt * per_tile + p, kk, h * lanes, 0], vb),
-                                )
-                for i in T.unroll(rows):
-                    if mt * rows + i < M:
-                        Y[mt * rows + i, T.ramp(jt * width, 1, width)] = (
-                            T.Cast(f"float32x{width}", acc.vload([i, 0], f"int32x{width}") - WC.vload([jt * width], f"int32x{width}"))
-                            * T.broadcast(XS[mt * rows + i], width)
-                            * WS.vload([jt * width], f"float32x{width}")
-                            + B.vload([jt * width], f"float32x{width}")
-                        )
+                        acc[i, T.ramp(0, 1, width)] = T.broadcast(0, width)
+                    for kk in range(kg):
+                        for i in T.unroll(rows):
+                            for p in T.unroll(per_tile):
+                                for h in T.unroll(sub):
+                                    acc[i, T.ramp(p * PANEL + h * lanes, 1, lanes)] = upd(
+                                        acc.vload([i, p * PANEL + h * lanes], vacc),
+                                        T.reinterpret("int32", Q.vload([T.min(mt * rows + i, M - 1), kk * KGROUP], f"{qdtype}x4")),
+                                        W.vload([jt * per_tile + p, kk, h * lanes, 0], vb),
+                                    )
+                    for i in T.unroll(rows):
+                        if mt * rows + i < M:
+                            Y[mt * rows + i, T.ramp(jt * width, 1, width)] = (
+                                T.Cast(f"float32x{width}", acc.vload([i, 0], f"int32x{width}") - WC.vload([jt * width], f"int32x{width}"))
+                                * T.broadcast(XS[mt * rows + i], width)
+                                * WS.vload([jt * width], f"float32x{width}")
+                                + B.vload([jt * width], f"float32x{width}")
+                            )
 
     return _mark(func, f"qdense_{isa}")
 
@@ -251,7 +255,7 @@ def _qdense_generic(k: int, n: int, qdtype: str):
     npanel = n // PANEL
     kg = k // KGROUP
 
-    @T.prim_func
+    @T.prim_func(s_tir=True)
     def func(q: T.handle, xs: T.handle, w: T.handle, wcomp: T.handle, ws: T.handle, b: T.handle, y: T.handle):
         M = T.int64()
         Q = T.match_buffer(q, (M, k), qdtype)
@@ -261,13 +265,14 @@ def _qdense_generic(k: int, n: int, qdtype: str):
         WS = T.match_buffer(ws, (n,), "float32")
         B = T.match_buffer(b, (n,), "float32")
         Y = T.match_buffer(y, (M, n), "float32")
-        for m in T.parallel(M):
-            acc = T.alloc_buffer((n,), "int32", scope="local")
-            for j in range(n):
-                acc[j] = 0 - WC[j]
-            for kk, jp, j, t in T.grid(kg, npanel, PANEL, KGROUP):
-                acc[jp * PANEL + j] = acc[jp * PANEL + j] + T.Cast("int32", Q[m, kk * KGROUP + t]) * T.Cast("int32", W[jp, kk, j, t])
-            for j in range(n):
-                Y[m, j] = T.Cast("float32", acc[j]) * XS[m] * WS[j] + B[j]
+        with T.sblock("root"):
+            for m in T.parallel(M):
+                acc = T.alloc_buffer((n,), "int32", scope="local")
+                for j in range(n):
+                    acc[j] = 0 - WC[j]
+                for kk, jp, j, t in T.grid(kg, npanel, PANEL, KGROUP):
+                    acc[jp * PANEL + j] = acc[jp * PANEL + j] + T.Cast("int32", Q[m, kk * KGROUP + t]) * T.Cast("int32", W[jp, kk, j, t])
+                for j in range(n):
+                    Y[m, j] = T.Cast("float32", acc[j]) * XS[m] * WS[j] + B[j]
 
     return _mark(func, "qdense_generic")

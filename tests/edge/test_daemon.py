@@ -81,7 +81,7 @@ def test_missing_mask_is_filled_with_ones(daemon, reference):
 def _post(daemon, body: bytes, ctype="application/json", model="tiny"):
     status, _, data = daemon.request("POST", f"/v1/models/{model}/infer", body, {"Content-Type": ctype})
     doc = json.loads(data)
-    assert set(doc) == {"error", "status"} and doc["status"] == status and "\n" not in doc["error"]
+    assert set(doc) == {"error", "status"} and doc["status"] == status and "\n" not in doc["error"], (body[:80], doc)
     return status, doc["error"]
 
 
@@ -96,7 +96,8 @@ def test_bad_requests_get_4xx_with_a_clear_message(daemon, reference):
         (json.dumps({"inputs": {"input_ids": [[1.5, 2.0]]}}).encode(), 400, "expected integers"),  # dtype
         (json.dumps({"inputs": {"input_ids": [["a"]]}}).encode(), 400, "numbers"),
         (json.dumps({"inputs": {"token": ids}}).encode(), 400, "unknown input 'token'"),
-        (json.dumps({"inputs": {"input_ids": [list(range(1, 130))]}}).encode(), 400, "outside the model's range"),
+        (json.dumps({"inputs": {"input_ids": [[1] * 129]}}).encode(), 400, "outside the model's range"),
+        (json.dumps({"inputs": {"input_ids": [[1, 64]]}}).encode(), 400, "beyond the vocabulary"),
         (b"\xff\xfe garbage", 400, "malformed JSON"),
     ]
     for body, want_status, want_text in cases:
@@ -212,14 +213,20 @@ def test_saturated_daemon_answers_503(tmp_path, tiny_artifact):
     cfg = parse_config({"models": [{"name": "tiny", "artifact": str(tiny_artifact)}], "server": {"workers": 1, "queue": 0}}, base=tmp_path)
     d = Daemon(cfg)
     gate = threading.Event()
-    d._run = lambda *a: (gate.wait(10), d._done())
-    first = d.submit("tiny", b"", None, None)
+    d._run = lambda ticket, *a: (gate.wait(10), ticket.release())
+    first, ticket = d.submit("tiny", b"", None, None)
     with pytest.raises(Saturated, match="saturated"):
         d.submit("tiny", b"", None, None)
     gate.set()
     first.result(5)
-    d.submit("tiny", b"", None, None).result(5)  # room again
-    assert d.metrics.rejected["saturated"] == 1
+    with pytest.raises(Saturated):  # the response is not written yet: still counted
+        d.submit("tiny", b"", None, None)
+    ticket.release()
+    again, ticket = d.submit("tiny", b"", None, None)  # room again
+    again.result(5)
+    ticket.release()
+    assert d._pending == 0 and d.metrics.rejected["saturated"] == 2
+    d.progress.close()
 
 
 def test_reload_swaps_atomically_and_rolls_back(tmp_path, tiny_artifact):

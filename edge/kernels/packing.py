@@ -1,0 +1,132 @@
+"""Weights in a blocked layout: how the host packs them and how the build finds them again.
+
+`deploy.optimize.prepare` replaces a matmul weight parameter W [K, N] by Wp [N / PANEL, K, PANEL]
+(`pack_weight` runs once over the real weights on the host) and recomputes W inside the function
+as `reshape(permute_dims(Wp, [1, 0, 2]), [K, N])`, so the module stays correct for any pipeline.
+At build time `rewrite_packed_dense` turns `matmul(x, <that expression>)` into the packed dense
+kernel, and the unpacking disappears. The layout does not depend on the target, so the generic
+module and every variant share one copy of the packed weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import dense
+
+PANEL = 16  # columns per panel: 2 AVX2 vectors, 1 AVX-512 vector, 4 NEON vectors
+
+
+def pack_weight(w: np.ndarray, n: int = PANEL) -> np.ndarray:
+    return dense.pack_weight(w, n)
+
+
+def pack_matmul_weights(mod, params: list[np.ndarray], n: int = PANEL):
+    """Host side: return (mod, params) with every weight used only as a matmul's right operand
+    [K, N] (fp32, N a multiple of `n`) replaced by its packed form."""
+    from tvm import relax
+
+    func = mod["main"]
+    num_input = int(func.attrs["num_input"])
+    weights = func.params[num_input:]
+    uses = _uses(func)
+    new_params = list(func.params)
+    binds = {}
+    params = list(params)
+    for i, w in enumerate(weights):
+        sinfo = w.struct_info
+        if not _packable(sinfo, uses.get(w, []), w, n):
+            continue
+        k, cols = (int(d) for d in sinfo.shape.values)
+        wp = relax.Var(w.name_hint + "_packed", relax.TensorStructInfo((cols // n, k, n), "float32"))
+        new_params.insert(new_params.index(w) + 1, wp)
+        binds[w] = relax.op.reshape(relax.op.permute_dims(wp, [1, 0, 2]), (k, cols))
+        params[i] = pack_weight(params[i], n)
+    if not binds:
+        return mod, params
+    widened = relax.Function(new_params, func.body, func.ret_struct_info, func.is_pure, func.attrs, func.span)
+    packed = widened.bind_params(binds)
+    mod = mod.clone() if hasattr(mod, "clone") else mod
+    mod["main"] = packed
+    mod = relax.transform.Normalize()(mod)
+    return mod, params
+
+
+def _packable(sinfo, uses, w, n) -> bool:
+    from tvm import relax
+
+    if not isinstance(sinfo, relax.TensorStructInfo) or sinfo.dtype != "float32" or sinfo.ndim != 2:
+        return False
+    dims = sinfo.shape.values if sinfo.shape is not None else []
+    if len(dims) != 2 or not all(hasattr(d, "value") for d in dims) or int(dims[1]) % n:
+        return False
+    return bool(uses) and all(
+        isinstance(c, relax.Call) and c.op.name == "relax.matmul" and c.args[1].same_as(w) and not c.args[0].same_as(w)
+        for c in uses
+    )
+
+
+def _uses(func) -> dict:
+    """Map each var to the calls that take it as an argument (anything else counts as a None use)."""
+    from tvm import relax
+
+    uses: dict = {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Call):
+            for a in expr.args:
+                if isinstance(a, relax.Var):
+                    uses.setdefault(a, []).append(expr)
+        elif isinstance(expr, (relax.Tuple,)):
+            for a in expr.fields:
+                if isinstance(a, relax.Var):
+                    uses.setdefault(a, []).append(None)
+        elif isinstance(expr, relax.Var):
+            uses.setdefault(expr, []).append(None)
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return uses
+
+
+def rewrite_packed_dense(mod, rows: int):
+    """Build side: matmul(x, reshape(permute_dims(Wp))) -> call_tir(packed dense kernel)."""
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = self.visit_expr_post_order(call)
+            wp = self._packed_weight(call)
+            if wp is None:
+                return call
+            x = call.args[0]
+            return self.builder_.call_te(dense.compute, x, wp, rows, primfunc_name_hint="dense_packed")
+
+        def _packed_weight(self, call):
+            if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.matmul" or not isinstance(call.args[1], relax.Var):
+                return None
+            x_sinfo = call.args[0].struct_info
+            if not isinstance(x_sinfo, relax.TensorStructInfo) or x_sinfo.dtype != "float32" or x_sinfo.ndim < 2:
+                return None
+            reshape = self.lookup_binding(call.args[1])
+            if not (isinstance(reshape, relax.Call) and getattr(reshape.op, "name", "") == "relax.reshape"):
+                return None
+            perm = reshape.args[0]
+            if isinstance(perm, relax.Var):
+                perm = self.lookup_binding(perm)
+            if not (isinstance(perm, relax.Call) and getattr(perm.op, "name", "") == "relax.permute_dims"):
+                return None
+            if [int(a) for a in perm.attrs.axes] != [1, 0, 2]:
+                return None
+            wp = perm.args[0]
+            if not isinstance(wp, relax.Var) or wp.struct_info.ndim != 3:
+                return None
+            return wp
+
+    rewriter = _Rewriter(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    mod = rewriter.builder_.get()
+    return relax.transform.DeadCodeElimination()(mod)

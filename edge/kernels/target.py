@@ -1,0 +1,46 @@
+"""What the schedules need to know about a TVM CPU target: vector width and register tile."""
+
+from __future__ import annotations
+
+# LLVM CPU names with AVX-512 (used when the target names a CPU but lists no +avx512f).
+_AVX512_CPUS = {
+    "skylake-avx512", "cascadelake", "cooperlake", "icelake-client", "icelake-server", "tigerlake",
+    "sapphirerapids", "emeraldrapids", "graniterapids", "znver4", "znver5", "x86-64-v4",
+}
+
+
+def _attrs(target) -> tuple[str, str, list[str]]:
+    attrs = target.attrs
+    triple = str(attrs["mtriple"]) if "mtriple" in attrs else ""
+    mcpu = str(attrs["mcpu"]) if "mcpu" in attrs else ""
+    mattr = [str(a) for a in attrs["mattr"]] if "mattr" in attrs else []
+    return triple, mcpu, mattr
+
+
+def is_aarch64(target) -> bool:
+    triple, mcpu, mattr = _attrs(target)
+    return triple.startswith(("aarch64", "arm64"))
+
+
+def vector_bits(target) -> int:
+    triple, mcpu, mattr = _attrs(target)
+    if is_aarch64(target):
+        return 128  # NEON (SVE is not used)
+    if "+avx512f" in mattr or mcpu in _AVX512_CPUS:
+        return 512
+    if "+avx2" in mattr or "+avx" in mattr or mcpu in {"haswell", "broadwell", "skylake", "znver1", "znver2", "znver3", "x86-64-v3", "alderlake"}:
+        return 256
+    return 128
+
+
+def vector_lanes(target, dtype_bits: int = 32) -> int:
+    return vector_bits(target) // dtype_bits
+
+
+def tile_rows(target) -> int:
+    """Rows of the dense register tile (columns are one 16-float panel).
+
+    AVX-512: 8 rows x 1 zmm = 8 accumulators; AVX2: 4 rows x 2 ymm = 8 of 16 registers;
+    NEON: 4 rows x 4 q-registers = 16 of 32 registers. Enough independent FMAs to cover latency.
+    """
+    return 8 if vector_bits(target) >= 512 else 4
