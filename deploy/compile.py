@@ -16,7 +16,8 @@ from edge.artifact import FORMAT_VERSION, MANIFEST, TensorSpec, sha256_file, tvm
 from edge.errors import EdgeJitError, ModelError
 from edge.targets import Preset, get_preset
 
-from . import keys, onnx_import, optimize
+from . import int8_build, keys, onnx_import, optimize
+from .quantize import NothingToQuantize
 from .padding import check_padding
 
 EDGEJIT_VERSION = "0.1.0"
@@ -100,6 +101,11 @@ def compile_model(
     seq_dim: str | None = None,
     force: bool = False,
     sign: str | Path | None = None,
+    calibrate: str | Path | None = None,
+    activations: str = "dynamic",
+    keep_float: list[str] | None = None,
+    min_accuracy: float | None = None,
+    accept_accuracy: bool = False,
     log=print,
 ) -> Path:
     """Compile `model_path` into the artifact directory `out`; with `sign` (a private key file from
@@ -127,7 +133,21 @@ def compile_model(
         outputs = [TensorSpec(n, o.dtype, o.shape) for n, o in zip(output_names, outputs)]
     log(f"imported {model_path.name}: {len(inputs)} inputs, {len(outputs)} outputs, {len(params)} weights ({time.perf_counter() - t0:.1f}s)")
 
-    mod, params = optimize.prepare(mod, params, preset.tvm_target(), precision=precision)
+    quant, quant_samples, float_mod, float_params = None, None, mod, params
+    if precision == "int8":
+        # int8 options: see deploy/int8_build.py and docs/int8.md
+        quant, quant_samples = int8_build.options(
+            mod, params, inputs, model_path=model_path, calibrate_file=calibrate, activations=activations,
+            keep_float=keep_float, max_seq=max_seq, log=log,
+        )
+        try:
+            mod, params = optimize.prepare(mod, params, preset.tvm_target(), precision=precision, quant=quant)
+            log(f"int8: {quant.report['quantized']} matmuls quantized ({quant.report['isa']}), {len(quant.report['float'])} kept in float")
+        except NothingToQuantize as e:
+            log(f"warning: {e}; keeping fp32")
+            precision, quant = "fp32", None
+    if precision != "int8":
+        mod, params = optimize.prepare(mod, params, preset.tvm_target(), precision=precision)
     padding = check_padding(model_path, inputs, outputs, seq)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +157,17 @@ def compile_model(
         ex = edge_build.build(mod, preset.target)
         edge_build.export(ex, tmp / "generic.so", preset.target)
         log(f"built generic module for {preset.name} ({time.perf_counter() - t1:.1f}s)")
+        accuracy_report = None
+        if quant is not None:
+            def prepare_for_host():
+                host = get_preset("host")
+                return (*optimize.prepare(float_mod, float_params, host.tvm_target(), precision="int8", quant=quant), host.target)
+
+            accuracy_report = int8_build.accuracy_report(
+                model, inputs, outputs, quant_samples, executable=ex, runs_here=preset.runs_here(),
+                prepare_for_host=prepare_for_host, params=params, min_accuracy=min_accuracy,
+                accept=accept_accuracy, log=log,
+            )
         import tvm
 
         (tmp / "module.json").write_text(tvm.ir.save_json(mod))
@@ -151,6 +182,7 @@ def compile_model(
             "dims": {d: {"min": 1, "max": max_seq if d == seq else None} for d in symbolic},
             "padding": padding,
             "precision": precision,
+            **({"quantization": quant.report, "accuracy": accuracy_report} if quant is not None else {}),
             "target": {
                 "preset": preset.name,
                 "arch": preset.arch,

@@ -15,11 +15,22 @@ def add_arguments(p) -> None:
     p.add_argument("--seq-dim", help="name of the symbolic sequence dim (default: dim 1 of the first input)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact")
     p.add_argument("--sign", metavar="KEY", help="sign the artifact with this private key (see `edgejit keygen`)")
+    q = p.add_argument_group("int8 (see docs/int8.md)")
+    q.add_argument("--calibrate", metavar="FILE", help="sample inputs: .npz (arrays named as the inputs) or .txt (texts, tokenizer.json next to the model)")
+    q.add_argument("--activations", choices=["dynamic", "static"], default="dynamic",
+                   help="activation scales: per token at run time (default) or per tensor from --calibrate")
+    q.add_argument("--keep-float", metavar="OPS", help="comma-separated ops kept in float: categories "
+                   "(embeddings, layernorm, softmax, head) and/or weight-name globs (default: embeddings,layernorm,softmax,head)")
+    q.add_argument("--min-accuracy", type=float, help="threshold of the accuracy report (encoder: mean cosine, default 0.99; decoder: top-1 agreement, default 0.90)")
+    q.add_argument("--accept-accuracy", action="store_true", help="write the artifact even when accuracy is below the threshold")
 
 
 def main(args) -> int:
     compile_model(
         args.model, args.target, args.output, name=args.name, precision=args.precision,
         max_seq=args.max_seq, seq_dim=args.seq_dim, force=args.force, sign=args.sign,
+        calibrate=args.calibrate, activations=args.activations,
+        keep_float=None if args.keep_float is None else args.keep_float.split(","),
+        min_accuracy=args.min_accuracy, accept_accuracy=args.accept_accuracy,
     )
     return 0

@@ -27,8 +27,6 @@ def load(path: str | Path):
     """Load and check an ONNX model, with its external data. One-line ModelError on any problem."""
     import onnx
 
-    from .onnx_normalize import normalize
-
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such file")
@@ -39,10 +37,19 @@ def load(path: str | Path):
     if not model.graph.node:
         raise ModelError(f"{path}: not an ONNX model (empty graph)")
     _load_external_data(model, path)
+    return load_model(model, source=str(path))
+
+
+def load_model(model, source: str = "model"):
+    """Check and normalize an in-memory ModelProto (weights already loaded)."""
+    import onnx
+
+    from .onnx_normalize import normalize
+
     try:
         onnx.checker.check_model(model)
     except Exception as e:
-        raise ModelError(f"{path}: invalid ONNX model: {_first_line(e)}") from None
+        raise ModelError(f"{source}: invalid ONNX model: {_first_line(e)}") from None
     return normalize(model)
 
 

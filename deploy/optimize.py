@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def prepare(mod, params, target, *, precision: str = "fp32"):
+def prepare(mod, params, target, *, precision: str = "fp32", quant=None):
     """Return (module ready for edge.build.build, params in the layout that module expects).
 
     The parameter transforms run here, once, over the real weights; the device only loads them.
@@ -14,7 +14,10 @@ def prepare(mod, params, target, *, precision: str = "fp32"):
     if precision not in ("fp32", "int8"):
         raise EdgeJitError(f"precision '{precision}' is not supported (use fp32 or int8)")
     if precision == "int8":
-        # deploy/quantize.py hooks in here: it rewrites the int8 matmuls (and may leave fp32 ones).
-        raise EdgeJitError("precision 'int8' is not supported yet")
+        # int8 matmuls against weights (deploy/quantize.py; `quant` is its QuantOptions); the
+        # matmuls it leaves in float are packed below like any fp32 model's.
+        from . import quantize
+
+        mod, params = quantize.quantize(mod, params, target, quant)
     # fp32 matmuls against weights: pack the weights into [N/16, K, 16] panels (edge/kernels/dense.py)
     return packing.pack_matmul_weights(mod, params)

@@ -33,7 +33,11 @@ ALWAYS_FLOAT = ("embeddings", "layernorm", "softmax")
 
 
 class QuantizeError(EdgeJitError):
-    """The model cannot be quantized as asked (nothing to quantize, bad options, bad calibration)."""
+    """The model cannot be quantized as asked (bad options, bad calibration)."""
+
+
+class NothingToQuantize(QuantizeError):
+    """No matmul against a weight is left to quantize."""
 
 
 @dataclass
@@ -222,7 +226,7 @@ def quantize(mod, params: list[np.ndarray], target, options: QuantOptions | None
         "keep_float": list(options.keep_float),
     }
     if not chosen:
-        raise QuantizeError(
+        raise NothingToQuantize(
             "no quantizable matmul in the model (" + (f"{len(sites)} kept in float by --keep-float" if sites else "no matmul against a 2-D fp32 weight") + ")"
         )
     if options.activations == "static":

@@ -59,6 +59,12 @@ class Progress:
         self._stop.set()
 
 
+def _one_line(text) -> str:
+    """The last meaningful line of a multi-line error (a compiler's output ends with the cause)."""
+    lines = [ln.strip(" |") for ln in str(text or "").splitlines() if ln.strip(" |")]
+    return lines[-1][:300] if lines else ""
+
+
 class _Ticket:
     """An admitted request: done when both the worker and the HTTP handler let go of it."""
 
@@ -102,7 +108,7 @@ class ModelListener:
             jit_log.info("compiled '%s' seq=%s in %.1fs", self.name, length, event.get("duration_s") or 0.0)
         elif kind == "compile_failed":
             self.daemon.progress.end(task)
-            jit_log.warning("compile of '%s' seq=%s failed (the generic module keeps serving it): %s", self.name, length, event.get("error"))
+            jit_log.warning("compile of '%s' seq=%s failed (the generic module keeps serving it): %s", self.name, length, _one_line(event.get("error")))
         elif kind == "swapped_in":
             jit_log.info("'%s' seq=%s now served by a specialized variant (%s)", self.name, length, event.get("source") or "compiled")
         elif kind == "evicted":
@@ -226,7 +232,7 @@ class Daemon:
         host_, port = self.server.server_address[:2]
         self._serve_thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2}, name="edgejit-http", daemon=True)
         self._serve_thread.start()
-        log.info("listening on http://%s:%d (%d inference workers x %d threads, queue %d, body limit %.0f MiB)",
+        log.info("listening on http://%s:%d (%d inference workers x %d threads, queue %d, body limit %g MiB)",
                  host_, port, srv.workers, self.threads, srv.queue, srv.max_body_mb)
         self._start_telemetry()
         for m in self.cfg.models:
@@ -269,9 +275,10 @@ class Daemon:
             self.telemetry.add_model(slot.current.runtime)
 
     def reload_all(self) -> None:
+        """SIGHUP: every model from its configured artifact path (where the updater flips links)."""
         for name in self.registry.names():
             try:
-                self.reload(name)
+                self.reload(name, self.configured_artifact(name))
             except EdgeJitError:
                 pass  # logged by the registry; the old version keeps serving
 

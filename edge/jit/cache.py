@@ -126,8 +126,13 @@ class VariantCache:
         finally:
             os.close(fd)
 
-    def get(self, key: str) -> Path | None:
-        """The verified library for `key`, or None. Broken entries are deleted."""
+    def get(self, key: str, dest_dir: Path) -> Path | None:
+        """Verify the entry for `key` and copy its library into `dest_dir` (private to this
+        process); returns the copy's path, or None. Broken entries are deleted.
+
+        The copy is what gets loaded: what was verified is exactly what runs, even if the cache
+        file changes afterwards, and the dynamic loader (which caches libraries by path) never
+        hands back a stale library after an entry was rebuilt."""
         if not self.usable:
             return None
         so, meta_path = self._paths(key)
@@ -142,13 +147,16 @@ class VariantCache:
         if meta.get("key") != key:
             return self._drop(key, "metadata for another key")
         try:
-            if so.stat().st_size != meta["size"] or sha256_file(so) != meta["sha256"]:
-                return self._drop(key, "library does not match its checksum")
+            data = so.read_bytes()
         except OSError:
             return self._drop(key, "library missing")
+        if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            return self._drop(key, "library does not match its checksum")
+        copy = Path(tempfile.mkstemp(prefix=f"{key[:16]}.", suffix=".so", dir=dest_dir)[1])
+        copy.write_bytes(data)
         with contextlib.suppress(OSError):
             os.utime(meta_path)  # least-recently-used order
-        return so
+        return copy
 
     def _drop(self, key: str, why: str) -> None:
         self.corrupt += 1

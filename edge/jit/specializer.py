@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -171,7 +172,7 @@ class Specializer:
         key = cache_key(fields)
         try:
             with self.cache.lock(key):
-                path = None if self.policy.mode == "redo" else self.cache.get(key)
+                path = None if self.policy.mode == "redo" else self.cache.get(key, self._scratch)
                 if path is not None:
                     st.cache_hits += 1
                     st.source = "cache"
@@ -203,7 +204,7 @@ class Specializer:
         with self._lock:
             st.state = "compiling"
         self._emit("compile_started", length)
-        out = self._scratch / f"{key}.so"
+        out = self._scratch / f"{key[:16]}.{uuid.uuid4().hex[:8]}.so"  # unique: dlopen caches by path
         start = time.perf_counter()
         if self.policy.isolate:
             from .worker import compile_in_worker
@@ -221,11 +222,8 @@ class Specializer:
         st.compile_s = time.perf_counter() - start
         st.source = "compiled"
         self._emit("compile_finished", length, duration_s=st.compile_s)
-        stored = self.cache.put(key, out, fields)
-        if stored is None:
-            return out  # cache unusable: serve from the scratch copy
-        out.unlink(missing_ok=True)
-        return stored
+        self.cache.put(key, out, fields)  # if the cache is unusable, the variant lives in memory only
+        return out
 
     def _module(self):
         if self._relax_mod is None:

@@ -75,8 +75,11 @@ def compile_in_worker(
     out-of-memory) never raise here.
     """
     out_path = Path(out_path)
-    manifest, artifact_dir = _manifest_of(artifact)
-    module_sha = manifest.get("files", {}).get("module.json")
+    try:
+        manifest, artifact_dir = _manifest_of(artifact)
+        target, module_sha = manifest["target"]["tvm"], manifest["files"]["module.json"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return WorkerResult(False, 0.0, f"cannot read the artifact's manifest: {type(e).__name__}: {e}")
     start = time.monotonic()
     try:
         scratch = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.worker-", dir=out_path.parent))
@@ -85,7 +88,7 @@ def compile_in_worker(
     request = {
         "module": str(Path(artifact_dir).resolve() / "module.json"),
         "module_sha256": module_sha,
-        "target": manifest["target"]["tvm"],
+        "target": target,
         "bind": {str(k): int(v) for k, v in bind.items()},
         "out": str(out_path.resolve()),
         "scratch": str(scratch.resolve()),

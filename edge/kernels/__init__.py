@@ -45,7 +45,7 @@ def optimize(mod, target, *, tuning_dir=None):
 def relax_pipeline(target):
     """What tvm.compile still has to do after `optimize`: lower dataflow and finalize."""
     import tvm
-    from tvm.relax.backend import cpu_generic
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod, _ctx):

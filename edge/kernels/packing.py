@@ -24,30 +24,37 @@ def pack_weight(w: np.ndarray, n: int = PANEL) -> np.ndarray:
 def pack_matmul_weights(mod, params: list[np.ndarray], n: int = PANEL):
     """Host side: return (mod, params) with every weight used only as a matmul's right operand
     [K, N] (fp32, N a multiple of `n`) replaced by its packed form."""
+    import tvm
     from tvm import relax
 
     func = mod["main"]
     num_input = int(func.attrs["num_input"])
-    weights = func.params[num_input:]
     uses = _uses(func)
     new_params = list(func.params)
-    binds = {}
+    packed = {}  # weight var -> (packed var, K, N)
     params = list(params)
-    for i, w in enumerate(weights):
-        sinfo = w.struct_info
-        if not _packable(sinfo, uses.get(w, []), w, n):
+    for i, w in enumerate(func.params[num_input:]):
+        if not _packable(w.ty, uses.get(w, []), w, n):
             continue
-        k, cols = (int(d) for d in sinfo.shape.values)
-        wp = relax.Var(w.name_hint + "_packed", relax.TensorStructInfo((cols // n, k, n), "float32"))
-        new_params.insert(new_params.index(w) + 1, wp)
-        binds[w] = relax.op.reshape(relax.op.permute_dims(wp, [1, 0, 2]), (k, cols))
+        k, cols = (int(d) for d in w.ty.shape.values)
+        wp = relax.Var(str(w.name) + "_packed", relax.TensorType((cols // n, k, n), "float32"))
+        new_params[num_input + i] = wp
+        packed[w] = (wp, k, cols)
         params[i] = pack_weight(params[i], n)
-    if not binds:
+    if not packed:
         return mod, params
-    widened = relax.Function(new_params, func.body, func.ret_struct_info, func.is_pure, func.attrs, func.span)
-    packed = widened.bind_params(binds)
-    mod = mod.clone() if hasattr(mod, "clone") else mod
-    mod["main"] = packed
+
+    @relax.expr_functor.mutator
+    class _Unpack(relax.PyExprMutator):
+        def visit_var_(self, var):
+            if var in packed:
+                wp, k, cols = packed[var]
+                return self.builder_.emit(relax.op.reshape(relax.op.permute_dims(wp, [1, 0, 2]), (k, cols)))
+            return var
+
+    body = _Unpack(mod).visit_expr(func.body)
+    mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    mod["main"] = relax.Function(new_params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
     mod = relax.transform.Normalize()(mod)
     return mod, params
 
@@ -55,7 +62,7 @@ def pack_matmul_weights(mod, params: list[np.ndarray], n: int = PANEL):
 def _packable(sinfo, uses, w, n) -> bool:
     from tvm import relax
 
-    if not isinstance(sinfo, relax.TensorStructInfo) or sinfo.dtype != "float32" or sinfo.ndim != 2:
+    if not isinstance(sinfo, relax.TensorType) or sinfo.dtype != "float32" or sinfo.ndim != 2:
         return False
     dims = sinfo.shape.values if sinfo.shape is not None else []
     if len(dims) != 2 or not all(hasattr(d, "value") for d in dims) or int(dims[1]) % n:
@@ -67,25 +74,22 @@ def _packable(sinfo, uses, w, n) -> bool:
 
 
 def _uses(func) -> dict:
-    """Map each var to the calls that take it as an argument (anything else counts as a None use)."""
+    """Map each var to its uses: the call taking it as an argument, or None for any other use."""
     from tvm import relax
 
-    uses: dict = {}
+    seen: dict = {}
+    as_arg: dict = {}
 
     def visit(expr):
-        if isinstance(expr, relax.Call):
+        if isinstance(expr, relax.Var):
+            seen[expr] = seen.get(expr, 0) + 1
+        elif isinstance(expr, relax.Call):
             for a in expr.args:
                 if isinstance(a, relax.Var):
-                    uses.setdefault(a, []).append(expr)
-        elif isinstance(expr, (relax.Tuple,)):
-            for a in expr.fields:
-                if isinstance(a, relax.Var):
-                    uses.setdefault(a, []).append(None)
-        elif isinstance(expr, relax.Var):
-            uses.setdefault(expr, []).append(None)
+                    as_arg.setdefault(a, []).append(expr)
 
     relax.analysis.post_order_visit(func.body, visit)
-    return uses
+    return {v: as_arg.get(v, []) + [None] * (n - len(as_arg.get(v, []))) for v, n in seen.items()}
 
 
 def rewrite_packed_dense(mod, rows: int):
@@ -106,8 +110,8 @@ def rewrite_packed_dense(mod, rows: int):
         def _packed_weight(self, call):
             if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.matmul" or not isinstance(call.args[1], relax.Var):
                 return None
-            x_sinfo = call.args[0].struct_info
-            if not isinstance(x_sinfo, relax.TensorStructInfo) or x_sinfo.dtype != "float32" or x_sinfo.ndim < 2:
+            x_sinfo = call.args[0].ty
+            if not isinstance(x_sinfo, relax.TensorType) or x_sinfo.dtype != "float32" or x_sinfo.ndim < 2:
                 return None
             reshape = self.lookup_binding(call.args[1])
             if not (isinstance(reshape, relax.Call) and getattr(reshape.op, "name", "") == "relax.reshape"):
@@ -120,7 +124,7 @@ def rewrite_packed_dense(mod, rows: int):
             if [int(a) for a in perm.attrs.axes] != [1, 0, 2]:
                 return None
             wp = perm.args[0]
-            if not isinstance(wp, relax.Var) or wp.struct_info.ndim != 3:
+            if not isinstance(wp, relax.Var) or wp.ty.ndim != 3:
                 return None
             return wp
 

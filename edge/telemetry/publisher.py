@@ -349,12 +349,15 @@ class Publisher:
         self._series, self._events, self._events_dropped, self._window_start = {}, [], 0, now
         stats = self.spool.stats()
         spool_info = {k: stats[k] for k in ("pending", "dropped_size", "dropped_age", "dropped_refused")}
+        in_flight = set(self._inflight.values())
         self.spool.append("metrics", lambda session, seq: _dumps(
-            {**self._header("metrics", session, seq), "t0": t0, "t1": now, "series": series, "spool": spool_info}))
+            {**self._header("metrics", session, seq), "t0": t0, "t1": now, "series": series, "spool": spool_info}),
+            in_flight=in_flight)
         self.counters["windows"] += 1
         if events or dropped:
             self.spool.append("jit", lambda session, seq: _dumps(
-                {**self._header("jit", session, seq), "t0": t0, "t1": now, "events": events, "events_dropped": dropped}))
+                {**self._header("jit", session, seq), "t0": t0, "t1": now, "events": events, "events_dropped": dropped}),
+                in_flight=in_flight)
             self.counters["windows"] += 1
 
     def _send_pending(self) -> None:

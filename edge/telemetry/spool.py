@@ -7,7 +7,8 @@ increasing across restarts.
 
 Drop policy (bounded in size and age): when the spool holds more than `max_windows` windows or
 `max_bytes` bytes of payload, the OLDEST windows are dropped first until it fits; windows older
-than `max_age_s` are dropped too. Every drop is counted (by reason, persistently) and reported in
+than `max_age_s` are dropped too. The newest window and those in flight (sent, PUBACK pending,
+at most `max_inflight`) are never dropped for size, so the bound may be exceeded by that many. Every drop is counted (by reason, persistently) and reported in
 the next metrics window, and the coordinator sees the hole as a gap in the sequence numbers.
 Newest-first survival is deliberate: the fleet view and the hot lengths care about the present.
 """
@@ -90,9 +91,10 @@ class Spool:
             return session, seq
 
     # -- windows ----------------------------------------------------------------------
-    def append(self, kind: str, make_payload) -> SpooledWindow:
+    def append(self, kind: str, make_payload, *, in_flight=()) -> SpooledWindow:
         """Number and store a window: make_payload(session, seq) -> bytes. Returns the window.
-        Enforces the bounds afterwards (which may drop older windows)."""
+        Enforces the bounds afterwards, dropping older windows, but not those in `in_flight`
+        (ids sent and awaiting their PUBACK; they may still arrive)."""
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             session, seq = self._get("session"), self._get("next_seq")
@@ -102,10 +104,10 @@ class Spool:
                 (session, seq, kind, time.time(), payload),
             )
             self._set("next_seq", seq + 1)
-            self._enforce_bounds()
+            self._enforce_bounds(keep={cur.lastrowid, *in_flight})
             return SpooledWindow(cur.lastrowid, session, seq, kind, payload)
 
-    def _enforce_bounds(self) -> None:
+    def _enforce_bounds(self, keep=frozenset()) -> None:
         if self.max_age_s is not None:
             cut = time.time() - self.max_age_s
             n = self._db.execute("DELETE FROM windows WHERE created < ?", (cut,)).rowcount
@@ -113,10 +115,14 @@ class Spool:
                 self._set("dropped_age", self._get("dropped_age") + n)
         count, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM windows").fetchone()
         dropped = 0
-        while count > self.max_windows or (size > self.max_bytes and count > 1):
-            row = self._db.execute("SELECT id, LENGTH(payload) FROM windows ORDER BY id LIMIT 1").fetchone()
-            self._db.execute("DELETE FROM windows WHERE id=?", (row[0],))
-            count, size, dropped = count - 1, size - row[1], dropped + 1
+        if count > self.max_windows or size > self.max_bytes:
+            for wid, n in self._db.execute("SELECT id, LENGTH(payload) FROM windows ORDER BY id").fetchall():
+                if count <= self.max_windows and size <= self.max_bytes:
+                    break
+                if wid in keep:
+                    continue
+                self._db.execute("DELETE FROM windows WHERE id=?", (wid,))
+                count, size, dropped = count - 1, size - n, dropped + 1
         if dropped:
             self._set("dropped_size", self._get("dropped_size") + dropped)
 

@@ -19,7 +19,9 @@ import edge
 from tests.edge.daemon_helpers import DaemonProcess, free_port, sum_samples, write_config
 from tests.fixtures import handmade
 
-JIT = {"policy": "on", "buckets": "pow2", "min_bucket": 4, "min_hits": 2, "max_variants": 6, "backoff_s": 1.0}
+# In-process compiles (no worker process start-up) keep the test short; the worker is tested in
+# test_compile_worker.py and used by the demo.
+JIT = {"policy": "on", "buckets": "pow2", "min_bucket": 4, "min_hits": 2, "max_variants": 6, "backoff_s": 1.0, "isolate": False}
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +118,7 @@ def test_bad_requests_get_4xx_with_a_clear_message(daemon, reference):
     status, error = _post(daemon, b'{"inputs": {"input_ids": [[1]]}}', model="nope")
     assert status == 404 and "no model named 'nope'" in error
 
-    status, error = _post(daemon, json.dumps({"inputs": {"input_ids": [[1] * 120] * 60}}).encode())
+    status, error = _post(daemon, json.dumps({"inputs": {"input_ids": [[1] * 120] * 200}}).encode())
     assert status == 413 and "over the limit" in error
 
     status, _, data = daemon.request("GET", "/v1/models/tiny/infer")

@@ -1,0 +1,63 @@
+"""Shared pieces of the benchmark scripts: machine description and result-file writing."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from edge import host
+
+    flags = sorted(f for f in host.cpu_features() if f in {"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "asimd", "asimddp"})
+    try:
+        llvm_cpu = __import__("tvm").target.codegen.llvm_get_system_cpu()
+    except Exception:
+        llvm_cpu = "?"
+    return f"{model} (LLVM: {llvm_cpu}), {host.cores()} cores usable, {', '.join(flags)}; {platform.platform()}; Python {platform.python_version()}"
+
+
+def command() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def median_ms(fn, reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1000)
+
+
+def write_results(path: Path, title: str, body: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = (
+        f"# {title}\n\n"
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+        f"- machine: {machine()}\n"
+        f"- command: `{command()}`\n"
+        f"- git: {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip() or '?'}\n\n"
+        f"{body}\n"
+    )
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    print(text)
