@@ -162,9 +162,10 @@ def activation_ranges(mod, params, samples: list[dict], input_names: list[str], 
         stats.append(v)
     last = blocks[-1]
     blocks[-1] = relax.DataflowBlock(list(last.bindings) + extra) if isinstance(last, relax.DataflowBlock) else relax.BindingBlock(list(last.bindings) + extra)
-    out = relax.Var("calib_out")
+    out = relax.Var("calib_out", relax.TupleType([main.ret_ty, *[relax.TensorType([], "float32") for _ in stats]]))
     body = relax.SeqExpr(blocks + [relax.BindingBlock([relax.VarBinding(out, relax.Tuple([main.body.body, *stats]))])], out)
-    func = relax.Function(main.params, body, None, main.is_pure, main.attrs)
+    ret = relax.TupleType([main.ret_ty, *[relax.TensorType([], "float32") for _ in stats]])
+    func = relax.Function(main.params, body, ret, main.is_pure, main.attrs)
     inst = mod.clone() if hasattr(mod, "clone") else mod
     inst = relax.transform.Normalize()(_with_main(inst, func))
     amax = dict.fromkeys(site_names, 0.0)

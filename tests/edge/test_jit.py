@@ -348,3 +348,34 @@ def test_read_only_or_full_cache_keeps_serving(tiny_artifact, dirs, tmp_path, mo
     assert r.returncode == 0, r.stderr
     assert "served [5, 6] False" in r.stdout
     assert r.stderr.count("JIT cache disabled") == 1  # said once
+
+
+def test_isolated_compile_serves_the_same_results(tiny_artifact, dirs, generic):
+    rt, ev = make(tiny_artifact, dirs, buckets="exact", isolate=True)
+    x = handmade.inputs(2, 41)
+    for _ in range(2):
+        rt.run(x)
+    assert rt.specializer.wait_idle(300)
+    assert same(rt.run(x), generic.run(x)) and ev.requests[-1] == (41, "variant")
+    rt.close()
+
+
+@pytest.mark.parametrize("fault", ["sigkill", "hang"])
+def test_compiler_crash_or_hang_leaves_serving_intact(tiny_artifact, dirs, generic, monkeypatch, fault):
+    from edge.jit.worker import TEST_FAULT_ENV
+
+    monkeypatch.setenv(TEST_FAULT_ENV, fault)
+    rt, ev = make(tiny_artifact, dirs, buckets="exact", isolate=True, compile_timeout_s=20, backoff_s=3600)
+    x = handmade.inputs(1, 43)
+    for _ in range(3):
+        assert same(rt.run(x), generic.run(x))
+    stop = time.monotonic() + 60
+    while time.monotonic() < stop and "compile_failed" not in ev.names(43):
+        assert same(rt.run(x), generic.run(x))  # keeps serving on the generic module meanwhile
+        time.sleep(0.05)
+    assert rt.specializer.wait_idle(60)
+    failed = [e for e in ev.events if e["event"] == "compile_failed"]
+    assert len(failed) == 1
+    assert ("SIGKILL" in failed[0]["error"] or "signal 9" in failed[0]["error"]) if fault == "sigkill" else "time" in failed[0]["error"]
+    assert same(rt.run(x), generic.run(x)) and ev.requests[-1] == (43, "generic")
+    rt.close()

@@ -1,0 +1,18 @@
+"""The ARM emulation run shared by tests/arm, and its summary (with timings) at the end of the run."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.arm import emulation_run
+
+
+@pytest.fixture(scope="session")
+def arm_report(request, tmp_path_factory):
+    return emulation_run.run(request, tmp_path_factory)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for text in emulation_run.summaries:
+        terminalreporter.section("ARM under emulation (deploy/arm_emulation.py)")
+        terminalreporter.write_line(text)
