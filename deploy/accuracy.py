@@ -97,12 +97,12 @@ class HostRunner:
 
         self.ex = edge_build.build(mod, target)
         self.vm = relax.VirtualMachine(self.ex, tvm.cpu())
-        self.params = [tvm.runtime.tensor(np.ascontiguousarray(p)) for p in params]
+        self.params = [tvm.runtime.tensor(np.require(p, requirements="C")) for p in params]
 
     def __call__(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         import tvm
 
-        out = self.vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays], *self.params)
+        out = self.vm["main"](*[tvm.runtime.tensor(np.require(a, requirements="C")) for a in arrays], *self.params)
         return _flatten(out)
 
 

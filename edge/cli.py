@@ -24,16 +24,20 @@ COMMANDS = {
 }
 
 
+HOST_PACKAGES = ("onnx", "onnxruntime", "onnxscript", "torch", "transformers", "tokenizers")
+
+
+def _host_only(name: str, e: ModuleNotFoundError) -> EdgeJitError | None:
+    if COMMANDS[name][0].startswith("deploy") and (e.name or "").split(".")[0] in HOST_PACKAGES:
+        return EdgeJitError(f"'{name}' runs on the build host and needs {e.name}: pip install 'edgejit[host]'")
+    return None
+
+
 def _module(name: str):
-    modname = COMMANDS[name][0]
     try:
-        return importlib.import_module(modname)
+        return importlib.import_module(COMMANDS[name][0])
     except ModuleNotFoundError as e:
-        if modname.startswith("deploy") and e.name in ("onnx", "onnxruntime", "onnxscript"):
-            raise EdgeJitError(
-                f"'{name}' runs on the build host and needs {e.name}: pip install 'edgejit[host]'"
-            ) from None
-        raise
+        raise _host_only(name, e) or e from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
     args = parser.parse_args(argv)
     try:
-        return int(_module(args.command).main(args) or 0)
+        try:
+            return int(_module(args.command).main(args) or 0)
+        except ModuleNotFoundError as e:  # host packages are imported lazily, when first needed
+            raise _host_only(args.command, e) or e from None
     except EdgeJitError as e:
         if args.verbose:
             raise

@@ -13,6 +13,7 @@ from .store import Store
 def add_arguments(p) -> None:
     p.add_argument("--db", action="append", help="coordinator database (repeat to merge several; default fleet.sqlite)")
     p.add_argument("--json", metavar="FILE", help="also write the merged report as JSON")
+    p.add_argument("--svg", metavar="FILE", help="also draw latency per length bucket (fleet and per device) as SVG")
     p.add_argument("--regress-threshold", type=float, default=0.25,
                    help="flag a device when its latest p50 exceeds its own history by this fraction (default 0.25)")
     p.add_argument("--min-count", type=int, default=20, help="requests needed on both sides of a regression check")
@@ -43,4 +44,9 @@ def main(args) -> int:
     if args.json:
         report.write_json(rep, args.json)
         print(f"wrote {args.json}")
+    if args.svg:
+        from .plot import svg
+
+        report.write_text(args.svg, svg(rep))
+        print(f"wrote {args.svg}")
     return 0

@@ -210,13 +210,16 @@ def render(rep: dict, *, per_device: bool = True) -> str:
 
 
 def write_json(rep: dict, path: str | Path) -> None:
+    write_text(path, json.dumps(rep, indent=1, sort_keys=True) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
     """Atomic: temp file in the same directory, then rename."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(rep, f, indent=1, sort_keys=True)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

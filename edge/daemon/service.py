@@ -131,6 +131,7 @@ class Daemon:
         self.threads = cfg.threads or max(1, host.cores() // cfg.server.workers)
         self.draining = False
         self.telemetry = None
+        self._fleet_hot: dict[str, list[int]] = {}
         self._last = threading.local()
         self._pool = ThreadPoolExecutor(cfg.server.workers, thread_name_prefix="edgejit-infer")
         self._pending = 0  # admitted requests not finished (queued or running)
@@ -359,7 +360,9 @@ class Daemon:
         for slot in self.registry.slots():
             v = slot.current
             if v is not None and v.runtime.name == model and v.runtime.specializer is not None:
-                jit_log.info("fleet hot lengths for '%s': %s", slot.name, ", ".join(map(str, lengths[:16])))
+                if self._fleet_hot.get(slot.name) != sorted(lengths):
+                    self._fleet_hot[slot.name] = sorted(lengths)
+                    jit_log.info("fleet hot lengths for '%s': %s", slot.name, ", ".join(map(str, sorted(lengths)[:16])))
                 v.runtime.specializer.prespecialize(lengths)
 
     # -- views ----------------------------------------------------------------------------

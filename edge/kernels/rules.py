@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 from . import dense
 from .target import vector_lanes
 
+_DEBUG = bool(os.environ.get("EDGEJIT_KERNELS_DEBUG"))
 _SCHEDULED = ("tirx.is_scheduled", "tir.is_scheduled")
 
 
@@ -35,8 +38,10 @@ def schedule_func(func, target):
         sch = s_tir.Schedule(func)
         try:
             if rule(sch, target):
-                return sch.__dict__.get("_replacement", sch)
-        except Exception:  # a rule that does not fit this function: try the next one
+                return sch if rule is not _reduction_rule else _reduction_rule.result
+        except Exception as e:  # a rule that does not fit this function: try the next one
+            if _DEBUG:
+                print(f"edgejit kernels: {rule.__name__} failed on {func.attrs.get('global_symbol', '?') if func.attrs else '?'}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             continue
     return None
 
@@ -91,7 +96,7 @@ def _reduction_rule(sch, target) -> bool:
     result = Reduction().apply(sch.mod["main"], target, False)
     if result is None:
         return False
-    sch.__dict__["_replacement"] = result
+    _reduction_rule.result = result
     return True
 
 

@@ -19,6 +19,7 @@ import json
 import logging
 import platform
 import queue
+import sqlite3
 import threading
 import time
 from importlib import metadata
@@ -28,7 +29,7 @@ import paho.mqtt.client as mqtt
 from .. import host
 from . import protocol, sketch
 from .config import TelemetryConfig
-from .mqtt import connect_properties, make_client
+from .mqtt import TelemetryError, connect_properties, make_client
 from .spool import Spool
 
 log = logging.getLogger("edgejit.telemetry")
@@ -72,7 +73,11 @@ class Publisher:
     def __init__(self, config: TelemetryConfig | dict, *, models=(), policy: dict | None = None, start: bool = True):
         self.config = config if isinstance(config, TelemetryConfig) else TelemetryConfig.from_dict(config)
         c = self.config
-        self.spool = Spool(c.spool_file, max_windows=c.spool_max_windows, max_bytes=c.spool_max_bytes, max_age_s=c.spool_max_age_s)
+        try:
+            self.spool = Spool(c.spool_file, max_windows=c.spool_max_windows, max_bytes=c.spool_max_bytes,
+                               max_age_s=c.spool_max_age_s)
+        except (sqlite3.Error, OSError) as e:
+            raise TelemetryError(f"telemetry spool {c.spool_file}: {e}") from None
         self.client_id = f"edgejit-{c.fleet}-{c.device_id}"
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._models = {m["name"]: m for m in map(model_info, models)}
@@ -86,6 +91,7 @@ class Publisher:
         self._client: mqtt.Client | None = None
         self._connected = False
         self._session = None  # session of the live connection
+        self._pending_session = None  # the session the connection being set up will get
         self._next_attempt = 0.0
         self._backoff = c.reconnect_min_s
         self._inflight: dict[int, int] = {}  # paho mid -> spool window id
@@ -168,9 +174,14 @@ class Publisher:
     # -- worker ------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            self._loop()
-        except Exception:  # telemetry must never take the device down; log and stop
-            log.exception("telemetry worker failed")
+            while not self._stop.is_set():
+                try:
+                    self._loop()
+                except Exception:  # telemetry must never take the device down (e.g. disk full)
+                    log.exception("telemetry worker failed; restarting it in 1 s")
+                    if self._client is not None:
+                        self._lost(self._client, "worker error")
+                    self._stop.wait(1.0)
         finally:
             self._shutdown()
 

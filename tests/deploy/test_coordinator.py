@@ -397,7 +397,8 @@ def test_fleet_cli_report_and_json_export(broker, tmp_path, capsys):
         c.store.close()
         dbs.append(str(tmp_path / f"c{i}.sqlite"))
     out_json = tmp_path / "fleet.json"
-    assert cli.main(["fleet", "--db", dbs[0], "--db", dbs[1], "--json", str(out_json)]) == 0
+    out_svg = tmp_path / "fleet.svg"
+    assert cli.main(["fleet", "--db", dbs[0], "--db", dbs[1], "--json", str(out_json), "--svg", str(out_svg)]) == 0
     text = capsys.readouterr().out
     assert "2 devices (0 online, 2 offline)" in text and "17-32" in text and "cache hit rate 67%" in text
     rep = json.loads(out_json.read_text())
@@ -406,5 +407,9 @@ def test_fleet_cli_report_and_json_export(broker, tmp_path, capsys):
     assert b["devices"]["dev-a"]["p50_ms"] == pytest.approx(1.0, rel=0.01)
     assert b["devices"]["dev-b"]["p50_ms"] == pytest.approx(2.0, rel=0.01)
     assert rep["models"]["tiny"]["jit"]["compile_p50_s"] == 1.25
+    import xml.etree.ElementTree as ET
+
+    titles = [e.text for e in ET.parse(out_svg).iter("{http://www.w3.org/2000/svg}title")]
+    assert "dev-b p50 1.99 ms (n=50)" in titles and "dev-a p50 0.99 ms (n=50)" in titles  # sketch values, 1%
     assert cli.main(["fleet", "--db", str(tmp_path / "missing.sqlite")]) == 1
     assert "no such coordinator database" in capsys.readouterr().err
