@@ -69,8 +69,8 @@ def main() -> int:
     else:
         from deploy import examples
 
-        paths = examples.write_example(work / "example")
-        model, tokenizer = Path(paths["model"]), Path(paths["tokenizer"])
+        model = examples.write_minilm(work / "example", log=lambda *a: None)
+        tokenizer = model.parent / examples.TOKENIZER_FILE
     t = time.perf_counter()
     art = compile_model(model, "host", work / "art", log=lambda *a: None)
     host_compile_s = time.perf_counter() - t

@@ -79,8 +79,8 @@ def check(report: dict, min_accuracy: float | None, accept: bool) -> dict:
     report["below_threshold"] = bool(below)
     if below and not accept:
         raise AccuracyError(
-            f"int8 accuracy below threshold: {report['metric']} {report['value']:.4f} < {threshold:.4f} "
-            f"(short by {threshold - report['value']:.4f}); keep more ops in float (--keep-float), lower "
+            f"int8 accuracy below threshold: {report['metric']} {report['value']:.6f} < {threshold:.6f} "
+            f"(short by {threshold - report['value']:.6f}); keep more ops in float (--keep-float), lower "
             f"--min-accuracy, or pass --accept-accuracy to write it anyway"
         )
     return report

@@ -48,6 +48,7 @@ WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinu
 # qemu CPU model per preset mcpu: the emulated CPU has the preset's features and no more.
 QEMU_CPUS = {"generic": "cortex-a53", "cortex-a72": "cortex-a72", "cortex-a76": "cortex-a76", "cortex-a78ae": "neoverse-n1"}
 EM_AARCH64 = 183
+DEVICE_TIMEOUT_S = 1800
 
 TOLERANCE = {"fp32": 1e-4, "int8": 1e-3}  # |arm - x86|, relative to max(1, max|x86|)
 REFERENCE_TOLERANCE = {"fp32": 1e-4, "int8": 0.1}  # |arm - onnxruntime fp32|, same scaling
@@ -221,6 +222,7 @@ class Report:
     skipped: list[str] = field(default_factory=list)  # precisions the compiler does not offer yet
     gates: list[dict] = field(default_factory=list)  # artifact feature checks on each emulated CPU
     jit: dict | None = None
+    instructions: dict = field(default_factory=dict)  # artifact -> counts of int8 dot-product instructions
     timings: dict = field(default_factory=dict)
 
     def failures(self) -> list[str]:
@@ -228,12 +230,17 @@ class Report:
 
     def summary(self) -> str:
         lines = []
-        worst: dict[tuple, float] = {}
+        worst: dict[tuple, list] = {}
         for c in self.comparisons:
-            k = (c.target, c.precision, c.against)
-            worst[k] = max(worst.get(k, 0.0), c.error)
-        for (target, precision, against), err in sorted(worst.items()):
-            lines.append(f"{target:12s} {precision:5s} vs {against:9s} worst error {err:.1e}")
+            w = worst.setdefault((c.model, c.target, c.precision, c.against), [0.0, set()])
+            w[0] = max(w[0], c.error)
+            w[1].add(c.seq)
+        for (model, target, precision, against), (err, seqs) in sorted(worst.items()):
+            lines.append(f"{model} {target} {precision} vs {against}: worst error {err:.1e} "
+                         f"(lengths {', '.join(map(str, sorted(seqs)))})")
+        for name, counts in sorted(self.instructions.items()):
+            if counts and counts["sdot"] + counts["udot"]:
+                lines.append(f"{name}: {counts['sdot'] + counts['udot']} sdot/udot instructions in generic.so")
         lines += [f"skipped: {s}" for s in self.skipped]
         for g in self.gates:
             lines.append(f"feature gate: {g['preset']} artifact on {g['cpu']}: {'accepted' if g['accepted'] else 'refused'}")
@@ -370,6 +377,7 @@ def verify(
     report.timings["host reference + x86 runs"] = time.perf_counter() - t
 
     # One device job per emulated CPU.
+    jobs = []
     by_cpu: dict[str, list[str]] = {}
     for name, p in presets.items():
         by_cpu.setdefault(QEMU_CPUS[p.target.get("mcpu", "generic")], []).append(name)
@@ -398,14 +406,25 @@ def verify(
                 job["jit"] = {"artifact": str(arm_artifacts[m, prec, jit_target]), "seq": jit_seq, "target": jit_target,
                               "model": m, "precision": prec, "input": str(input_files[m, jit_seq]),
                               "cache_dir": str(job_dir / "jit-cache"), "out": str(job_dir / "jit-out")}
-        result = _run_device(us, cpu, job, job_dir, report, log)
-        if result is None:
-            continue
-        _check_device(result, job, presets, expected, lengths, report)
+        jobs.append((job, job_dir, _start_device(us, cpu, job, job_dir)))
+    for job, job_dir, started in jobs:  # the emulated processes run side by side
+        result = _finish_device(job["cpu"], job_dir, started, report, log)
+        if result is not None:
+            _check_device(result, job, presets, expected, lengths, report)
+    report.instructions = {"-".join(k): _count_instructions(a / "generic.so") for k, a in arm_artifacts.items()}
     return report
 
 
-def _run_device(us: Userspace, cpu: str, job: dict, job_dir: Path, report: Report, log) -> dict | None:
+def _count_instructions(library: Path) -> dict | None:
+    """How many int8 dot-product instructions the library holds (None without aarch64 objdump)."""
+    if shutil.which("aarch64-linux-gnu-objdump") is None:
+        return None
+    text = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(library)], capture_output=True, text=True).stdout
+    words = [line.split("\t")[2].split()[0] for line in text.splitlines() if line.count("\t") >= 2]
+    return {op: words.count(op) for op in ("sdot", "udot", "smlal", "smull")}
+
+
+def _start_device(us: Userspace, cpu: str, job: dict, job_dir: Path):
     # The JIT compiles in a worker started as `sys.executable -m edge.jit.worker`; without binfmt_misc
     # the kernel cannot exec the aarch64 python, so the device process points sys.executable here.
     wrapper = job_dir / "python3-aarch64"
@@ -415,14 +434,23 @@ def _run_device(us: Userspace, cpu: str, job: dict, job_dir: Path, report: Repor
     (job_dir / "job.json").write_text(json.dumps(job, indent=2))
     env = us.env(XDG_CACHE_HOME=str(job_dir / "xdg-cache"), XDG_STATE_HOME=str(job_dir / "xdg-state"),
                  XDG_CONFIG_HOME=str(job_dir / "xdg-config"))
-    t = time.perf_counter()
-    proc = subprocess.run(us.command(cpu, "-m", "deploy.arm_emulation", "device", str(job_dir / "job.json")),
-                          env=env, cwd=job_dir, capture_output=True, text=True, timeout=1800)
+    with open(job_dir / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(us.command(cpu, "-m", "deploy.arm_emulation", "device", str(job_dir / "job.json")),
+                                env=env, cwd=job_dir, stdout=err, stderr=subprocess.STDOUT)
+    return proc, time.perf_counter()
+
+
+def _finish_device(cpu: str, job_dir: Path, started, report: Report, log) -> dict | None:
+    proc, t = started
+    try:
+        proc.wait(timeout=max(1.0, DEVICE_TIMEOUT_S - (time.perf_counter() - t)))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
     report.timings[f"emulated {cpu}"] = time.perf_counter() - t
-    (job_dir / "stderr.txt").write_text(proc.stderr)
     result_path = job_dir / "result.json"
     if proc.returncode != 0 or not result_path.is_file():
-        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        tail = " | ".join((job_dir / "stderr.txt").read_text(errors="replace").strip().splitlines()[-3:])
         report.problems.append(f"emulated {cpu}: device process failed (exit {proc.returncode}): {tail}")
         return None
     result = json.loads(result_path.read_text())

@@ -39,7 +39,7 @@ def _torch():
     return torch, transformers
 
 
-def _quiet_export(fn):
+def quiet_export(fn):
     """torch.onnx prints progress and deprecation warnings; keep them out of our output."""
     import contextlib
     import io
@@ -84,13 +84,13 @@ def _export(module, args: tuple, path: Path, *, input_names, output_names, expor
         raw = Path(td) / "model.onnx"
         if exporter == "torchscript":
             axes = {n: {0: "batch", 1: "seq"} for n in input_names}
-            _quiet_export(lambda: torch.onnx.export(
+            quiet_export(lambda: torch.onnx.export(
                 module, args, str(raw), input_names=input_names, output_names=output_names,
                 dynamic_axes=axes, opset_version=opset or 17, dynamo=False))
         else:
             batch, seq = torch.export.Dim("batch", max=1024), torch.export.Dim("seq", max=512)
             shapes = {n: {0: batch, 1: seq} for n in input_names}
-            _quiet_export(lambda: torch.onnx.export(
+            quiet_export(lambda: torch.onnx.export(
                 module, args, str(raw), input_names=input_names, output_names=output_names,
                 dynamic_shapes=shapes, opset_version=opset or 18, dynamo=True, external_data=False))
         model = onnx.load(str(raw), load_external_data=True)
@@ -98,7 +98,7 @@ def _export(module, args: tuple, path: Path, *, input_names, output_names, expor
     return path
 
 
-def _bert_module(model):
+def bert_module(model):
     torch, _ = _torch()
 
     class BertWrapper(torch.nn.Module):
@@ -115,7 +115,7 @@ def _bert_module(model):
     return BertWrapper(model).eval()
 
 
-def _gpt2_module(model):
+def gpt2_module(model):
     torch, _ = _torch()
 
     class GPT2Wrapper(torch.nn.Module):
@@ -160,7 +160,7 @@ def export_bert(model, path, *, exporter: str = "torchscript", external_data: bo
     mask = torch.ones(2, 8, dtype=torch.long)
     tt = torch.zeros(2, 8, dtype=torch.long)
     with torch.no_grad():
-        return _export(_bert_module(model), (ids, mask, tt), path, input_names=BERT_INPUTS, output_names=BERT_OUTPUTS,
+        return _export(bert_module(model), (ids, mask, tt), path, input_names=BERT_INPUTS, output_names=BERT_OUTPUTS,
                        exporter=exporter, external_data=external_data, opset=opset)
 
 
@@ -170,7 +170,7 @@ def export_gpt2(model, path, *, exporter: str = "torchscript", external_data: bo
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, model.config.vocab_size, (2, 8), generator=g)
     with torch.no_grad():
-        return _export(_gpt2_module(model), (ids,), path, input_names=["input_ids"], output_names=["logits"],
+        return _export(gpt2_module(model), (ids,), path, input_names=["input_ids"], output_names=["logits"],
                        exporter=exporter, external_data=external_data, opset=opset)
 
 

@@ -8,8 +8,11 @@ that breaks the stock converter (tests/deploy/test_onnx_import.py has a graph fo
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import numpy as np
+
+_lock = threading.Lock()  # the patch is process-wide: one import at a time
 
 
 def _frontend():
@@ -51,7 +54,7 @@ def _converters() -> dict:
                 dtype = const_dtype or (dtypes.pop() if len(dtypes) == 1 else None)
                 if dtype in ("int32", "int64"):
                     start, limit, delta = (_as_int64(b) for b in bounds)
-                    if isinstance(delta, int) and delta != 0:
+                    if isinstance(delta, int) and delta > 0:  # negative steps: stock path
                         return relax.op.arange(start, limit, delta, dtype)
             return super()._impl_v12(bb, inputs, attr, params)
 
@@ -104,27 +107,28 @@ def patched():
     """Make the frontend use our converters (for ops we fix) inside the block. Yields a dict whose
     "node" entry is (op_type, node name) of the node being converted, for error messages."""
     F = _frontend()
-    original_map = F._get_convert_map
-    original_convert = F.ONNXGraphImporter._convert_operator
     fixes = _converters()
     where: dict = {}
+    with _lock:
+        original_map = F._get_convert_map
+        original_convert = F.ONNXGraphImporter._convert_operator
 
-    def convert_map():
-        m = dict(original_map())
-        m.update(fixes)
-        return m
+        def convert_map():
+            m = dict(original_map())
+            m.update(fixes)
+            return m
 
-    def convert_operator(self, op_name, inputs, attrs, opset):
-        where["node"] = (op_name, str(attrs.get("tvm_custom", {}).get("name", "")))
-        return original_convert(self, op_name, inputs, attrs, opset)
+        def convert_operator(self, op_name, inputs, attrs, opset):
+            where["node"] = (op_name, str(attrs.get("tvm_custom", {}).get("name", "")))
+            return original_convert(self, op_name, inputs, attrs, opset)
 
-    F._get_convert_map = convert_map
-    F.ONNXGraphImporter._convert_operator = convert_operator
-    try:
-        yield where
-    finally:
-        F._get_convert_map = original_map
-        F.ONNXGraphImporter._convert_operator = original_convert
+        F._get_convert_map = convert_map
+        F.ONNXGraphImporter._convert_operator = convert_operator
+        try:
+            yield where
+        finally:
+            F._get_convert_map = original_map
+            F.ONNXGraphImporter._convert_operator = original_convert
 
 
 def supported_ops() -> set[str]:

@@ -164,5 +164,19 @@ def to_relax(model):
             error = f"ONNX import failed{at}: {_first_line(e)}"
     if error is not None:
         raise ModelError(error)
+    _check_output_shapes(mod, [o.name for o in model.graph.output])
     mod, params = relax.frontend.detach_params(mod)
     return mod, [p.numpy() for p in params.get("main", [])]
+
+
+def _check_output_shapes(mod, names: list[str]) -> None:
+    """Every output must come out with a known shape (symbolic dims allowed): a shape lost in some
+    shape-arithmetic chain would otherwise surface later as an obscure build error."""
+    from tvm import relax
+
+    ret = mod["main"].ret_ty
+    fields = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
+    for i, t in enumerate(fields):
+        if isinstance(t, relax.TensorType) and t.shape is None:
+            name = names[i] if i < len(names) else f"#{i}"
+            raise ModelError(f"ONNX import lost the shape of output '{name}' (rank {t.ndim}): shape arithmetic the importer can't follow")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
 import numpy as np
+
+# TVM pins the calling thread to one core when it sizes a worker pool (and never unpins it), which
+# would put every request thread of a server on core 0. Leave placement to the OS scheduler.
+os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 
 class CompiledModule:

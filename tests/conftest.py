@@ -43,3 +43,20 @@ def tiny_artifact(tiny_onnx, tmp_path_factory):
     from deploy.compile import compile_model
 
     return compile_model(tiny_onnx, "host", tmp_path_factory.mktemp("tiny_art") / "tiny", max_seq=128, log=lambda *a: None)
+
+
+def _host_artifact(model_fixture: str, name: str):
+    @pytest.fixture(scope="session", name=name)
+    def _fixture(request, tmp_path_factory):
+        from deploy.compile import compile_model
+
+        model = request.getfixturevalue(model_fixture)
+        return compile_model(model, "host", tmp_path_factory.mktemp("artifacts") / name, log=lambda *a: None)
+
+    _fixture.__doc__ = (f"Path of a host (fp32) artifact compiled once per session from {model_fixture}. "
+                        "Shared: don't modify it (copy it first to tamper with files).")
+    return _fixture
+
+
+bert_artifact = _host_artifact("bert_onnx", "bert_artifact")
+gpt2_artifact = _host_artifact("gpt2_external_onnx", "gpt2_artifact")

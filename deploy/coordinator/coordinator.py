@@ -18,7 +18,6 @@ import queue
 import threading
 import time
 
-import paho.mqtt.client as mqtt
 
 from edge.telemetry import protocol
 from edge.telemetry.mqtt import BrokerSettings, TelemetryError, connect_properties, make_client
@@ -57,6 +56,7 @@ class Coordinator:
         self._stop = threading.Event()
         self._published_hot: dict[str, list[int]] = {}
         self._rebirth_asked: dict[str, float] = {}
+        self._last_fail_log = -1e9
         self.connected = threading.Event()
         self.stats = {"processed": 0, "stored": 0, "duplicate": 0, "rejected": 0, "death": 0}
         # paho's own thread reconnects; the persistent session resumes with what was queued.
@@ -65,6 +65,7 @@ class Coordinator:
         q = self._q
         self.client.on_connect = lambda _c, _u, flags, rc, _p: q.put(("connack", rc, flags))
         self.client.on_disconnect = lambda _c, _u, _f, rc, _p: q.put(("disconnected", rc))
+        self.client.on_connect_fail = lambda _c, _u: q.put(("connect_failed",))
         self.client.on_message = lambda _c, _u, m: q.put(("message", m.topic, m.payload, m.mid, m.qos))
         self.client.will_set(self.state_topic, self._state("offline"), qos=1, retain=True)
         self._worker = threading.Thread(target=self._run, name="edgejit-coordinator", daemon=True)
@@ -143,6 +144,11 @@ class Coordinator:
             self._published_hot.clear()  # republish on the next tick
             self.connected.set()
             log.info("coordinator %s online (session present: %s)", self.coordinator_id, item[2].session_present)
+        elif kind == "connect_failed":
+            now = time.monotonic()
+            if now - self._last_fail_log > 30:
+                self._last_fail_log = now
+                log.warning("coordinator: cannot reach the broker at %s:%s; retrying", self.broker.host, self.broker.port)
         elif kind == "disconnected":
             self.connected.clear()
             log.warning("coordinator: disconnected (%s); reconnecting", item[1])

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 from edge.telemetry.mqtt import BROKER_KEYS, BrokerSettings, TelemetryError
+from edge.telemetry.protocol import valid_id
 
 from .coordinator import Coordinator
 from .store import Store
@@ -51,9 +52,13 @@ def load_config(args) -> dict:
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = load_config(args)
+    for key, default in (("fleet", "default"), ("id", "coordinator")):
+        if not valid_id(cfg.get(key, default)):
+            raise TelemetryError(f"{key} {cfg[key]!r} must be 1-64 of [A-Za-z0-9_.-], not starting with _ . -")
+    settings = BrokerSettings.from_dict(cfg, args.config or "coordinator settings")
     store = Store(cfg.get("db", "fleet.sqlite"), rollup_s=cfg.get("rollup_s"))
     coord = Coordinator(
-        BrokerSettings.from_dict(cfg, args.config or "coordinator settings"), store,
+        settings, store,
         prefix=cfg.get("prefix", "edgejit"), fleet=cfg.get("fleet", "default"),
         coordinator_id=cfg.get("id", "coordinator"), share_group=cfg.get("share_group"),
         **{k: cfg[k] for k in ("hot_interval_s", "max_payload") if k in cfg},

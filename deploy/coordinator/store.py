@@ -161,9 +161,10 @@ class Store:
 
     def _ingest_metrics(self, msg: Message) -> None:
         period = int(msg.body["t1"] // self.rollup_s)
-        for s in msg.body["series"]:
+        decoded = msg.sketches or [sketch.decode(s["sketch"]) for s in msg.body["series"]]
+        for s, sk in zip(msg.body["series"], decoded):
             self._merge_rollup(msg.fleet, msg.device, s["model"], s["seq_len"], s["kind"], period,
-                               s["count"], s["sum_ms"], s["min_ms"], s["max_ms"], sketch.decode(s["sketch"]))
+                               s["count"], s["sum_ms"], s["min_ms"], s["max_ms"], sk)
         sp = msg.body.get("spool") or {}
         self.db.execute(
             "UPDATE devices SET spool_dropped_size = MAX(spool_dropped_size, ?), spool_dropped_age = MAX(spool_dropped_age, ?), "

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import jsonschema
+import fastjsonschema
 
 from edge.telemetry import protocol, sketch
 
@@ -35,6 +35,7 @@ class Message:
     kind: str
     body: dict
     payload: str  # the JSON text as received
+    sketches: tuple = ()  # metrics: the decoded sketch of each series, in order
 
     @property
     def session(self) -> int:
@@ -47,8 +48,10 @@ class Message:
 
 @functools.lru_cache(maxsize=1)
 def _validators() -> dict:
+    """One compiled validator per message kind (fastjsonschema turns our own schema file into
+    Python code once; ~25x faster than interpreting it per message)."""
     schema = json.loads(SCHEMA_PATH.read_text())
-    return {k: jsonschema.Draft202012Validator({**schema, "$ref": f"#/$defs/{k}"}) for k in protocol.DEVICE_KINDS}
+    return {k: fastjsonschema.compile({**schema, "$ref": f"#/$defs/{k}"}) for k in protocol.DEVICE_KINDS}
 
 
 def _no_constants(name: str):
@@ -69,14 +72,15 @@ def parse(prefix: str, topic: str, payload: bytes, max_payload: int = DEFAULT_MA
         raise Rejected("malformed", f"not JSON: {str(e)[:200]}") from None
     if not isinstance(body, dict):
         raise Rejected("schema", "payload is not a JSON object")
-    error = jsonschema.exceptions.best_match(_validators()[kind].iter_errors(body))
-    if error is not None:
-        path = "/".join(map(str, error.absolute_path)) or "(top)"
-        raise Rejected("schema", f"{kind} {path}: {error.message[:200]}")
+    try:
+        _validators()[kind](body)
+    except fastjsonschema.JsonSchemaValueException as e:
+        raise Rejected("schema", f"{kind}: {e.message[:200]}") from None
     if body["type"] != kind:
         raise Rejected("schema", f"type {body['type']!r} on a {kind} topic")
     if body["device"] != device or body["fleet"] != fleet:
         raise Rejected("mismatch", f"payload says {body['fleet']}/{body['device']}, topic {fleet}/{device}")
+    sketches = []
     if kind == "metrics":
         for s in body["series"]:
             try:
@@ -85,4 +89,5 @@ def parse(prefix: str, topic: str, payload: bytes, max_payload: int = DEFAULT_MA
                 raise Rejected("schema", f"series {s['model']}/{s['seq_len']}: {e}") from None
             if abs(sk.count - s["count"]) > 1e-6 or not all(math.isfinite(s[k]) for k in ("sum_ms", "min_ms", "max_ms")):
                 raise Rejected("schema", f"series {s['model']}/{s['seq_len']}: count {s['count']} != sketch count {sk.count}")
-    return Message(fleet, device, kind, body, text)
+            sketches.append(sk)
+    return Message(fleet, device, kind, body, text, tuple(sketches))

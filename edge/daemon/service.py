@@ -226,6 +226,8 @@ class Daemon:
     def start(self) -> None:
         """Listen first (so /health shows the loading progress), then load the models."""
         srv = self.cfg.server
+        for m in self.cfg.models:
+            self.registry.add(m.name, m.artifact)
         try:
             self.server = Server((srv.host, srv.port), self)
         except OSError as e:
@@ -236,8 +238,6 @@ class Daemon:
         log.info("listening on http://%s:%d (%d inference workers x %d threads, queue %d, body limit %g MiB)",
                  host_, port, srv.workers, self.threads, srv.queue, srv.max_body_mb)
         self._start_telemetry()
-        for m in self.cfg.models:
-            self.registry.add(m.name, m.artifact)
         threading.Thread(target=self._load_all, name="edgejit-load", daemon=True).start()
 
     @property
@@ -360,17 +360,21 @@ class Daemon:
         for slot in self.registry.slots():
             v = slot.current
             if v is not None and v.runtime.name == model and v.runtime.specializer is not None:
-                if self._fleet_hot.get(slot.name) != sorted(lengths):
-                    self._fleet_hot[slot.name] = sorted(lengths)
-                    jit_log.info("fleet hot lengths for '%s': %s", slot.name, ", ".join(map(str, sorted(lengths)[:16])))
-                v.runtime.specializer.prespecialize(lengths)
+                spec, art = v.runtime.specializer, v.runtime.artifact
+                targets = sorted({spec.policy.target_length(int(n), art.max_seq, spec.padding_safe)
+                                  for n in lengths if 1 <= int(n) <= art.max_seq})
+                if self._fleet_hot.get(slot.name) != targets:  # log changes, not every update
+                    self._fleet_hot[slot.name] = targets
+                    jit_log.info("fleet hot lengths for '%s': %s -> variants for %s", slot.name,
+                                 ", ".join(map(str, sorted(lengths)[:16])), ", ".join(map(str, targets)) or "none")
+                spec.prespecialize(lengths)
 
     # -- views ----------------------------------------------------------------------------
     def health(self) -> dict:
         states = {s.name: s.state for s in self.registry.slots()}
         if self.draining:
             status = "draining"
-        elif any(s == "loading" for s in states.values()):
+        elif not states or any(s == "loading" for s in states.values()):
             status = "loading"
         elif all(s == "ready" for s in states.values()):
             status = "ok"

@@ -27,6 +27,8 @@ def optimize(mod, target, *, tuning_dir=None):
                 relax.backend.DispatchSampling(),
                 relax.backend.DispatchSortScan(),
                 relax.transform.LegalizeOps(),
+                # erf/exp/tanh as vectorizable polynomials (GELU, softmax) instead of libm calls
+                relax.transform.FastMathTransform(),
                 relax.transform.AnnotateTIROpPattern(),
                 relax.transform.FoldConstant(),
                 relax.transform.FuseOps(),

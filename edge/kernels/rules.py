@@ -22,7 +22,7 @@ def schedule_module(mod, target):
     for gv, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
             continue
-        sch = schedule_func(func, target)
+        sch = schedule_func(func, target, gv.name_hint)
         if sch is not None:
             updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
     for gv, func in updates.items():
@@ -30,7 +30,7 @@ def schedule_module(mod, target):
     return mod
 
 
-def schedule_func(func, target):
+def schedule_func(func, target, name: str = "?"):
     """A scheduled copy of `func`, or None when no rule applies (it is then compiled as is)."""
     from tvm import s_tir
 
@@ -41,7 +41,7 @@ def schedule_func(func, target):
                 return sch if rule is not _reduction_rule else _reduction_rule.result
         except Exception as e:  # a rule that does not fit this function: try the next one
             if _DEBUG:
-                print(f"edgejit kernels: {rule.__name__} failed on {func.attrs.get('global_symbol', '?') if func.attrs else '?'}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                print(f"edgejit kernels: {rule.__name__} failed on {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             continue
     return None
 
@@ -69,12 +69,27 @@ def _matmul_rule(sch, target) -> bool:
     if kinds[-1] != "R" or kinds.count("R") != 1 or kinds.count("S") < 2 or len(sch.get(main.block_rv).reads) != 2:
         return False
     before, after = infos[: reductions[0]], infos[reductions[0] + 1 :]
-    for b in before:  # transposes and scalings of the operands are recomputed in the k loop
-        sch.compute_inline(b.block_rv)
+    for b in before:  # transposes of the operands: materialized once, read contiguously in the k loop
+        _spatial(sch, b.block_rv, vector_lanes(target))
     for b in after[:-1]:
         sch.compute_inline(b.block_rv)
     block = main.block_rv
     lanes = vector_lanes(target)
+    name = sch.get(block).name_hint
+    extents = [sch.get(l).extent for l in sch.get_loops(block)]
+    tile = [1] * (len(extents) - 3) + [4, lanes, 1]
+    if any(t > 1 and (not hasattr(e, "value") or int(e) % t) for e, t in zip(extents, tile)):
+        # Pad the symbolic (sequence) dims to whole tiles: the tile loops then need no
+        # predicate and vectorize; the pad/unpad copies are cheap next to the product.
+        sch.pad_einsum(block, tile)
+        block = sch.get_sblock(name)
+        for b in sch.get_producers(block):
+            _spatial(sch, b, lanes)
+        (unpad,) = sch.get_consumers(block)
+        if after:
+            sch.compute_inline(unpad)
+        else:
+            _spatial(sch, unpad, lanes)
     *batch, i, j, k = sch.get_loops(block)
     outer = sch.fuse(*batch) if len(batch) > 1 else (batch[0] if batch else None)
     io, ii = sch.split(i, factors=[None, 4])

@@ -29,6 +29,7 @@ class TelemetryConfig:
     spool_max_age_s: float = 7 * 86400
     max_inflight: int = 20
     max_events_per_window: int = 1000
+    max_message_bytes: int = 128 * 1024  # larger windows are split (the coordinator accepts 256 KiB)
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
 
@@ -48,6 +49,8 @@ class TelemetryConfig:
             raise TelemetryError(f"{where}: prefix {cfg.prefix!r} must be a plain topic path")
         if not cfg.window_s > 0 or cfg.max_inflight < 1 or cfg.spool_max_windows < 1:
             raise TelemetryError(f"{where}: window_s, max_inflight and spool_max_windows must be positive")
+        if cfg.max_message_bytes < 8192:
+            raise TelemetryError(f"{where}: max_message_bytes must be at least 8192")
         return cfg
 
     @property

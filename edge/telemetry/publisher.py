@@ -350,6 +350,8 @@ class Publisher:
         self.counters["births"] += 1
 
     def _close_window(self) -> None:
+        """Spool the open window: one metrics message (several if it would exceed
+        max_message_bytes) and, if there were JIT events, one or more jit messages."""
         now = time.time()
         series = [
             {"model": m, "seq_len": n, "kind": k, "count": s.count, "sum_ms": s.sum, "min_ms": s.min, "max_ms": s.max,
@@ -361,15 +363,19 @@ class Publisher:
         stats = self.spool.stats()
         spool_info = {k: stats[k] for k in ("pending", "dropped_size", "dropped_age", "dropped_refused")}
         in_flight = set(self._inflight.values())
-        self.spool.append("metrics", lambda session, seq: _dumps(
-            {**self._header("metrics", session, seq), "t0": t0, "t1": now, "series": series, "spool": spool_info}),
-            in_flight=in_flight)
-        self.counters["windows"] += 1
-        if events or dropped:
-            self.spool.append("jit", lambda session, seq: _dumps(
-                {**self._header("jit", session, seq), "t0": t0, "t1": now, "events": events, "events_dropped": dropped}),
+        limit = self.config.max_message_bytes
+        for part in _chunks(series, limit):
+            self.spool.append("metrics", lambda session, seq: _dumps(
+                {**self._header("metrics", session, seq), "t0": t0, "t1": now, "series": part, "spool": spool_info}),
                 in_flight=in_flight)
             self.counters["windows"] += 1
+        if events or dropped:
+            for i, part in enumerate(_chunks(events, limit)):
+                self.spool.append("jit", lambda session, seq: _dumps(
+                    {**self._header("jit", session, seq), "t0": t0, "t1": now, "events": part,
+                     "events_dropped": dropped if i == 0 else 0}),
+                    in_flight=in_flight)
+                self.counters["windows"] += 1
 
     def _send_pending(self) -> None:
         if not self._connected:
@@ -469,6 +475,20 @@ def _jit_event(model: str, t: float, event: dict) -> dict:
     if event.get("error") is not None:
         out["error"] = str(event["error"])[:500]
     return out
+
+
+def _chunks(items: list[dict], limit: int):
+    """Split items so each part's JSON stays under `limit` bytes (with ~1 KiB for the header);
+    always at least one part, possibly empty."""
+    part, size = [], 0
+    for item in items:
+        n = len(_dumps(item)) + 1
+        if part and size + n > limit - 1024:
+            yield part
+            part, size = [], 0
+        part.append(item)
+        size += n
+    yield part
 
 
 def _dumps(obj) -> bytes:

@@ -78,9 +78,14 @@ def decode(text: str) -> BaseDDSketch:
     if any(not (0 <= c < 1e15) for _, c in bins) or not (0 <= proto.zeroCount < 1e15):
         raise SketchError("sketch has negative or non-finite counts")
     store = DenseStore()
-    for k, c in sorted(bins):
-        if c:
-            store.add(k, c)
+    nonzero = sorted((k, c) for k, c in bins if c)
+    if nonzero:  # fill the dense bins directly (adding bin by bin re-grows the store each time)
+        lo, hi = nonzero[0][0], nonzero[-1][0]
+        store.bins = [0.0] * (hi - lo + 1)
+        for k, c in nonzero:
+            store.bins[k - lo] += c
+        store.offset, store.min_key, store.max_key = lo, lo, hi
+        store.count = sum(store.bins)
     mapping = KeyMappingProto.from_proto(proto.mapping)
     return BaseDDSketch(mapping=mapping, store=store, negative_store=DenseStore(), zero_count=proto.zeroCount)
 

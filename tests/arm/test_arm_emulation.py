@@ -61,6 +61,19 @@ def test_jit_variant_compiled_on_the_device_is_keyed_to_aarch64(arm_report):
     assert not bad, "\n".join(bad)
 
 
+def test_dotprod_target_runs_dot_product_instructions(arm_report):
+    """The +dotprod preset's int8 kernels are built from SDOT/UDOT, so its emulated run executed
+    them on the Cortex-A76 model; the generic preset's library has none (it runs on ARMv8.0)."""
+    model = MODELS[0].removesuffix("_onnx")
+    counts = arm_report.instructions
+    if f"{model}-int8-rpi5" not in counts:
+        pytest.skip("no int8 build")
+    if counts[f"{model}-int8-rpi5"] is None:
+        pytest.skip("aarch64-linux-gnu-objdump missing")
+    assert counts[f"{model}-int8-rpi5"]["sdot"] + counts[f"{model}-int8-rpi5"]["udot"] > 0, counts
+    assert counts[f"{model}-int8-aarch64"]["sdot"] + counts[f"{model}-int8-aarch64"]["udot"] == 0, counts
+
+
 def test_userspace_comes_from_the_cache_the_second_time(arm_report):
     start = time.perf_counter()
     us = arm_emulation.userspace(log=lambda *a: None)

@@ -3,7 +3,8 @@
 `transformer(path, ...)` writes a BERT-style encoder (output: last hidden state) or, with
 `lm_head=True`, a decoder-style model whose logits come from the tied word embedding (output:
 logits [batch, seq, vocab]). Weights are seeded random, or real ones passed in `weights` (see
-`minilm_weights`). Sequence and batch dims are symbolic.
+`minilm_weights`; then pass token_types=True, position_ids=True). Sequence and batch dims are
+symbolic.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 
 def transformer(path, *, vocab=96, hidden=64, heads=4, ffn=128, layers=2, lm_head=False, weights=None,
-                seed=0, positions=512, token_types=False) -> Path:
+                seed=0, positions=512, token_types=False, position_ids=False) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -51,6 +52,8 @@ def transformer(path, *, vocab=96, hidden=64, heads=4, ffn=128, layers=2, lm_hea
     const("inv_sqrt2", np.array(1.0 / np.sqrt(2.0), dtype=np.float32))
 
     emb = node("Gather", [w("embeddings.word_embeddings.weight", (vocab, hidden), 0.5), "input_ids"])
+    if position_ids:
+        emb = node("Add", [emb, node("Gather", [w("embeddings.position_embeddings.weight", (positions, hidden), 0.5), "position_ids"])])
     if token_types:
         tt = node("Gather", [w("embeddings.token_type_embeddings.weight", (2, hidden), 0.5), "token_type_ids"])
         emb = node("Add", [emb, tt])
@@ -89,7 +92,8 @@ def transformer(path, *, vocab=96, hidden=64, heads=4, ffn=128, layers=2, lm_hea
         out = node("Identity", [h], ["last_hidden_state"])
         out_info = helper.make_tensor_value_info(out, TensorProto.FLOAT, ["batch", "seq", hidden])
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
-              for n in ["input_ids", "attention_mask"] + (["token_type_ids"] if token_types else [])]
+              for n in ["input_ids", "attention_mask"] + (["token_type_ids"] if token_types else [])
+              + (["position_ids"] if position_ids else [])]
     graph = helper.make_graph(nodes, "transformer", inputs, [out_info], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8

@@ -5,7 +5,6 @@ killed mid-stream, duplicates, bad messages, spool drops, shared subscriptions, 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -117,6 +116,23 @@ class Traffic:
         return self.n
 
 
+def retained_state(broker, coordinator_id):
+    """The coordinator's retained state message, as a new subscriber sees it."""
+    import queue
+
+    got = queue.Queue()
+    c = make_client(coordinator_settings(broker), f"peek-{time.monotonic_ns()}")
+    c.on_message = lambda _c, _u, m: got.put(json.loads(m.payload)["state"] if m.retain else None)
+    c.connect(broker.host, broker.port)
+    c.subscribe(f"edgejit/{FLEET}/_coordinator/state/{coordinator_id}", qos=1)
+    c.loop_start()
+    try:
+        return got.get(timeout=5)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
 def _window_keys(db, device):
     return q(db, "SELECT session, seq FROM messages WHERE device=? AND kind IN ('metrics', 'jit') ORDER BY 1, 2", device)
 
@@ -218,8 +234,10 @@ def test_coordinator_killed_mid_stream_loses_nothing(broker, tmp_path):
     try:
         wait_for(lambda: db.exists() and total_requests(db) > 0, timeout=20, what="coordinator storing")
         before = total_requests(db)
+        assert retained_state(broker, f"killme-{tmp_path.name}") == "online"
         proc.kill()  # mid-stream, maybe mid-transaction
         proc.communicate()
+        assert wait_for(lambda: retained_state(broker, f"killme-{tmp_path.name}") == "offline", what="the Will")
         time.sleep(1.0)  # the broker queues for the coordinator's persistent session
         assert total_requests(db) >= before  # what was stored stays stored
         proc = start()
@@ -413,3 +431,29 @@ def test_fleet_cli_report_and_json_export(broker, tmp_path, capsys):
     assert "dev-b p50 1.99 ms (n=50)" in titles and "dev-a p50 0.99 ms (n=50)" in titles  # sketch values, 1%
     assert cli.main(["fleet", "--db", str(tmp_path / "missing.sqlite")]) == 1
     assert "no such coordinator database" in capsys.readouterr().err
+
+
+def test_rebirth_when_a_coordinator_comes_online_and_on_request(broker, tmp_path):
+    pub = Publisher(device_config(broker, "dev-b", tmp_path, window_s=60))  # no windows unless flushed
+    try:
+        wait_for(lambda: pub.connected, what="device connected")
+        time.sleep(0.3)  # its first birth went to nobody
+        c = _coordinator(broker, tmp_path / "late.sqlite", f"late-{tmp_path.name}")
+        try:
+            db = c.store.path
+            # the device saw the coordinator's state turn online and re-sent its birth
+            wait_for(lambda: device_state(db, "dev-b") == ("online", None), what="birth after coordinator start")
+            births = pub.counters["births"]
+            con = sqlite3.connect(db, timeout=30)
+            with con:
+                con.execute("UPDATE devices SET birth = NULL, birth_session = NULL")  # the coordinator lost it
+            con.close()
+            pub.on_request("tiny", 8, "generic", 0.001)
+            assert pub.flush()  # a window from a device the coordinator does not know -> rebirth request
+            wait_for(lambda: pub.counters["births"] > births, what="rebirth requested by the coordinator")
+            wait_for(lambda: device_state(db, "dev-b") == ("online", None), what="birth stored again")
+        finally:
+            c.stop()
+            c.store.close()
+    finally:
+        pub.close()

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import onnxruntime as ort
-import pytest
 
 import edge
 from deploy.coordinator import Coordinator, Store, report

@@ -185,3 +185,27 @@ def test_publisher_payloads_match_the_schema(tmp_path):
         assert msg.seq == w.seq
     assert validate.parse("edgejit", f"edgejit/{FLEET}/dev-a/death", pub._death(3, clean=False)).session == 3
     pub.close()
+
+
+def test_big_windows_are_split_under_the_size_limit(tmp_path):
+    """A window with traffic at 1500 distinct lengths does not exceed the coordinator's size
+    limit: the publisher splits it into several messages, each stored, nothing lost."""
+    from edge.telemetry import Publisher
+
+    pub = Publisher({"port": 1, "device_id": "dev-a", "fleet": FLEET, "window_s": 60, "max_message_bytes": 65536,
+                     "spool_path": str(tmp_path / "s.sqlite")}, start=False)
+    for n in range(1, 1501):
+        for k in range(3):
+            pub._handle(("request", "m", n, "generic", 0.001 * (1 + k)))
+    for i in range(1000):
+        pub._handle(("jit", "m", 5.0, {"event": "cache_miss", "seq": i, "error": "x" * 300}))
+    pub._close_window()
+    windows = pub.spool.pending(limit=1000)
+    assert len([w for w in windows if w.kind == "metrics"]) > 3 and len([w for w in windows if w.kind == "jit"]) > 3
+    assert all(len(w.payload) <= 65536 for w in windows)
+    store = Store(tmp_path / "c.sqlite")
+    for w in windows:
+        assert store.ingest(validate.parse("edgejit", f"edgejit/{FLEET}/dev-a/{w.kind}", w.payload)) == "stored"
+    assert store.db.execute("SELECT SUM(count), COUNT(DISTINCT seq_len) FROM rollups").fetchone() == (4500, 1500)
+    assert store.db.execute("SELECT COUNT(*) FROM jit_events").fetchone() == (1000,)
+    pub.close()

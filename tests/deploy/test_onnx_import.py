@@ -24,7 +24,9 @@ LENGTHS = (1, 7, 64, 257)
 BATCHES = (1, 2)
 TOLERANCE = 1e-4  # max abs error relative to the output's scale, max(1, max|ref|)
 
-FIXTURE_MODELS = ["bert_onnx", "bert_dynamo_onnx", "gpt2_onnx", "gpt2_dynamo_onnx", "gpt2_external_onnx"]
+# gpt2_onnx is the gpt2_external_onnx graph with weights inside: compiling both would only repeat.
+FIXTURE_MODELS = ["bert_onnx", "bert_dynamo_onnx", "gpt2_external_onnx", "gpt2_dynamo_onnx"]
+SESSION_ARTIFACTS = {"bert_onnx": "bert_artifact", "gpt2_external_onnx": "gpt2_artifact"}  # tests/conftest.py
 
 
 def lm_inputs(names: list[str], batch: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -62,7 +64,10 @@ def _compile(path: Path, out: Path) -> Path:
 def compiled_fixture(request, tmp_path_factory):
     """(fixture name, model path, edge.Runtime) — each fixture model compiled once per module."""
     path = request.getfixturevalue(request.param)
-    art = _compile(path, tmp_path_factory.mktemp("artifacts") / request.param)
+    if request.param in SESSION_ARTIFACTS:
+        art = request.getfixturevalue(SESSION_ARTIFACTS[request.param])
+    else:
+        art = _compile(path, tmp_path_factory.mktemp("artifacts") / request.param)
     return request.param, path, edge.Runtime(art)
 
 
@@ -153,6 +158,25 @@ def test_unify_sequence_dims_names_inconsistent_dims():
         assert [d.dim_param for d in i.type.tensor_type.shape.dim] == ["batch", "seq"]
 
 
+def test_list_dynamic_axes_export_gets_shared_dim_names(tmp_path):
+    """torch.onnx with `dynamic_axes` given as lists names every input's dims differently."""
+    torch = pytest.importorskip("torch")
+    from deploy import examples
+    from tests.fixtures import models
+
+    module = examples.bert_module(examples.bert_model(models.TINY_BERT))
+    ids = torch.randint(1, 100, (2, 8))
+    path = tmp_path / "list_axes.onnx"
+    examples.quiet_export(lambda: torch.onnx.export(
+        module, (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(path),
+        input_names=examples.BERT_INPUTS, output_names=examples.BERT_OUTPUTS,
+        dynamic_axes={n: [0, 1] for n in examples.BERT_INPUTS}, opset_version=17, dynamo=False))
+    raw = onnx.load(str(path))
+    assert len({i.type.tensor_type.shape.dim[1].dim_param for i in raw.graph.input}) == 3
+    mod, _ = onnx_import.to_relax(onnx_import.load(path))
+    assert str(mod["main"].ret_ty.fields[0].shape[1]) == "seq"
+
+
 # --- bad model files --------------------------------------------------------------------------
 
 
@@ -182,17 +206,23 @@ def _bad_models(tmp: Path, gpt2_external: Path) -> dict[str, tuple[Path, tuple[s
     missing = tmp / "missing" / "model.onnx"
     missing.parent.mkdir()
     shutil.copy(gpt2_external, missing)  # without model.onnx.data
+    short = tmp / "short" / "model.onnx"
+    short.parent.mkdir()
+    shutil.copy(gpt2_external, short)
+    data = Path(gpt2_external).with_name("model.onnx.data").read_bytes()
+    short.with_name("model.onnx.data").write_bytes(data[: len(data) // 2])
     unsupported = tmp / "unsupported.onnx"
     onnx.save(onnx_patterns.unsupported_op(), str(unsupported))
     return {
         "not_onnx": (not_onnx, ("not an ONNX model",)),
         "truncated": (truncated, ("truncated",)),
         "missing_external_data": (missing, ("missing external data file", "model.onnx.data")),
+        "short_external_data": (short, ("bad external data",)),
         "unsupported_op": (unsupported, ("unsupported operator Celu", "/encoder/act/Celu")),
     }
 
 
-@pytest.mark.parametrize("case", ["not_onnx", "truncated", "missing_external_data", "unsupported_op"])
+@pytest.mark.parametrize("case", ["not_onnx", "truncated", "missing_external_data", "short_external_data", "unsupported_op"])
 def test_bad_model_is_one_line_error_in_process(case, tmp_path, gpt2_external_onnx):
     path, needles = _bad_models(tmp_path, Path(gpt2_external_onnx))[case]
     with pytest.raises(ModelError) as e:

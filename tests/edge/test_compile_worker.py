@@ -115,7 +115,7 @@ def test_timeout_kills_the_worker_and_its_children(tiny_artifact, runtime, refer
     assert not result.ok and result.killed_by == "timeout"
     assert result.reason == "compile timed out after 5 s; worker killed"
     assert 5 <= result.duration_s < 15
-    assert stats["served"] > 5  # serving went on during the hang
+    assert stats["served"] >= 3  # serving went on during the hang
     child = int(result.error.split("child pid ")[1].split()[0])
     assert not _alive(child)  # the whole process group was killed, not just the worker
     assert _only(tmp_path) == []
