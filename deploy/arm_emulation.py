@@ -190,7 +190,7 @@ def _wheels(site: Path, pins: list[str], log) -> None:
     platforms = [a for p in WHEEL_PLATFORMS for a in ("--platform", p)]
     _run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target", str(site),
           *platforms, "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
-          "--only-binary=:all:", "--no-compile", *pins], "pip download of the aarch64 wheels")
+          "--only-binary=:all:", *pins], "pip download of the aarch64 wheels")  # .pyc made natively: same format for any 3.11
     log(f"  aarch64 wheels: {', '.join(pins)} ({time.perf_counter() - t:.0f}s)")
 
 

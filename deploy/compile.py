@@ -16,7 +16,7 @@ from edge.artifact import FORMAT_VERSION, MANIFEST, TensorSpec, sha256_file, tvm
 from edge.errors import EdgeJitError, ModelError
 from edge.targets import Preset, get_preset
 
-from . import int8_build, keys, onnx_import, optimize
+from . import int8_build, keys, onnx_import, optimize, prequant
 from .quantize import NothingToQuantize
 from .padding import check_padding
 
@@ -123,7 +123,10 @@ def compile_model(
     t0 = time.perf_counter()
     model = onnx_import.load(model_path)
     input_names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    mod, params = onnx_import.to_relax(model)
+    float_model, exact_weights, prequantized = prequant.lower(model)
+    if prequantized:
+        log(f"pre-quantized model lowered to float matmuls + its int8 weights: {prequantized}")
+    mod, params = onnx_import.to_relax(float_model)
     inputs, outputs = signature(mod, input_names)
     seq = find_seq_dim(inputs, seq_dim)
     ranges = index_ranges(model)
@@ -140,6 +143,7 @@ def compile_model(
             mod, params, inputs, model_path=model_path, calibrate_file=calibrate, activations=activations,
             keep_float=keep_float, max_seq=max_seq, log=log,
         )
+        quant.exact = exact_weights
         try:
             mod, params = optimize.prepare(mod, params, preset.tvm_target(), precision=precision, quant=quant)
             log(f"int8: {quant.report['quantized']} matmuls quantized ({quant.report['isa']}), {len(quant.report['float'])} kept in float")

@@ -348,11 +348,14 @@ def main(args) -> int:
         say("\n[2/6] compile for this host")
         from edge.targets import host_preset
 
-        from .compile import compile_model
-
         artifact = work / "artifacts" / "example" / "v1"
         if not (artifact / "manifest.json").exists():
-            compile_model(model, "host", artifact, name="example", max_seq=max(max_len, 16), force=True, log=lambda m: say(f"  {m}"))
+            r = subprocess.run([sys.executable, "-m", "edge.cli", "compile", str(model), "-o", str(artifact), "--name", "example",
+                                "--max-seq", str(max(max_len, 16)), "--force"], capture_output=True, text=True, cwd=ROOT)
+            for line in r.stdout.splitlines():
+                say(f"  {line}")
+            if r.returncode != 0:  # TVM's own warnings go to stderr: shown only when it failed
+                raise EdgeJitError(f"edgejit compile failed:\n{r.stderr.strip()[-2000:]}")
         else:
             say(f"  reusing {artifact}")
         say(f"  target preset: {host_preset().name}")

@@ -36,36 +36,51 @@ def load(path: str | Path):
         raise ModelError(f"{path}: not an ONNX model, or a truncated one ({type(e).__name__}: {_first_line(e)})") from None
     if not model.graph.node:
         raise ModelError(f"{path}: not an ONNX model (empty graph)")
+    _check_external_files(model, path)
+    _check(str(path), str(path))  # by path: follows external data, and works past protobuf's 2 GB
     _load_external_data(model, path)
-    return load_model(model, source=str(path))
-
-
-def load_model(model, source: str = "model"):
-    """Check and normalize an in-memory ModelProto (weights already loaded)."""
-    import onnx
-
     from .onnx_normalize import normalize
 
-    try:
-        onnx.checker.check_model(model)
-    except Exception as e:
-        raise ModelError(f"{source}: invalid ONNX model: {_first_line(e)}") from None
     return normalize(model)
 
 
-def _load_external_data(model, path: Path) -> None:
-    """Read tensors kept in external data files, with errors that name the file."""
-    from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model, uses_external_data
+def load_model(model, source: str = "model"):
+    """Check and normalize an in-memory ModelProto (weights already loaded, under 2 GB)."""
+    from .onnx_normalize import normalize
 
-    tensors = [t for t in _all_tensors(model) if uses_external_data(t)]
-    for t in tensors:
+    _check(model, source)
+    return normalize(model)
+
+
+def _check(model_or_path, source: str) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(model_or_path)
+    except Exception as e:
+        raise ModelError(f"{source}: invalid ONNX model: {_first_line(e)}") from None
+
+
+def _check_external_files(model, path: Path) -> None:
+    """Every external data file exists and stays inside the model's directory."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    for t in _all_tensors(model):
+        if not uses_external_data(t):
+            continue
         location = ExternalDataInfo(t).location
         target = (path.parent / location).resolve()
         if not target.is_relative_to(path.parent.resolve()):
             raise ModelError(f"{path}: external data '{location}' of tensor '{t.name}' is outside the model's directory")
         if not target.is_file():
             raise ModelError(f"{path}: missing external data file '{location}' (tensor '{t.name}')")
-    if not tensors:
+
+
+def _load_external_data(model, path: Path) -> None:
+    """Read tensors kept in external data files (checked by _check_external_files)."""
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    if not any(uses_external_data(t) for t in _all_tensors(model)):
         return
     try:
         load_external_data_for_model(model, str(path.parent))

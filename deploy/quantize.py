@@ -45,6 +45,7 @@ class QuantOptions:
     activations: str = "dynamic"  # or "static": per-tensor scales from `ranges`
     keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT
     ranges: dict[str, float] | None = None  # static: site name -> max |x| from calibration
+    exact: dict | None = None  # weight name -> (int8 [K, N], scale [N]) of a pre-quantized model
     report: dict = field(default_factory=dict)  # filled by quantize()
 
 
@@ -63,6 +64,8 @@ class Site:
     bias: int | None = None  # index into params of a fused bias vector
     bias_call: object = None
     site: str = ""  # activation name (shared by matmuls reading the same x)
+    epilogue: str = "none"  # or "gelu": an elementwise GELU after the matmul (+ bias), fused
+    epilogue_call: object = None  # the call producing the GELU's result
 
 
 def _is_op(expr, name: str) -> bool:
@@ -159,12 +162,92 @@ def find_sites(mod, params) -> tuple[list[Site], list[dict]]:
         barr = params[weight_index[b]]
         if barr.dtype == np.float32 and barr.shape in ((site.n,), (1, site.n)):
             site.bias, site.bias_call = weight_index[b], call
+    _find_gelu(sites, order, bindings, params, weight_index, main.body.body)
     # Name each activation; matmuls reading the same x share its quantization.
     names: dict = {}
     for s in sites:
         s.site = names.setdefault(s.x, f"act{len(names)}:{s.name}")
     _mark_heads(main, bindings, by_var, sites)
     return sites, skipped
+
+
+_ELEMENTWISE = {
+    "relax.multiply": np.multiply, "relax.add": np.add, "relax.subtract": np.subtract,
+    "relax.divide": np.divide, "relax.erf": None,
+}
+
+
+def _find_gelu(sites, order, bindings, params, weight_index, body) -> None:
+    """Mark sites whose result feeds only an elementwise chain that computes the erf GELU.
+
+    The chain is found structurally (elementwise ops whose other operands are scalars) and
+    recognised numerically: it is evaluated on test points and compared with GELU, so any
+    arrangement of x * 0.5 * (1 + erf(x / sqrt 2)) an exporter writes is accepted.
+    """
+    import math
+
+    import tvm
+    from tvm import relax
+
+    users: dict = {}
+    for v in order:
+        for u in relax.analysis.free_vars(bindings[v]):
+            users.setdefault(u, []).append(v)
+    outputs = set(relax.analysis.free_vars(body))
+
+    def scalar(e):
+        if isinstance(e, tvm.ir.expr.Constant):
+            a = e.value.numpy()
+        elif e in weight_index:
+            a = params[weight_index[e]]
+        else:
+            return None
+        return a.astype(np.float64).reshape(()) if a.size == 1 else None
+
+    pos = {v: i for i, v in enumerate(order)}
+    test = np.linspace(-6, 6, 97)
+    exact = test * 0.5 * (1 + np.vectorize(math.erf)(test / math.sqrt(2)))
+    for s in sites:
+        start = s.var if s.bias_call is None else next(v for v in order if bindings[v].same_as(s.bias_call))
+        if start in outputs:
+            continue
+        chain, values = [start], {start: test}
+        ok = True
+        i = pos[start] + 1
+        # Walk the following bindings in order while they only read the chain and scalars.
+        members = {start}
+        while i < len(order) and len(members) < 8:
+            v = order[i]
+            call = bindings[v]
+            i += 1
+            args = getattr(call, "args", None)
+            if args is None or not any(a in members for a in args):
+                continue
+            name = getattr(call.op, "name", None)
+            if name not in _ELEMENTWISE:
+                ok = False
+                break
+            vals = []
+            for a in args:
+                if a in members:
+                    vals.append(values[a])
+                else:
+                    c = scalar(a)
+                    if c is None:
+                        ok = False
+                        break
+                    vals.append(c)
+            if not ok:
+                break
+            fn = _ELEMENTWISE[name]
+            values[v] = np.vectorize(math.erf)(vals[0]) if fn is None else fn(*vals)
+            members.add(v)
+            chain.append(v)
+            # Done when every member but v is used only inside the chain.
+            if all(all(u in members for u in users.get(m, [])) and m not in outputs for m in members if m is not v):
+                if len(chain) > 2 and np.allclose(values[v], exact, atol=1e-6, rtol=1e-5):
+                    s.epilogue, s.epilogue_call = "gelu", bindings[v]
+                break
 
 
 def _mark_heads(main, bindings, by_var, sites) -> None:
@@ -222,6 +305,7 @@ def quantize(mod, params: list[np.ndarray], target, options: QuantOptions | None
     options.report = {
         "activations": options.activations,
         "quantized": len(chosen),
+        "fused_gelu": sum(s.epilogue == "gelu" for s in chosen),
         "float": skipped + kept,
         "keep_float": list(options.keep_float),
     }
@@ -258,7 +342,11 @@ def _rewrite(mod, params, chosen: list[Site], isa: str, options: QuantOptions):
         if s.weight in weights:
             continue
         w = params[s.weight].T if s.transposed else params[s.weight]
-        wq, ws = kernels.quantize_weight(w)
+        given = (options.exact or {}).get(s.name)
+        if given is not None and not s.transposed and given[0].shape == w.shape:
+            wq, ws = given  # the model's own int8 weights, used as they are
+        else:
+            wq, ws = kernels.quantize_weight(w)
         wp, wc = kernels.pack_weight(wq, isa)
         weights[s.weight] = (add_param(f"{s.name}_i8", wp), add_param(f"{s.name}_comp", wc), add_param(f"{s.name}_scale", ws))
     zero_bias = {}
@@ -272,7 +360,9 @@ def _rewrite(mod, params, chosen: list[Site], isa: str, options: QuantOptions):
     by_call = {}
     by_bias = {}
     for s in chosen:
-        if s.bias_call is not None:
+        if s.epilogue_call is not None:
+            by_call[s.epilogue_call] = s
+        elif s.bias_call is not None:
             by_bias[s.bias_call] = s
         else:
             by_call[s.call] = s
@@ -318,7 +408,8 @@ def _rewrite(mod, params, chosen: list[Site], isa: str, options: QuantOptions):
                 if site.n not in zero_bias:
                     zero_bias[site.n] = add_param(f"zero_bias_{site.n}", np.zeros(site.n, dtype=np.float32))
                 bias = zero_bias[site.n]
-            gv = self.func(("qdense", site.k, site.n, isa), lambda: kernels.qdense(site.k, site.n, isa))
+            key = ("qdense", site.k, site.n, isa) + ((site.epilogue,) if site.epilogue != "none" else ())
+            gv = self.func(key, lambda: kernels.qdense(site.k, site.n, isa, site.epilogue))
             y = self.builder_.emit(relax.call_tir(gv, [q, xs, wp, wc, ws, bias], relax.TensorType([m, site.n], "float32")))
             if len(shape) != 2:
                 y = relax.op.reshape(y, [*shape[:-1], site.n])

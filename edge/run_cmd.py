@@ -19,6 +19,7 @@ def add_arguments(p) -> None:
         "masks and token types left out are filled with ones and zeros",
     )
     p.add_argument("--threads", type=int, help="worker threads (default: all cores)")
+    p.add_argument("--trust", action="append", metavar="KEY", help="trusted public key file or directory: the artifact must be signed by one of them")
     p.add_argument("--save", metavar="DIR", help="write each output to DIR/NAME.npy")
 
 
@@ -54,7 +55,7 @@ def parse_inputs(specs, pairs: list[str]) -> dict[str, np.ndarray]:
 def main(args) -> int:
     from .runtime import Runtime
 
-    rt = Runtime(args.artifact, threads=args.threads)
+    rt = Runtime(args.artifact, threads=args.threads, trust=args.trust)
     inputs = parse_inputs(rt.inputs, args.input)
     outs = rt.run(inputs)
     for spec, out in zip(rt.outputs, outs):

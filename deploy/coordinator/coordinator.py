@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import sqlite3
 import threading
 import time
 
@@ -58,9 +59,10 @@ class Coordinator:
         self._rebirth_asked: dict[str, float] = {}
         self._last_fail_log = -1e9
         self.connected = threading.Event()
-        self.stats = {"processed": 0, "stored": 0, "duplicate": 0, "rejected": 0, "death": 0}
+        self.stats = {"processed": 0, "stored": 0, "duplicate": 0, "rejected": 0, "death": 0, "db_errors": 0}
         # paho's own thread reconnects; the persistent session resumes with what was queued.
-        self.client = make_client(broker, f"edgejit-coord-{fleet}-{coordinator_id}", manual_ack=True, reconnect=True)
+        self.client = make_client(broker, f"edgejit-coord-{fleet}-{coordinator_id}", manual_ack=True, reconnect=True,
+                                  persistent=True)
         self.client.reconnect_delay_set(0.2, 5)
         q = self._q
         self.client.on_connect = lambda _c, _u, flags, rc, _p: q.put(("connack", rc, flags))
@@ -94,8 +96,11 @@ class Coordinator:
         self._q.put(("wake",))
         self._worker.join(15)
         if self.client.is_connected():
-            info = self.client.publish(self.state_topic, self._state("offline"), qos=1, retain=True)
-            info.wait_for_publish(3)
+            try:
+                info = self.client.publish(self.state_topic, self._state("offline"), qos=1, retain=True)
+                info.wait_for_publish(3)
+            except (RuntimeError, ValueError):
+                pass  # disconnected meanwhile: the Will says offline instead
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -131,7 +136,13 @@ class Coordinator:
         kind = item[0]
         if kind == "message":
             _, topic, payload, mid, qos = item
-            self._ingest(topic, payload)
+            try:
+                self._ingest(topic, payload)
+            except sqlite3.Error:
+                # not the message's fault: leave it unacknowledged, the broker redelivers it
+                self.stats["db_errors"] += 1
+                log.exception("coordinator: database error; message on %s left for redelivery", topic[:200])
+                return
             if qos > 0:
                 self.client.ack(mid, qos)  # only now: the message is committed
         elif kind == "connack":
@@ -167,6 +178,8 @@ class Coordinator:
         except validate.Rejected as e:
             self._reject(topic, e.reason, e.detail, len(payload))
             return "rejected"
+        except sqlite3.Error:
+            raise
         except Exception as e:  # a bug or a message that trips one: count it, keep running
             log.exception("coordinator: error storing a message from %s", topic[:200])
             self._reject(topic, "error", f"{type(e).__name__}: {e}", len(payload))

@@ -1,4 +1,4 @@
-"""The fleet report: devices online/offline, merged latency percentiles per model and length
+"""The fleet report: devices online/offline/silent, merged latency percentiles per model and length
 bucket (fleet-wide and per device), JIT hit rate and compile times, and latency regressions of
 each device against its own history. Built as a dict (exported as JSON) and rendered as text.
 
@@ -54,6 +54,9 @@ def build(store: Store, *, regress_threshold: float = 0.25, min_count: int = 20,
             state = "offline"
         else:
             state = "online"
+            window_s = b.get("window_s") or 10.0
+            if now - last_seen > 3 * window_s + 5:  # no heartbeat window for a while, and no Will either
+                state = "silent"
         devices.append({
             "fleet": fleet, "device": device, "state": state, "session": birth_session,
             "last_seen": last_seen, "last_seen_ago_s": round(now - last_seen, 3), "first_seen": first_seen,
@@ -126,6 +129,7 @@ def build(store: Store, *, regress_threshold: float = 0.25, min_count: int = 20,
         "devices": devices,
         "online": sum(d["state"] == "online" for d in devices),
         "offline": sum(d["state"] == "offline" for d in devices),
+        "silent": sum(d["state"] == "silent" for d in devices),
         "models": models,
         "regressions": regressions,
         "counters": store.counters(),
@@ -166,7 +170,8 @@ def render(rep: dict, *, per_device: bool = True) -> str:
     c = rep["counters"]
     rejected = {k.removeprefix("rejected_"): v for k, v in c.items() if k.startswith("rejected_")}
     lines.append(
-        f"fleet: {len(rep['devices'])} devices ({rep['online']} online, {rep['offline']} offline); "
+        f"fleet: {len(rep['devices'])} devices ({rep['online']} online, {rep['offline']} offline"
+        + (f", {rep['silent']} silent" if rep["silent"] else "") + "); "
         f"{c.get('stored_metrics', 0)} metrics + {c.get('stored_jit', 0)} jit windows stored, "
         f"{c.get('duplicates', 0)} duplicates dropped, "
         f"{sum(rejected.values())} rejected" + (f" ({', '.join(f'{k} {v}' for k, v in sorted(rejected.items()))})" if rejected else "")
@@ -181,6 +186,8 @@ def render(rep: dict, *, per_device: bool = True) -> str:
                      f"{d['missing_windows']:>7} {drops:>11}  {', '.join(d['models'])}")
     if any(d["clean_shutdown"] is False for d in rep["devices"]):
         lines.append("  (offline! = connection lost without a clean shutdown: the broker delivered its Will)")
+    if any(d["state"] == "silent" for d in rep["devices"]):
+        lines.append("  (silent = connected as far as the broker said, but no window for over 3 windows)")
     for model, m in sorted(rep["models"].items()):
         lines.append("")
         lines.append(f"model {model}")

@@ -45,7 +45,7 @@ def add_arguments(p) -> None:
 
 def build_config(args):
     path = args.config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() and not args.model else None)
-    cfg = load_config(path) if path else parse_config({}, base=Path.cwd())
+    cfg = load_config(path) if path else parse_config({"jit": {}}, base=Path.cwd())  # no file: JIT with the default policy
     models = {m.name: m for m in cfg.models}
     for pair in args.model:
         name, sep, artifact = pair.partition("=")

@@ -41,6 +41,7 @@ class Version:
     version: str  # sha256 of manifest.json, first 12 hex digits
     loaded_at: float
     load_s: float
+    resolved: Path | None = None  # the directory a symlinked artifact path pointed to at load
     inflight: int = 0
     retired: bool = False
 
@@ -49,6 +50,7 @@ class Version:
         return {
             "version": self.version,
             "artifact": str(self.artifact_path),
+            "artifact_dir": str(self.resolved or self.artifact_path),
             "model": art.name,
             "model_sha256": art.model_sha256,
             "created": art.manifest.get("created"),
@@ -143,8 +145,9 @@ class Registry:
 
     def _load(self, slot: ModelSlot, path: Path) -> Version:
         start = time.monotonic()
-        version = manifest_version(path)
-        runtime = self._make_runtime(slot.name, path)
+        resolved = Path(path).resolve()  # load from one directory even if the link flips meanwhile
+        version = manifest_version(resolved)
+        runtime = self._make_runtime(slot.name, resolved)
         try:
             # The generic module directly: a load check is not traffic (no JIT hits, no metrics).
             arrays, _ = bind_inputs(runtime.inputs, smoke_inputs(runtime), runtime.artifact.manifest["dims"])
@@ -158,7 +161,7 @@ class Registry:
         except Exception as e:
             runtime.close()
             raise ArtifactError(f"{path}: load check failed: {type(e).__name__}: {e}") from None
-        return Version(runtime, Path(path), version, time.time(), time.monotonic() - start)
+        return Version(runtime, Path(path), version, time.time(), time.monotonic() - start, resolved=resolved)
 
     def load(self, name: str) -> None:
         """First load of a configured model; a failure leaves the slot 'failed' (other models serve)."""
@@ -183,7 +186,7 @@ class Registry:
         with slot.reload_lock:  # one reload per model at a time
             path = Path(artifact_path) if artifact_path else slot.artifact_path
             old = slot.current
-            if old is not None and manifest_version(path) == old.version and path.resolve() == old.artifact_path.resolve():
+            if old is not None and manifest_version(path) == old.version and path.resolve() == old.resolved:
                 return {"result": "unchanged", "current": old.describe()}
             log.info("reloading model '%s' from %s ...", name, path)
             if old is not None and old.runtime.specializer is not None:

@@ -156,6 +156,7 @@ class Handler(BaseHTTPRequestHandler):
                     raise HttpError(405, f"{path}: use GET", {"Allow": "GET"})
                 status = {"/health": self._health, "/metrics": self._metrics, "/v1/models": self._models, "/": self._models}[path]()
             else:
+                endpoint = "other"  # never a label per client-chosen path
                 self._drain_body()
                 raise HttpError(404, f"no endpoint {path} (see /v1/models, /health, /metrics)")
         except HttpError as e:

@@ -155,21 +155,12 @@ class Daemon:
         return resolve(jit)  # a bad policy is a startup error, not a per-model load failure
 
     def _make_runtime(self, name: str, path: Path):
-        import inspect
-
         from ..runtime import Runtime
 
         kwargs = dict(threads=self.threads, listeners=[ModelListener(name, self)])
-        params = inspect.signature(Runtime).parameters
         if self._jit is not None:
-            kwargs["jit"] = self._jit
-            if self.cfg.cache_dir:
-                kwargs["cache_dir"] = self.cfg.cache_dir
-            if self.cfg.state_dir and "state_dir" in params:
-                kwargs["state_dir"] = self.cfg.state_dir
-            elif self.cfg.state_dir:
-                os.environ["EDGEJIT_STATE_DIR"] = str(self.cfg.state_dir)  # read by edge.jit
-        if self.cfg.trusted_keys and "trust" in params:
+            kwargs.update(jit=self._jit, cache_dir=self.cfg.cache_dir, state_dir=self.cfg.state_dir)
+        if self.cfg.trusted_keys:  # only artifacts signed by one of these keys load
             kwargs["trust"] = [str(k) for k in self.cfg.trusted_keys]
         task = f"loading '{name}'"
         self.progress.begin(task)

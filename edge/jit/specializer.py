@@ -215,7 +215,8 @@ class Specializer:
                 nice=self.policy.compile_nice,
             )
             if not result.ok:
-                self._fail(length, st, result.error)
+                log.error("compile worker output for %s=%d:\n%s", self.artifact.seq_dim, length, result.error)
+                self._fail(length, st, result.reason or "compile worker failed")
                 return None
         else:
             edge_build.export(edge_build.build(self._module(), self.artifact.target, bind=fields["bind"]), out, self.artifact.target)

@@ -18,10 +18,11 @@ def optimize(mod, target, *, tuning_dir=None):
     import tvm
     from tvm import relax
 
-    from . import packing, rules
+    from . import graph, packing, rules
 
     with target:
         mod = packing.rewrite_packed_dense(mod, tile_rows(target))
+        mod = graph.expand_small_powers(mod)
         mod = tvm.transform.Sequential(
             [
                 relax.backend.DispatchSampling(),

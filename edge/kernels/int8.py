@@ -191,14 +191,42 @@ def _update(isa: str):
     return upd
 
 
-def qdense(k: int, n: int, isa: str):
+_ERF_NUM = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+            -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_DEN = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+            -1.42647390514189e-02)
+
+
+def gelu(v, lanes: int):
+    """v * 0.5 * (1 + erf(v / sqrt 2)) on a float32 vector, with the rational erf approximation
+    TVM's fast_erf and Eigen use (|error| < 4e-7): libm's erff would be called lane by lane."""
+    from tvm.script import tirx as T
+
+    def c(x):
+        return T.broadcast(T.float32(x), lanes) if lanes > 1 else T.float32(x)
+
+    x = T.max(T.min(v * c(0.7071067811865476), c(4.0)), c(-4.0))
+    x2 = x * x
+    p = x2 * c(_ERF_NUM[0]) + c(_ERF_NUM[1])
+    for a in _ERF_NUM[2:]:
+        p = x2 * p + c(a)
+    q = x2 * c(_ERF_DEN[0]) + c(_ERF_DEN[1])
+    for b in _ERF_DEN[2:]:
+        q = x2 * q + c(b)
+    return v * c(0.5) * (c(1.0) + x * p / q)
+
+
+EPILOGUES = ("none", "gelu")
+
+
+def qdense(k: int, n: int, isa: str, epilogue: str = "none"):
     """PrimFunc: (q [M, K], xs [M], Wp [N/16, K/4, 16, 4] int8, wcomp int32 [N], ws fp32 [N],
-    bias fp32 [N]) -> y fp32 [M, N]."""
+    bias fp32 [N]) -> y fp32 [M, N]; `epilogue` "gelu" applies the erf GELU to y."""
     from tvm.script import tirx as T
 
     qdtype = activation_dtype(isa)
     if isa == "generic":
-        return _qdense_generic(k, n, qdtype)
+        return _qdense_generic(k, n, qdtype, epilogue)
     npanel = n // PANEL
     per_tile = _panels_per_tile(n)
     width = PANEL * per_tile
@@ -209,6 +237,7 @@ def qdense(k: int, n: int, isa: str):
     upd = _update(isa)
     vacc = f"int32x{lanes}"
     vb = f"int8x{lanes * KGROUP}"
+    act = gelu if epilogue == "gelu" else (lambda v, _lanes: v)
 
     # Loops marked unroll are unrolled by TVM, so the accumulator indices become constants and
     # LLVM keeps the whole rows x width tile in vector registers.
@@ -239,18 +268,21 @@ def qdense(k: int, n: int, isa: str):
                                     )
                     for i in T.unroll(rows):
                         if mt * rows + i < M:
-                            Y[mt * rows + i, T.ramp(jt * width, 1, width)] = (
+                            Y[mt * rows + i, T.ramp(jt * width, 1, width)] = act(
                                 T.Cast(f"float32x{width}", acc.vload([i, 0], f"int32x{width}") - WC.vload([jt * width], f"int32x{width}"))
                                 * T.broadcast(XS[mt * rows + i], width)
                                 * WS.vload([jt * width], f"float32x{width}")
-                                + B.vload([jt * width], f"float32x{width}")
+                                + B.vload([jt * width], f"float32x{width}"),
+                                width,
                             )
 
     return _mark(func, f"qdense_{isa}")
 
 
-def _qdense_generic(k: int, n: int, qdtype: str):
+def _qdense_generic(k: int, n: int, qdtype: str, epilogue: str):
     from tvm.script import tirx as T
+
+    act = (lambda v: gelu(v, 1)) if epilogue == "gelu" else (lambda v: v)
 
     npanel = n // PANEL
     kg = k // KGROUP
@@ -273,6 +305,6 @@ def _qdense_generic(k: int, n: int, qdtype: str):
                 for kk, jp, j, t in T.grid(kg, npanel, PANEL, KGROUP):
                     acc[jp * PANEL + j] = acc[jp * PANEL + j] + T.Cast("int32", Q[m, kk * KGROUP + t]) * T.Cast("int32", W[jp, kk, j, t])
                 for j in range(n):
-                    Y[m, j] = T.Cast("float32", acc[j]) * XS[m] * WS[j] + B[j]
+                    Y[m, j] = act(T.Cast("float32", acc[j]) * XS[m] * WS[j] + B[j])
 
     return _mark(func, "qdense_generic")

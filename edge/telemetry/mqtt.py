@@ -55,10 +55,12 @@ class BrokerSettings:
         return self.password
 
 
-def make_client(settings: BrokerSettings, client_id: str, *, manual_ack: bool = False, reconnect: bool = False) -> mqtt.Client:
-    """A configured, not yet connected paho client."""
+def make_client(settings: BrokerSettings, client_id: str, *, manual_ack: bool = False, reconnect: bool = False,
+                persistent: bool = False) -> mqtt.Client:
+    """A configured, not yet connected paho client. `persistent` keeps the broker-side session
+    across connections (MQTT 3.1.1: clean_session=False; MQTT 5 sets it at connect)."""
     protocol = PROTOCOLS[settings.protocol]
-    kwargs = {} if protocol == mqtt.MQTTv5 else {"clean_session": True}
+    kwargs = {} if protocol == mqtt.MQTTv5 else {"clean_session": not persistent}
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 
 from ddsketch import DDSketch
 from ddsketch.ddsketch import BaseDDSketch
@@ -71,21 +72,26 @@ def decode(text: str) -> BaseDDSketch:
     pos, neg = proto.positiveValues, proto.negativeValues
     if len(neg.binCounts) or len(neg.contiguousBinCounts):
         raise SketchError("sketch has negative values")
-    bins = list(pos.binCounts.items())
-    bins += [(pos.contiguousBinIndexOffset + i, c) for i, c in enumerate(pos.contiguousBinCounts)]
-    if any(not (-MAX_KEY <= k <= MAX_KEY) for k, _ in bins):
-        raise SketchError("sketch bins outside the latency range")
-    if any(not (0 <= c < 1e15) for _, c in bins) or not (0 <= proto.zeroCount < 1e15):
-        raise SketchError("sketch has negative or non-finite counts")
+    # dense bins [lo, hi] (both encodings may be present; they add up)
+    keys = list(pos.binCounts)
+    if len(pos.contiguousBinCounts):
+        keys += [pos.contiguousBinIndexOffset, pos.contiguousBinIndexOffset + len(pos.contiguousBinCounts) - 1]
     store = DenseStore()
-    nonzero = sorted((k, c) for k, c in bins if c)
-    if nonzero:  # fill the dense bins directly (adding bin by bin re-grows the store each time)
-        lo, hi = nonzero[0][0], nonzero[-1][0]
-        store.bins = [0.0] * (hi - lo + 1)
-        for k, c in nonzero:
-            store.bins[k - lo] += c
-        store.offset, store.min_key, store.max_key = lo, lo, hi
-        store.count = sum(store.bins)
+    if keys:
+        lo, hi = min(keys), max(keys)
+        if lo < -MAX_KEY or hi > MAX_KEY:
+            raise SketchError("sketch bins outside the latency range")
+        bins = [0.0] * (hi - lo + 1)
+        start = pos.contiguousBinIndexOffset - lo
+        bins[start:start + len(pos.contiguousBinCounts)] = pos.contiguousBinCounts
+        for k, c in pos.binCounts.items():
+            bins[k - lo] += c
+        total = math.fsum(bins)
+        if min(bins) < 0 or not math.isfinite(total) or total >= 1e15:
+            raise SketchError("sketch has negative or non-finite counts")
+        store.bins, store.offset, store.min_key, store.max_key, store.count = bins, lo, lo, hi, total
+    if not (0 <= proto.zeroCount < 1e15):
+        raise SketchError("sketch has negative or non-finite counts")
     mapping = KeyMappingProto.from_proto(proto.mapping)
     return BaseDDSketch(mapping=mapping, store=store, negative_store=DenseStore(), zero_count=proto.zeroCount)
 

@@ -122,6 +122,11 @@ def test_online_state_from_sessions_even_with_a_stale_will(tmp_path):
     ingest(s, [death("dev-a", 2, clean=True)])
     (d,) = report.build(s)["devices"]
     assert (d["state"], d["clean_shutdown"]) == ("offline", True)
+    # online but no window for more than 3 windows (birth says window_s; 10 s if absent): silent
+    last = s.db.execute("SELECT last_seen FROM devices").fetchone()[0]
+    ingest(s, [birth("dev-a", 3)])
+    assert report.build(s, now=last + 30)["devices"][0]["state"] == "online"
+    assert report.build(s, now=last + 3600)["devices"][0]["state"] == "silent"
     # a device seen only through windows is 'unknown' until its birth arrives
     ingest(s, [metrics("dev-z", 4, 3, 50.0, [series("m", 8, [1.0])])])
     assert {d["device"]: d["state"] for d in report.build(s)["devices"]}["dev-z"] == "unknown"

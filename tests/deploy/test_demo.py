@@ -43,6 +43,7 @@ def test_demo_quick(tmp_path, tiny_onnx):
     assert r.returncode == 0, out[-4000:]
     assert "[6/6]" in out and "no process left running" in out
     assert "now served by a specialized variant" in out  # the JIT's progress, from the daemon's log
+    assert "specialized p50" in out and "latency p50: first" in out
 
     rep = json.loads((tmp_path / "report.json").read_text())
     (device,) = rep["devices"]

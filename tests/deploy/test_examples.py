@@ -65,3 +65,12 @@ def test_gpt2_decoder_matches_torch(tmp_path):
 def test_cache_dir_follows_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert examples.cache_dir() == tmp_path / "edgejit"
+
+
+def test_example_command_writes_minilm(tmp_path, monkeypatch):
+    from edge import cli
+
+    calls = []
+    monkeypatch.setattr(examples, "write_minilm", lambda out, **kw: calls.append((out, kw)))
+    assert cli.main(["example", "-o", str(tmp_path / "ex"), "--random-weights"]) == 0
+    assert calls == [(tmp_path / "ex", {"random_weights": True, "force": False})]

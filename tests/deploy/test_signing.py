@@ -49,9 +49,11 @@ def test_passphrase_protected_key(tmp_path, monkeypatch):
         keys.load_private_key(private)
 
 
-def test_compile_sign_signs_the_manifest_bytes(model, tmp_path):
+def test_compile_sign_signs_the_manifest_bytes(model, tmp_path, capsys):
     private, public, kid = keys.generate_keypair(tmp_path / "release.key")
-    out = compile_model(model, "host", tmp_path / "art", sign=private, log=lambda *_: None)
+    out = tmp_path / "art"
+    assert cli.main(["compile", str(model), "-o", str(out), "--sign", str(private)]) == 0
+    assert f"signed manifest with key {kid[:16]}" in capsys.readouterr().out
     manifest_bytes = (out / "manifest.json").read_bytes()
     sig = json.loads((out / SIGNATURE_FILE).read_text())
     assert sig["algorithm"] == "ed25519" and sig["key_id"] == kid
@@ -59,6 +61,13 @@ def test_compile_sign_signs_the_manifest_bytes(model, tmp_path):
     # the manifest stays the signed object: it lists every other file, not its own signature
     listed = set(json.loads(manifest_bytes)["files"])
     assert listed >= {"generic.so", "module.json", "params.npz"} and SIGNATURE_FILE not in listed
+
+    # `run --trust` loads it with the right key, refuses it with another one
+    assert cli.main(["run", str(out), "--trust", str(public), "--input", "input_ids=[[1,2,3]]"]) == 0
+    assert "pooled: shape [1, 32]" in capsys.readouterr().out
+    _, other, _ = keys.generate_keypair(tmp_path / "other.key")
+    assert cli.main(["run", str(out), "--trust", str(other), "--input", "input_ids=[[1,2,3]]"]) == 1
+    assert "edgejit run: error:" in capsys.readouterr().err
 
 
 def test_compile_refuses_unusable_keys_before_compiling(model, tmp_path):

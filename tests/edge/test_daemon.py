@@ -351,3 +351,5 @@ def test_sigterm_during_load_finishes_in_flight_requests(tmp_path, tiny_artifact
     assert all(r[2] == 503 for r in results if r[0] == "rejected")
     assert sum(1 for r in results if r[0] == "ok") >= 6
     assert "finishing" in log and "in-flight request" in log and "stopped cleanly" in log
+    profiles = list((tmp_path / "state" / "profiles").glob("*.json"))  # the JIT's shape profile, saved
+    assert len(profiles) == 1 and json.loads(profiles[0].read_text())["lengths"].get("128", 0) >= 6
