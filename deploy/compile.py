@@ -168,10 +168,12 @@ def compile_model(
                 return (*optimize.prepare(float_mod, float_params, host.tvm_target(), precision="int8", quant=quant), host.target)
 
             accuracy_report = int8_build.accuracy_report(
-                model, inputs, outputs, quant_samples, executable=ex, runs_here=preset.runs_here(),
+                float_model, inputs, outputs, quant_samples, executable=ex, runs_here=preset.runs_here(),
                 prepare_for_host=prepare_for_host, params=params, min_accuracy=min_accuracy,
                 accept=accept_accuracy, log=log,
             )
+            if prequantized:
+                accuracy_report["reference"] = "onnx.reference of the model with its int8 weights dequantized (fp32)"
         import tvm
 
         (tmp / "module.json").write_text(tvm.ir.save_json(mod))
@@ -186,7 +188,8 @@ def compile_model(
             "dims": {d: {"min": 1, "max": max_seq if d == seq else None} for d in symbolic},
             "padding": padding,
             "precision": precision,
-            **({"quantization": quant.report, "accuracy": accuracy_report} if quant is not None else {}),
+            **({"quantization": {**quant.report, **({"prequantized": prequantized} if prequantized else {})},
+                "accuracy": accuracy_report} if quant is not None else {}),
             "target": {
                 "preset": preset.name,
                 "arch": preset.arch,

@@ -45,6 +45,7 @@ class Coordinator:
         hot_min_share: float = 0.05,
         session_expiry_s: int = 7 * 86400,
         rebirth_interval_s: float = 30.0,
+        raw_retention_s: float | None = 30 * 86400,
     ):
         if not protocol.valid_id(fleet) or not protocol.valid_id(coordinator_id):
             raise TelemetryError(f"fleet {fleet!r} and coordinator id {coordinator_id!r} must be ids ([A-Za-z0-9_.-])")
@@ -52,6 +53,7 @@ class Coordinator:
         self.coordinator_id, self.share_group, self.max_payload = coordinator_id, share_group, max_payload
         self.hot_interval_s, self.hot_top_k, self.hot_min_share = hot_interval_s, hot_top_k, hot_min_share
         self.session_expiry_s, self.rebirth_interval_s = session_expiry_s, rebirth_interval_s
+        self.raw_retention_s = raw_retention_s
         self.state_topic = protocol.coordinator_state_topic(prefix, fleet, coordinator_id)
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -113,6 +115,7 @@ class Coordinator:
     # -- worker -------------------------------------------------------------------------------
     def _run(self) -> None:
         next_hot = time.monotonic() + self.hot_interval_s
+        next_prune = time.monotonic() + 60
         while True:
             try:
                 item = self._q.get(timeout=0.1)
@@ -131,6 +134,12 @@ class Coordinator:
                 except Exception:
                     log.exception("coordinator: hot lengths")
                 next_hot = time.monotonic() + self.hot_interval_s
+            if self.raw_retention_s and time.monotonic() >= next_prune:
+                try:
+                    self.store.prune(self.raw_retention_s)
+                except Exception:
+                    log.exception("coordinator: pruning old raw messages")
+                next_prune = time.monotonic() + 3600
 
     def _handle(self, item: tuple) -> None:
         kind = item[0]

@@ -67,11 +67,12 @@ def build(store: Store, *, regress_threshold: float = 0.25, min_count: int = 20,
             "missing_windows": 0,
         })
     by_dev = {(d["fleet"], d["device"]): d for d in devices}
-    for fleet, device, count, top in db.execute(
-        "SELECT fleet, device, COUNT(*), MAX(seq) FROM messages GROUP BY fleet, device, session"
+    for fleet, device, count, top, pruned in db.execute(
+        "SELECT m.fleet, m.device, COUNT(*), MAX(m.seq), COALESCE(MAX(p.n), 0) FROM messages m LEFT JOIN pruned p "
+        "ON p.fleet = m.fleet AND p.device = m.device AND p.session = m.session GROUP BY m.fleet, m.device, m.session"
     ):
         if (fleet, device) in by_dev:
-            by_dev[(fleet, device)]["missing_windows"] += top + 1 - count
+            by_dev[(fleet, device)]["missing_windows"] += top + 1 - count - pruned
 
     # rollups -> per model/bucket: fleet sketch, per-device sketches, per-kind counts, per-period
     fleet_sk = defaultdict(sketch.new)
@@ -148,10 +149,11 @@ def _jit(db) -> dict:
     ):
         durations[model].append(d)
     for model, c in counts.items():
+        events = dict(c)
         lookups = c["cache_hit"] + c["cache_miss"]
         ds = durations[model]
         out[model] = {
-            "events": dict(c),
+            "events": events,
             "hit_rate": c["cache_hit"] / lookups if lookups else None,
             "compiles": len(ds),
             "compile_failed": c["compile_failed"],

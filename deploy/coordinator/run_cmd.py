@@ -14,7 +14,7 @@ from edge.telemetry.protocol import valid_id
 from .coordinator import Coordinator
 from .store import Store
 
-OWN_KEYS = ("fleet", "prefix", "db", "id", "share_group", "hot_interval_s", "max_payload", "rollup_s")
+OWN_KEYS = ("fleet", "prefix", "db", "id", "share_group", "hot_interval_s", "max_payload", "rollup_s", "raw_retention_s")
 
 
 def add_arguments(p) -> None:
@@ -61,7 +61,7 @@ def main(args) -> int:
         settings, store,
         prefix=cfg.get("prefix", "edgejit"), fleet=cfg.get("fleet", "default"),
         coordinator_id=cfg.get("id", "coordinator"), share_group=cfg.get("share_group"),
-        **{k: cfg[k] for k in ("hot_interval_s", "max_payload") if k in cfg},
+        **{k: cfg[k] for k in ("hot_interval_s", "max_payload", "raw_retention_s") if k in cfg},
     )
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

@@ -54,6 +54,10 @@ CREATE TABLE IF NOT EXISTS jit_events (
     PRIMARY KEY (fleet, device, session, seq, idx)
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS pruned (
+    fleet TEXT NOT NULL, device TEXT NOT NULL, session INTEGER NOT NULL, n INTEGER NOT NULL,
+    PRIMARY KEY (fleet, device, session)
+);
 CREATE TABLE IF NOT EXISTS rejects (
     id INTEGER PRIMARY KEY AUTOINCREMENT, received REAL NOT NULL, topic TEXT NOT NULL,
     reason TEXT NOT NULL, detail TEXT NOT NULL, size INTEGER NOT NULL
@@ -227,6 +231,26 @@ class Store:
             out[model] = [n for c, n in pairs[:top_k] if c >= min_share * total]
         return out
 
+    def prune(self, older_than_s: float, now: float | None = None) -> int:
+        """Delete raw messages and JIT events received more than `older_than_s` ago (rollups,
+        device states and counters stay). A duplicate of a pruned message would be counted
+        again, so keep this well above the devices' spool age bound (7 days by default)."""
+        cut = (time.time() if now is None else now) - older_than_s
+        with self._tx():
+            old = self.db.execute("SELECT fleet, device, session, seq FROM messages WHERE received < ?", (cut,)).fetchall()
+            self.db.executemany(
+                "DELETE FROM jit_events WHERE fleet=? AND device=? AND session=? AND seq=?", old
+            )
+            self.db.execute(  # so that pruned messages are not mistaken for gaps
+                "INSERT INTO pruned SELECT fleet, device, session, COUNT(*) FROM messages WHERE received < ? "
+                "GROUP BY fleet, device, session ON CONFLICT(fleet, device, session) DO UPDATE SET n = n + excluded.n",
+                (cut,),
+            )
+            n = self.db.execute("DELETE FROM messages WHERE received < ?", (cut,)).rowcount
+            if n:
+                self._count("pruned", n)
+            return n
+
     # -- merging stores ------------------------------------------------------------------------
     def import_store(self, other_path: str | Path) -> None:
         """Re-ingest another store's raw messages and deaths (de-duplicated, order-independent),
@@ -244,6 +268,10 @@ class Store:
             with self._tx():
                 for name, value in other.execute("SELECT name, value FROM counters"):
                     self._count(name, value)
+                self.db.executemany(
+                    "INSERT INTO pruned VALUES(?,?,?,?) ON CONFLICT(fleet, device, session) DO UPDATE SET n = MAX(n, excluded.n)",
+                    other.execute("SELECT fleet, device, session, n FROM pruned").fetchall(),
+                )
         finally:
             other.close()
 

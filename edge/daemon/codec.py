@@ -99,6 +99,14 @@ def _decode_npz(body: bytes, max_bytes: int) -> dict[str, np.ndarray]:
         raise BadRequest(f"malformed npz body: {e}") from None
 
 
+def check_batch(specs, arrays: dict[str, np.ndarray], max_batch: int) -> None:
+    """Dim 0 of an input whose dim 0 is symbolic is the batch; bound it."""
+    for s in specs:
+        a = arrays.get(s.name)
+        if a is not None and a.ndim and s.shape and isinstance(s.shape[0], str) and a.shape[0] > max_batch:
+            raise BadRequest(f"batch of {a.shape[0]} is over the limit of {max_batch} (split the request, or raise [server] max_batch)", status=413)
+
+
 def fill_defaults(specs, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Inputs left out: attention masks are all ones, token type ids all zeros (shaped like the
     first given input of the same rank). Anything else missing is left to the signature check."""

@@ -28,6 +28,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8765
     max_body_mb: float = 16.0  # larger request bodies get 413
+    max_batch: int = 64  # larger batches get 413 (memory grows with batch x length^2)
     workers: int = 2  # inference requests run at once
     queue: int = 32  # requests waiting for a worker; beyond that, 503
     request_timeout_s: float = 60.0  # waiting + running; then 503 (the work still finishes)
@@ -92,7 +93,7 @@ def parse_config(data: dict, *, base: Path, path: Path | None = None) -> DaemonC
     server = _section(data, "server", ServerConfig, where)
     if not 0 <= server.port <= 65535:
         raise ConfigError(f"{where}: [server] port {server.port} is not a TCP port")
-    for key in ("workers", "max_connections"):
+    for key in ("workers", "max_connections", "max_batch"):
         if getattr(server, key) < 1:
             raise ConfigError(f"{where}: [server] {key} must be >= 1")
     if server.queue < 0 or server.max_body_mb <= 0:

@@ -94,6 +94,9 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "edgejit"
     sys_version = ""
 
+    def version_string(self):
+        return self.server_version
+
     def setup(self):
         self.timeout = self.server.service.cfg.server.idle_timeout_s  # idle keep-alive / slow clients
         super().setup()

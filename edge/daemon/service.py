@@ -203,6 +203,7 @@ class Daemon:
             try:
                 rt = version.runtime
                 inputs = codec.decode_inputs(body, content_type, rt.inputs, self.max_body)
+                codec.check_batch(rt.inputs, inputs, self.cfg.server.max_batch)
                 self._last.kind, self._last.latency = "generic", 0.0
                 outputs = rt.run(inputs)
                 info = {"version": version.version, "module": self._last.kind, "inference_ms": self._last.latency * 1e3}

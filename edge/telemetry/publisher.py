@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import re
 import queue
 import sqlite3
 import threading
@@ -220,7 +221,7 @@ class Publisher:
             _, model, seq_len, module_kind, latency_s = item
             if not (0.0 <= latency_s < 1e9):  # NaN or nonsense: not a latency
                 return
-            key = (model, int(seq_len or 0), module_kind)
+            key = (str(model)[:256], _length(seq_len), _kind(module_kind))
             s = self._series.get(key)
             if s is None:
                 s = self._series[key] = _Series()
@@ -466,12 +467,33 @@ class Publisher:
             self._stopped.set()
 
 
+def _length(n) -> int:
+    """A sequence length for the wire: a non-negative int, 0 when unknown or absurd."""
+    try:
+        n = int(n or 0)
+    except (TypeError, ValueError):
+        return 0
+    return n if 0 <= n <= 1 << 20 else 0
+
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def _kind(name) -> str:
+    name = str(name)
+    return name[:32] if _NAME.match(name) else "unknown"
+
+
 def _jit_event(model: str, t: float, event: dict) -> dict:
-    out = {"model": model, "event": str(event.get("event")), "t": t}
-    for src, dst in (("seq", "seq_len"), ("bucket", "bucket"), ("duration_s", "duration_s")):
+    name = str(event.get("event"))
+    out = {"model": str(model)[:256], "event": name[:64] if _NAME.match(name) else "unknown", "t": max(t, 0.0)}
+    for src, dst in (("seq", "seq_len"), ("bucket", "bucket")):
         v = event.get(src)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[dst] = v
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and _length(v):
+            out[dst] = _length(v)
+    v = event.get("duration_s")
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e9:
+        out["duration_s"] = float(v)
     if event.get("error") is not None:
         out["error"] = str(event["error"])[:500]
     return out

@@ -287,7 +287,7 @@ def test_malformed_oversized_and_wrong_schema_rejected_and_counted(broker, coord
         "schema": [
             b"[]",
             json.dumps({**header, "seq": 1, "v": 2, "series": []}).encode(),  # unknown protocol version
-            json.dumps({**header, "seq": 2, "series": [{**series, "kind": "magic"}]}).encode(),
+            json.dumps({**header, "seq": 2, "series": [{**series, "kind": "Not A Kind"}]}).encode(),
             json.dumps({**header, "seq": 3, "series": [{**series, "sketch": "!!"}]}).encode(),
             json.dumps({**header, "seq": 4, "series": [{**series, "count": 7}]}).encode(),  # count != sketch
             json.dumps({**header, "seq": -5, "series": []}).encode(),

@@ -214,3 +214,40 @@ def test_big_windows_are_split_under_the_size_limit(tmp_path):
     assert store.db.execute("SELECT SUM(count), COUNT(DISTINCT seq_len) FROM rollups").fetchone() == (4500, 1500)
     assert store.db.execute("SELECT COUNT(*) FROM jit_events").fetchone() == (1000,)
     pub.close()
+
+
+def test_odd_runtime_values_never_cost_a_window(tmp_path):
+    """Whatever a runtime or JIT passes to the listener, the window stays valid."""
+    from edge.telemetry import Publisher
+
+    pub = Publisher({"port": 1, "device_id": "dev-a", "fleet": FLEET, "window_s": 60,
+                     "spool_path": str(tmp_path / "s.sqlite")}, start=False)
+    for args in (("m", None, "generic", 0.001), ("m", 10**9, "variant", 0.002), ("m" * 500, 8, "Weird Kind!", 0.003),
+                 ("m", 8, "bucketed", 0.004), ("m", 8, "generic", float("nan")), ("m", "12", "padded", 0.005)):
+        pub._handle(("request", *args))
+    for ev in ({"event": "compile_finished", "seq": 16.0, "duration_s": 1}, {"event": "New Event"},
+               {"event": "cache_hit", "seq": True, "bucket": -3, "duration_s": float("inf")}, {}):
+        pub._handle(("jit", "m", 5.0, ev))
+    pub._close_window()
+    store = Store(tmp_path / "c.sqlite")
+    for w in pub.spool.pending():
+        assert store.ingest(validate.parse("edgejit", f"edgejit/{FLEET}/dev-a/{w.kind}", w.payload)) == "stored"
+    rows = store.db.execute("SELECT model, seq_len, kind, count FROM rollups ORDER BY kind, seq_len").fetchall()
+    assert rows == [("m", 8, "bucketed", 1), ("m", 0, "generic", 1), ("m", 12, "padded", 1), ("m" * 256, 8, "unknown", 1),
+                    ("m", 0, "variant", 1)]
+    events = store.db.execute("SELECT event, seq_len, bucket, duration_s FROM jit_events ORDER BY idx").fetchall()
+    assert events == [("compile_finished", 16, None, 1.0), ("unknown", None, None, None), ("cache_hit", None, None, None),
+                      ("unknown", None, None, None)]
+    pub.close()
+
+
+def test_prune_keeps_rollups_states_and_gap_counts(tmp_path):
+    s = Store(tmp_path / "s.sqlite")
+    ingest(s, [birth("dev-a", 1), metrics("dev-a", 1, 1, 5.0, [series("m", 8, [1.0, 2.0])])])
+    assert s.prune(3600) == 0
+    assert s.prune(3600, now=s.db.execute("SELECT MAX(received) FROM messages").fetchone()[0] + 7200) == 2
+    assert s.db.execute("SELECT COUNT(*) FROM messages").fetchone() == (0,)
+    ingest(s, [metrics("dev-a", 1, 2, 6.0, [series("m", 8, [3.0])]), metrics("dev-a", 1, 4, 6.0, [series("m", 8, [3.0])])])
+    rep = report.build(s)
+    assert rep["models"]["m"]["buckets"][0]["count"] == 4 and rep["devices"][0]["state"] == "online"
+    assert rep["devices"][0]["missing_windows"] == 1  # seq 3; the pruned 0 and 1 are not gaps

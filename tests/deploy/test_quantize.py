@@ -131,6 +131,7 @@ def test_int8_encoder_compiles_runs_and_reports(encoder, tmp_path):
     assert manifest["precision"] == "int8"
     q = manifest["quantization"]
     assert q["quantized"] == 12 and q["activations"] == "dynamic"  # 2 layers x (q, k, v, out, ffn1, ffn2)
+    assert q["fused_gelu"] == 2  # the erf GELU after each ffn1 runs in the kernel epilogue
     acc = manifest["accuracy"]
     assert acc["kind"] == "encoder" and acc["metric"] == "cosine_mean" and acc["value"] >= 0.999
     assert set(acc["pooled"]) == {"max_abs_err", "mean_abs_err", "cosine_mean", "cosine_min"}
@@ -253,3 +254,58 @@ def test_bad_options(encoder, tmp_path):
     with pytest.raises(quantize.QuantizeError, match="--activations static needs calibration data"):
         compile_model(encoder, "host", tmp_path / "a", precision="int8", activations="static", log=lambda *_: None)
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.slow
+def test_prequantized_models_lower_to_the_int8_kernels(encoder, tmp_path):
+    """ORT quantize_dynamic (MatMulInteger) and QDQ models: same kernels, the model's own int8 weights."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    from edge.runtime import Runtime
+
+    rng = np.random.default_rng(6)
+    dyn, qdq = tmp_path / "dyn.onnx", tmp_path / "qdq.onnx"
+    quantize_dynamic(str(encoder), str(dyn), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input_ids": rng.integers(0, 96, (1, 16)), "attention_mask": np.ones((1, 16), np.int64)} for _ in range(3)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(encoder), str(qdq), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    for path, kind in ((dyn, "matmul_integer"), (qdq, "dequantized_weights")):
+        out = compile_model(path, "host", tmp_path / path.stem, precision="int8", log=lambda *_: None)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["quantization"]["prequantized"][kind] == 12 and manifest["quantization"]["quantized"] == 12
+        assert manifest["accuracy"]["value"] > 0.999
+        # the artifact's int8 panels are the model's own int8 weights
+        model = onnx.load(str(path))
+        own = {onnx.numpy_helper.to_array(t).tobytes() for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2}
+        with np.load(out / "params.npz") as z:
+            panels = [z[f] for f in z.files if z[f].dtype == np.int8]
+        unpacked = {p.transpose(1, 3, 0, 2).reshape(p.shape[1] * 4, p.shape[0] * 16).tobytes() for p in panels}
+        assert own and own <= unpacked
+        feeds = {"input_ids": rng.integers(0, 96, (1, 21)), "attention_mask": np.ones((1, 21), np.int64)}
+        got = Runtime(out).run(feeds)[0]
+        ref = ort.InferenceSession(str(encoder)).run(None, feeds)[0]
+        cos = (got * ref).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref, axis=-1)
+        assert cos.min() > 0.999
+
+
+@pytest.mark.slow
+def test_int8_for_arm_cross_compiles_and_reports_through_host_build(decoder, tmp_path):
+    import shutil
+
+    if shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("no aarch64 linker (Debian package gcc-aarch64-linux-gnu)")
+    out = compile_model(decoder, "rpi5", tmp_path / "arm", precision="int8", log=lambda *_: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"]["isa"] == "dotprod" and manifest["target"]["arch"] == "aarch64"
+    assert manifest["accuracy"]["measured_on"] == "host build of the same rewrite"
+    assert manifest["accuracy"]["value"] >= 0.75
+    assert (out / "generic.so").read_bytes()[:4] == b"\x7fELF"

@@ -120,6 +120,8 @@ def test_bad_requests_get_4xx_with_a_clear_message(daemon, reference):
 
     status, error = _post(daemon, json.dumps({"inputs": {"input_ids": [[1] * 120] * 200}}).encode())
     assert status == 413 and "over the limit" in error
+    status, error = _post(daemon, json.dumps({"inputs": {"input_ids": [[1]] * 65}}).encode())
+    assert status == 413 and "batch of 65 is over the limit of 64" in error
 
     status, _, data = daemon.request("GET", "/v1/models/tiny/infer")
     assert status == 405
@@ -307,7 +309,7 @@ def test_reload_swaps_atomically_and_rolls_back(tmp_path, tiny_artifact):
 
 
 def test_sigterm_during_load_finishes_in_flight_requests(tmp_path, tiny_artifact, reference):
-    d = start(tmp_path, {"tiny": tiny_artifact}, server={"workers": 2, "queue": 64, "drain_timeout_s": 60.0})
+    d = start(tmp_path, {"tiny": tiny_artifact}, server={"workers": 2, "queue": 64, "drain_timeout_s": 60.0, "max_batch": 256})
     big = handmade.inputs(192, 128, seed=3)  # slow enough to be in flight when the signal lands
     want = reference.run(big)
     results, sent_signal = [], threading.Event()
