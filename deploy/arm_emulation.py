@@ -123,6 +123,8 @@ def userspace(cache_dir: str | Path | None = None, *, log=print) -> Userspace:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be assembling the same thing
         if (root / "ready.json").is_file():
             return Userspace(root)
+        for stale in cache.glob(".assembling-*"):  # left by a killed run (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         start = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=".assembling-", dir=cache))
         try:
@@ -223,6 +225,7 @@ class Report:
     gates: list[dict] = field(default_factory=list)  # artifact feature checks on each emulated CPU
     jit: dict | None = None
     instructions: dict = field(default_factory=dict)  # artifact -> counts of int8 dot-product instructions
+    probes: list[dict] = field(default_factory=list)  # negative controls: {artifact, cpu, returncode}
     timings: dict = field(default_factory=dict)
 
     def failures(self) -> list[str]:
@@ -244,6 +247,9 @@ class Report:
         lines += [f"skipped: {s}" for s in self.skipped]
         for g in self.gates:
             lines.append(f"feature gate: {g['preset']} artifact on {g['cpu']}: {'accepted' if g['accepted'] else 'refused'}")
+        for pr in self.probes:
+            outcome = "killed by SIGILL" if pr["returncode"] == -4 else f"exit {pr['returncode']}"
+            lines.append(f"negative control: {pr['artifact']} forced onto {pr['cpu']}: {outcome}")
         if self.jit:
             lines.append(f"device JIT: {self.jit.get('target')} seq {self.jit.get('seq')} on {self.jit.get('cpu')}: "
                          f"compiled in {self.jit.get('compile_s', 0):.1f}s, cache key {str(self.jit.get('key'))[:12]} "
@@ -407,12 +413,49 @@ def verify(
                               "model": m, "precision": prec, "input": str(input_files[m, jit_seq]),
                               "cache_dir": str(job_dir / "jit-cache"), "out": str(job_dir / "jit-out")}
         jobs.append((job, job_dir, _start_device(us, cpu, job, job_dir)))
+    report.instructions = {"-".join(k): _count_instructions(a / "generic.so") for k, a in arm_artifacts.items()}
+    probes = _start_probes(us, by_cpu, arm_artifacts, report.instructions, input_files, workdir)
     for job, job_dir, started in jobs:  # the emulated processes run side by side
         result = _finish_device(job["cpu"], job_dir, started, report, log)
         if result is not None:
             _check_device(result, job, presets, expected, lengths, report)
-    report.instructions = {"-".join(k): _count_instructions(a / "generic.so") for k, a in arm_artifacts.items()}
+    for probe in probes:
+        probe["returncode"] = probe.pop("proc").wait(timeout=DEVICE_TIMEOUT_S)
+        report.probes.append(probe)
+        if probe["returncode"] != -4:  # SIGILL
+            report.problems.append(
+                f"negative control: {probe['artifact']} forced past the feature check on {probe['cpu']} did not die "
+                f"of SIGILL (exit {probe['returncode']}): the emulator ran instructions that CPU lacks")
     return report
+
+
+def _no_core_dump() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the crash is expected: no qemu core file
+
+
+def _start_probes(us, by_cpu, arm_artifacts, instructions, input_files, workdir) -> list[dict]:
+    """Negative control: on each emulated CPU whose own artifacts use no dot-product instructions,
+    force the artifact with the most of them past the feature check. qemu must kill it with SIGILL,
+    which shows that a clean run on that CPU model means the code fits that instruction set."""
+    probes = []
+    dots = {k: (c["sdot"] + c["udot"]) if c else 0 for k, c in instructions.items()}
+    for cpu, names in by_cpu.items():
+        if any(dots["-".join(k)] for k in arm_artifacts if k[2] in names):
+            continue
+        foreign = [k for k in arm_artifacts if k[2] not in names and dots["-".join(k)]]
+        if not foreign:
+            continue
+        key = max(foreign, key=lambda k: dots["-".join(k)])
+        inputs = next(f for (m, _), f in input_files.items() if m == key[0])
+        log_path = workdir / f"probe-{cpu}.txt"
+        with open(log_path, "w") as out:
+            proc = subprocess.Popen(us.command(cpu, "-m", "deploy.arm_emulation", "force", str(arm_artifacts[key]), str(inputs)),
+                                    env=us.env(), cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+                                    preexec_fn=_no_core_dump)
+        probes.append({"artifact": "-".join(key), "cpu": cpu, "proc": proc})
+    return probes
 
 
 def _count_instructions(library: Path) -> dict | None:
@@ -561,6 +604,22 @@ def device_main(job_path: Path) -> int:
     return 0
 
 
+def force_run(artifact: Path, inputs: Path) -> int:
+    """Run an artifact's generic module skipping the CPU feature check (the negative control only)."""
+    import numpy as np
+    import tvm
+
+    from edge.artifact import Artifact
+    from edge.module import CompiledModule
+
+    art = Artifact.open(artifact, check_host=False)
+    module = CompiledModule.load(art.file("generic.so"), [tvm.runtime.tensor(p) for p in art.load_params()],
+                                 kind="generic", threads=1)
+    with np.load(inputs) as z:
+        module([z[s.name] for s in art.inputs])
+    return 0
+
+
 class _Events:
     def __init__(self):
         self.jit, self.kinds = [], []
@@ -630,10 +689,15 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--workdir", required=True)
     d = sub.add_parser("device", help=argparse.SUPPRESS)
     d.add_argument("job")
+    f = sub.add_parser("force", help=argparse.SUPPRESS)
+    f.add_argument("artifact")
+    f.add_argument("inputs")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "device":
             return device_main(Path(args.job))
+        if args.cmd == "force":
+            return force_run(Path(args.artifact), Path(args.inputs))
         if args.cmd == "setup":
             us = userspace()
             print(us.root)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -165,7 +166,8 @@ def compile_model(
         if quant is not None:
             def prepare_for_host():
                 host = get_preset("host")
-                return (*optimize.prepare(float_mod, float_params, host.tvm_target(), precision="int8", quant=quant), host.target)
+                host_quant = dataclasses.replace(quant, report={})  # keep the target's report
+                return (*optimize.prepare(float_mod, float_params, host.tvm_target(), precision="int8", quant=host_quant), host.target)
 
             accuracy_report = int8_build.accuracy_report(
                 float_model, inputs, outputs, quant_samples, executable=ex, runs_here=preset.runs_here(),

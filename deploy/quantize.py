@@ -29,7 +29,6 @@ from edge.kernels import int8 as kernels
 
 CATEGORIES = ("embeddings", "layernorm", "softmax", "head")
 DEFAULT_KEEP_FLOAT = CATEGORIES
-ALWAYS_FLOAT = ("embeddings", "layernorm", "softmax")
 
 
 class QuantizeError(EdgeJitError):
@@ -138,7 +137,7 @@ def find_sites(mod, params) -> tuple[list[Site], list[dict]]:
         idx = weight_index[w]
         name = w.name
         arr = params[idx]
-        if arr.ndim != 2 or arr.dtype != np.float32 or str(x.ty.dtype) != "float32":
+        if arr.ndim != 2 or arr.dtype != np.float32 or str(x.ty.dtype) != "float32" or x.ty.ndim < 2:
             skipped.append({"weight": name, "reason": "not a 2-D fp32 weight"})
             continue
         k, n = (arr.shape[1], arr.shape[0]) if transposed else arr.shape
@@ -160,7 +159,7 @@ def find_sites(mod, params) -> tuple[list[Site], list[dict]]:
         if site is None or uses.get(a, 0) != 1 or b not in weight_index or site.bias is not None:
             continue
         barr = params[weight_index[b]]
-        if barr.dtype == np.float32 and barr.shape in ((site.n,), (1, site.n)):
+        if barr.dtype == np.float32 and barr.shape == (site.n,):
             site.bias, site.bias_call = weight_index[b], call
     _find_gelu(sites, order, bindings, params, weight_index, main.body.body)
     # Name each activation; matmuls reading the same x share its quantization.
@@ -324,7 +323,7 @@ def quantize(mod, params: list[np.ndarray], target, options: QuantOptions | None
 
 
 def _rewrite(mod, params, chosen: list[Site], isa: str, options: QuantOptions):
-    from tvm import relax, tirx
+    from tvm import relax
 
     main = mod["main"]
     num_input = int(main.attrs["num_input"])
@@ -433,5 +432,4 @@ def _rewrite(mod, params, chosen: list[Site], isa: str, options: QuantOptions):
             keep.append(v)
             kept_params.append(arr)
     out["main"] = relax.Function(keep, main2.body, main2.ret_ty, main2.is_pure, main2.attrs)
-    _ = tirx
     return out, kept_params

@@ -70,7 +70,18 @@ def set_threads(n: int) -> None:
     """Size the TVM worker pool of the calling thread (TVM keeps one pool per calling thread)."""
     if getattr(_threads_set, "n", None) == n:
         return
+    import os
+
     import tvm_ffi
 
+    # TVM caps its pool at TVM_NUM_THREADS, or else at half the hardware threads on x86 (it
+    # assumes SMT): on a 2-core box that is 1 worker whatever config_threadpool asks for.
+    # The cap is read from the environment whenever a pool is (re)configured.
+    # Raise it before the first pool exists: a pool first sized to 1 does not grow later.
+    from .host import cores
+
+    cap = max(n, cores())
+    if int(os.environ.get("TVM_NUM_THREADS", "0") or 0) < cap:
+        os.environ["TVM_NUM_THREADS"] = str(cap)
     tvm_ffi.get_global_func("runtime.config_threadpool")(0, n)
     _threads_set.n = n

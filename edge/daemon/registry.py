@@ -215,19 +215,6 @@ class Registry:
             log.info("model '%s' now serving version %s (was %s)", name, new.version, old.version if old else "none")
             return {"result": "swapped", "current": new.describe(), "previous": slot.previous}
 
-    def remove(self, name: str) -> None:
-        with self._lock:
-            slot = self._slots.pop(name, None)
-        if slot is None:
-            return
-        with slot.lock:
-            v, slot.current = slot.current, None
-            close = v is not None and v.inflight == 0
-            if v is not None:
-                v.retired = True
-        if close:
-            self._close(name, v)
-
     def _close(self, name: str, v: Version) -> None:
         try:
             v.runtime.close()

@@ -74,6 +74,15 @@ def test_dotprod_target_runs_dot_product_instructions(arm_report):
     assert counts[f"{model}-int8-aarch64"]["sdot"] + counts[f"{model}-int8-aarch64"]["udot"] == 0, counts
 
 
+def test_negative_control_dies_of_sigill(arm_report):
+    """Forced past the feature check, the dotprod artifact is killed on the CPU without dotprod:
+    the emulator enforces the CPU model's instruction set, so the clean runs above prove something."""
+    if not any(c and c["sdot"] + c["udot"] for c in arm_report.instructions.values()):
+        pytest.skip("no artifact uses dot-product instructions")
+    assert [(p["artifact"].rsplit("-", 1)[1], p["cpu"]) for p in arm_report.probes] == [("rpi5", "cortex-a53")]
+    assert all(p["returncode"] == -4 for p in arm_report.probes), arm_report.probes
+
+
 def test_userspace_comes_from_the_cache_the_second_time(arm_report):
     start = time.perf_counter()
     us = arm_emulation.userspace(log=lambda *a: None)

@@ -209,6 +209,8 @@ def test_broker_restart_every_window_arrives_exactly_once(broker, coord, tmp_pat
     c = counters(db)
     assert c["stored_metrics"] == len(rec.keys)
     assert c.get("historical", 0) >= 3  # the windows made while the broker was down
+    flushed = [r[0] for r in q(db, "SELECT seq FROM messages WHERE historical = 1 ORDER BY received")]
+    assert flushed == sorted(flushed)  # in the order they were made
     assert q(db, "SELECT MAX(birth_session) FROM devices")[0][0] == 2  # a new session after reconnect
 
 
@@ -335,6 +337,8 @@ def test_spool_over_bound_drops_oldest_and_is_reported(broker, coord, tmp_path):
     wait_for(lambda: len(_window_keys(db, "dev-d")) == 6, what="4 spooled + 2 live windows")
     rows = q(db, "SELECT session, seq, historical FROM messages WHERE kind='metrics' ORDER BY 1, 2")
     assert rows[:4] == [(0, 7, 1), (0, 8, 1), (0, 9, 1), (0, 10, 1)]  # the newest survived, flushed in order
+    arrival = [r[0] for r in q(db, "SELECT seq FROM messages WHERE kind='metrics' AND session=0 ORDER BY received")]
+    assert arrival == [7, 8, 9, 10]
     assert total_requests(db) == 4
     assert q(db, "SELECT MIN(min_ms), MAX(max_ms), SUM(count) FROM rollups") == [(8.0, 500.0, 4)]  # 8, 9, 10 ms + live
     rep = report.build(Store(db))

@@ -170,7 +170,6 @@ def test_int8_module_specializes_to_static_length(encoder, tmp_path):
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
 def test_int8_decoder_static_calibration_keeps_head_float(decoder, tmp_path):
     rng = np.random.default_rng(5)
     cal = tmp_path / "cal.npz"
@@ -256,7 +255,6 @@ def test_bad_options(encoder, tmp_path):
     assert not (tmp_path / "a").exists()
 
 
-@pytest.mark.slow
 def test_prequantized_models_lower_to_the_int8_kernels(encoder, tmp_path):
     """ORT quantize_dynamic (MatMulInteger) and QDQ models: same kernels, the model's own int8 weights."""
     import onnx
@@ -297,7 +295,6 @@ def test_prequantized_models_lower_to_the_int8_kernels(encoder, tmp_path):
         assert cos.min() > 0.999
 
 
-@pytest.mark.slow
 def test_int8_for_arm_cross_compiles_and_reports_through_host_build(decoder, tmp_path):
     import shutil
 

@@ -309,14 +309,14 @@ def test_reload_swaps_atomically_and_rolls_back(tmp_path, tiny_artifact):
 
 
 def test_sigterm_during_load_finishes_in_flight_requests(tmp_path, tiny_artifact, reference):
-    d = start(tmp_path, {"tiny": tiny_artifact}, server={"workers": 2, "queue": 64, "drain_timeout_s": 60.0, "max_batch": 256})
-    big = handmade.inputs(192, 128, seed=3)  # slow enough to be in flight when the signal lands
+    d = start(tmp_path, {"tiny": tiny_artifact}, server={"workers": 2, "queue": 64, "drain_timeout_s": 60.0})
+    big = handmade.inputs(64, 128, seed=3)  # clients send these back to back: always some in flight
     want = reference.run(big)
     results, sent_signal = [], threading.Event()
 
     def client():
         conn = d.conn(timeout=120)
-        for _ in range(20):
+        for _ in range(1000):  # until the daemon turns us away after the signal
             try:
                 started_before = not sent_signal.is_set()
                 status, got, _ = d.infer("tiny", big, conn=conn, npz=True)
@@ -334,13 +334,14 @@ def test_sigterm_during_load_finishes_in_flight_requests(tmp_path, tiny_artifact
                 results.append(("rejected", started_before, status))
                 return
         conn.close()
+        raise AssertionError("the daemon never stopped serving")
 
     threads = [threading.Thread(target=client) for _ in range(6)]
     for t in threads:
         t.start()
     time.sleep(2.0)
-    d.signal(signal.SIGTERM)
     sent_signal.set()
+    d.signal(signal.SIGTERM)
     for t in threads:
         t.join(120)
     rc = d.proc.wait(60)

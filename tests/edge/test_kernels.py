@@ -1,0 +1,212 @@
+"""CPU kernels (edge/kernels): scheduled code matches references on odd shapes, generic and bound
+variants; aarch64 builds; pre-scheduled functions are left alone; the thread count is honoured."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from deploy import onnx_import, optimize
+from edge import build as edge_build
+from edge import kernels
+from edge.kernels import dense, packing, rules, target as ktarget
+from edge.targets import get_preset
+
+
+def _tvm_target(preset: str):
+    return get_preset(preset).tvm_target()
+
+
+# -- the packed dense kernel on its own: tails of the row tile, bias + GELU epilogue -------------
+def _dense_func(m, k: int, n_cols: int, rows: int):
+    import tvm
+    from tvm import te, tirx
+
+    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
+    x = te.placeholder((i64(1), m, i64(k)), name="x")
+    wp = te.placeholder((i64(n_cols // packing.PANEL), i64(k), i64(packing.PANEL)), name="wp")
+    b = te.placeholder((i64(n_cols),), name="b")
+    y = dense.compute(x, wp, rows)
+    z = te.compute(y.shape, lambda i, s, j: y[i, s, j] + b[j], name="bias")
+    g = te.compute(y.shape, lambda i, s, j: z[i, s, j] * 0.5 * (1 + te.erf(z[i, s, j] * 0.70710678)), name="gelu")
+    return tvm.IRModule({"main": te.create_prim_func([x, wp, b, g])})
+
+
+@pytest.mark.parametrize("symbolic", [True, False], ids=["dynamic_rows", "static_rows"])
+def test_packed_dense_handles_row_tails(symbolic):
+    import tvm
+    from scipy.special import erf
+    from tvm import s_tir, tirx
+
+    target = _tvm_target("host")
+    rows = ktarget.tile_rows(target)
+    k, n_cols = 48, 80  # K not a multiple of anything useful, N = 5 panels
+    lengths = [1, 7, 257]
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((k, n_cols)).astype("float32")
+    bias = rng.standard_normal(n_cols).astype("float32")
+    libs = {}
+    for m in lengths:
+        key = "dyn" if symbolic else m
+        if key not in libs:
+            mod = _dense_func(tirx.Var("m", "int64") if symbolic else tirx.IntImm("int64", m), k, n_cols, rows)
+            sch = s_tir.Schedule(mod)
+            dense.schedule(sch, sch.get_sblock(dense.BLOCK_NAME), lanes=ktarget.vector_lanes(target))
+            libs[key] = tvm.compile(sch.mod, target=target).mod
+        x = rng.standard_normal((1, m, k)).astype("float32")
+        out = tvm.runtime.tensor(np.zeros((1, m, n_cols), "float32"))
+        args = [tvm.runtime.tensor(a) for a in (x, packing.pack_weight(w), bias)]
+        libs[key]["main"](*args, out)
+        z = x @ w + bias
+        ref = z * 0.5 * (1 + erf(z * 0.70710678))
+        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_pack_weight_layout():
+    w = np.arange(6 * 32, dtype="float32").reshape(6, 32)
+    p = packing.pack_weight(w)
+    assert p.shape == (2, 6, 16)
+    assert p[1, 4, 3] == w[4, 16 + 3]
+
+
+# -- whole models from real exporters, generic and bound variants, against ONNX Runtime -----------
+def _feeds(model_path, seq: int, rng):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    feeds = {}
+    for i in sess.get_inputs():
+        if i.name == "input_ids":
+            feeds[i.name] = rng.integers(0, 100, (1, seq)).astype("int64")
+        elif "mask" in i.name:
+            feeds[i.name] = np.ones((1, seq), "int64")
+        else:
+            feeds[i.name] = np.zeros((1, seq), "int64")
+    return sess, feeds
+
+
+def _run(ex, params, arrays):
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in arrays], *[tvm.runtime.tensor(p) for p in params])
+    first = out if hasattr(out, "numpy") else out[0]
+    return first.numpy()
+
+
+def _prepared(model_path, preset="host"):
+    model = onnx_import.load(model_path)
+    mod, params = onnx_import.to_relax(model)
+    mod, params = optimize.prepare(mod, params, _tvm_target(preset))
+    return mod, params
+
+
+@pytest.mark.parametrize("fixture", ["bert_onnx", "gpt2_onnx"])
+def test_generic_and_variant_match_onnxruntime(fixture, request):
+    model_path = request.getfixturevalue(fixture)
+    mod, params = _prepared(model_path)
+    assert any(p.ndim == 3 for p in params), "no weight was packed"
+    target = get_preset("host").target
+    generic = edge_build.build(mod, target)
+    rng = np.random.default_rng(1)
+    for seq in (1, 7, 257):
+        sess, feeds = _feeds(model_path, seq, rng)
+        ref = sess.run(None, feeds)[0]
+        got = _run(generic, params, list(feeds.values()))
+        np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-4, err_msg=f"generic, seq {seq}")
+    variant = edge_build.build(mod, target, bind={"seq": 7})
+    sess, feeds = _feeds(model_path, 7, rng)
+    np.testing.assert_allclose(_run(variant, params, list(feeds.values())), sess.run(None, feeds)[0], rtol=1e-3, atol=1e-4)
+
+
+def test_transformer_kernels_are_scheduled(bert_onnx):
+    """Dense, attention matmuls, softmax and layer norm all come out of the rules scheduled."""
+    from tvm import tirx
+
+    mod, _ = _prepared(bert_onnx)
+    target = _tvm_target("host")
+    out = kernels.optimize(mod, target)
+    names = {gv.name_hint: f for gv, f in out.functions_items() if isinstance(f, tirx.PrimFunc)}
+    for key in ("dense_packed", "matmul", "softmax", "layer_norm"):
+        funcs = [n for n in names if key in n]
+        assert funcs, f"no {key} function in the module"
+        unscheduled = [n for n in funcs if not rules.is_scheduled(names[n])]
+        assert not unscheduled, f"left unscheduled: {unscheduled}"
+
+
+def test_prescheduled_functions_are_left_alone():
+    import tvm
+    from tvm import te, tirx
+
+    a = te.placeholder((tirx.IntImm("int64", 64),), name="a")
+    b = te.compute(a.shape, lambda i: a[i] * 2.0, name="b")
+    func = te.create_prim_func([a, b]).with_attr("tirx.is_scheduled", True)
+    mod = tvm.IRModule({"kernel": func})
+    out = rules.schedule_module(mod, _tvm_target("host"))
+    tvm.ir.assert_structural_equal(out["kernel"], func)
+
+
+# -- targets -----------------------------------------------------------------------------------
+def test_vector_width_and_tiles_follow_the_target():
+    assert ktarget.vector_lanes(_tvm_target("x86-64-avx2")) == 8
+    assert ktarget.vector_lanes(_tvm_target("x86-64-avx512")) == 16
+    assert ktarget.vector_lanes(_tvm_target("aarch64")) == 4
+    assert ktarget.tile_rows(_tvm_target("x86-64-avx512")) == 8
+    assert ktarget.tile_rows(_tvm_target("rpi4")) == 4
+
+
+def test_aarch64_build_cross_compiles(bert_onnx, tmp_path):
+    import shutil
+
+    if shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("aarch64 linker not installed")
+    mod, _ = _prepared(bert_onnx, "rpi5")
+    target = get_preset("rpi5").target
+    edge_build.export(edge_build.build(mod, target), tmp_path / "generic.so", target)
+    edge_build.export(edge_build.build(mod, target, bind={"seq": 16}), tmp_path / "v16.so", target)
+    for so in ("generic.so", "v16.so"):
+        head = (tmp_path / so).read_bytes()[:20]
+        assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
+
+
+# -- threads -----------------------------------------------------------------------------------
+def _busy_threads(fn, repeat: int) -> int:
+    def ticks():
+        out = {}
+        for t in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{t}/stat") as f:
+                    out[t] = int(f.read().rsplit(")", 1)[1].split()[11])
+            except OSError:
+                pass
+        return out
+
+    before = ticks()
+    for _ in range(repeat):
+        fn()
+    after = ticks()
+    return sum(1 for t, v in after.items() if v - before.get(t, 0) >= 3)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+def test_set_threads_controls_parallelism():
+    import tvm
+    from tvm import s_tir, tirx
+
+    from edge.module import set_threads
+
+    target = _tvm_target("host")
+    mod = _dense_func(tirx.IntImm("int64", 256), 256, 512, ktarget.tile_rows(target))
+    sch = s_tir.Schedule(mod)
+    dense.schedule(sch, sch.get_sblock(dense.BLOCK_NAME), lanes=ktarget.vector_lanes(target))
+    lib = tvm.compile(sch.mod, target=target).mod
+    rng = np.random.default_rng(0)
+    args = [tvm.runtime.tensor(rng.standard_normal(s).astype("float32")) for s in [(1, 256, 256), (32, 256, 16), (512,), (1, 256, 512)]]
+    run = lambda: lib["main"](*args)  # noqa: E731
+    set_threads(1)
+    assert _busy_threads(run, 300) == 1
+    set_threads(2)
+    assert _busy_threads(run, 300) == 2
