@@ -9,7 +9,9 @@ Host side (x86 build machine):
 - `verify()` compiles models for the host and the ARM presets, runs each ARM artifact with the real
   `edge` runtime under `qemu-aarch64 -cpu <model>` (a CPU with exactly the preset's features), and
   compares outputs with the x86 artifact's and with ONNX Runtime on the same file at several lengths.
-  It also runs one JIT specialization on the emulated device and checks the cache it writes.
+  It also runs one JIT specialization on the emulated device and checks the cache it writes, and,
+  as a negative control, forces a dot-product artifact onto a CPU model without dotprod (qemu must
+  kill it with SIGILL, so a clean run means the code fits the emulated CPU's instruction set).
 
 Device side: `python -m deploy.arm_emulation device JOB.json`, run by the emulated python; imports
 only edge, numpy and tvm. One process per emulated CPU does every check, because importing TVM under
@@ -23,7 +25,6 @@ the aarch64 TVM inside the emulator.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -45,13 +46,13 @@ PYTHON = "usr/bin/python3.11"
 # TVM and ffi versions and refuse to load under others).
 WHEELS = ("apache-tvm", "apache-tvm-ffi", "numpy", "ml_dtypes", "typing_extensions", "paho-mqtt")
 WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64")
-# qemu CPU model per preset mcpu: the emulated CPU has the preset's features and no more.
+# qemu CPU model per preset mcpu: a CPU with the preset's features; generic gets the ARMv8.0 baseline.
 QEMU_CPUS = {"generic": "cortex-a53", "cortex-a72": "cortex-a72", "cortex-a76": "cortex-a76", "cortex-a78ae": "neoverse-n1"}
 EM_AARCH64 = 183
 DEVICE_TIMEOUT_S = 1800
 
 TOLERANCE = {"fp32": 1e-4, "int8": 1e-3}  # |arm - x86|, relative to max(1, max|x86|)
-REFERENCE_TOLERANCE = {"fp32": 1e-4, "int8": 0.1}  # |arm - onnxruntime fp32|, same scaling
+REFERENCE_TOLERANCE = {"fp32": 1e-4, "int8": 2e-2}  # |arm - onnxruntime fp32|, same scaling (int8 measured 2.2e-3)
 
 
 class EmulationError(EdgeJitError):
@@ -503,8 +504,6 @@ def _finish_device(cpu: str, job_dir: Path, started, report: Report, log) -> dic
 
 
 def _check_device(result: dict, job: dict, presets, expected, lengths, report: Report) -> None:
-    import numpy as np
-
     from edge.jit.cache import cache_key
 
     cpu, features = job["cpu"], set(result["features"])
@@ -514,14 +513,7 @@ def _check_device(result: dict, job: dict, presets, expected, lengths, report: R
             report.problems.append(f"target {target} precision {precision} ({model}) on {cpu}: {run['error']}")
             continue
         for seq in lengths:
-            with np.load(Path(run["out"]) / f"{seq}.npz") as z:
-                got = [z[f"o{i}"] for i in range(len(z.files))]
-            for against, key, tol in (("x86", (model, precision, seq), TOLERANCE[precision]),
-                                      ("reference", (model, "reference", seq), REFERENCE_TOLERANCE[precision])):
-                want = expected[key]
-                for i, w in enumerate(want):
-                    err = _error(got[i], np.asarray(w)) if i < len(got) else float("inf")
-                    report.comparisons.append(Comparison(model, target, precision, seq, f"output {i}", against, err, tol))
+            _compare(report, expected, model, target, precision, seq, Path(run["out"]) / f"{seq}.npz")
     for gate in result["gates"]:
         preset = presets.get(gate["preset"])
         should = preset is not None and set(preset.requires) <= features
@@ -548,15 +540,22 @@ def _check_device(result: dict, job: dict, presets, expected, lengths, report: R
             report.problems.append(f"{where}: the request was served by the {jit.get('kind')} module, not the variant")
         if jit.get("warm_event") != "cache_hit":
             report.problems.append(f"{where}: a restarted runtime did not find the variant in the cache ({jit.get('warm_event')})")
-        model, precision, seq = job["jit"]["model"], job["jit"]["precision"], job["jit"]["seq"]
-        with np.load(Path(job["jit"]["out"]) / "variant.npz") as z:
-            got = [z[f"o{i}"] for i in range(len(z.files))]
-        for against, key, tol in (("x86", (model, precision, seq), TOLERANCE[precision]),
-                                  ("reference", (model, "reference", seq), REFERENCE_TOLERANCE[precision])):
-            for i, w in enumerate(expected[key]):
-                err = _error(got[i], np.asarray(w)) if i < len(got) else float("inf")
-                report.comparisons.append(
-                    Comparison(model, f"{job['jit']['target']} (JIT variant)", precision, seq, f"output {i}", against, err, tol))
+        spec = job["jit"]
+        _compare(report, expected, spec["model"], f"{spec['target']} (JIT variant)", spec["precision"], spec["seq"],
+                 Path(spec["out"]) / "variant.npz")
+
+
+def _compare(report: Report, expected: dict, model: str, target: str, precision: str, seq: int, npz: Path) -> None:
+    """Outputs saved by the device against the x86 artifact's and ONNX Runtime's."""
+    import numpy as np
+
+    with np.load(npz) as z:
+        got = [z[f"o{i}"] for i in range(len(z.files))]
+    for against, key, tol in (("x86", (model, precision, seq), TOLERANCE[precision]),
+                              ("reference", (model, "reference", seq), REFERENCE_TOLERANCE[precision])):
+        for i, want in enumerate(expected[key]):
+            err = _error(got[i], np.asarray(want)) if i < len(got) else float("inf")
+            report.comparisons.append(Comparison(model, target, precision, seq, f"output {i}", against, err, tol))
 
 
 # -- device side (runs inside the emulated aarch64 python) -----------------------------------------

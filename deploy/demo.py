@@ -272,7 +272,7 @@ def drive(port: int, sequences: list[list[int]], input_names: list[str], *, rate
         except Exception as e:  # report the first failure after all threads stop
             errors.append(e)
 
-    threads = [threading.Thread(target=guarded) for _ in range(clients)]
+    threads = [threading.Thread(target=guarded, daemon=True) for _ in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
@@ -323,6 +323,10 @@ def summarize(records: list[dict]) -> list[str]:
     return lines
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(args) -> int:
     quick = args.quick
     n_requests = args.requests or (100 if quick else 400)
@@ -333,6 +337,7 @@ def main(args) -> int:
     work.mkdir(parents=True, exist_ok=True)
     children = Children()
     broker = None
+    signal.signal(signal.SIGTERM, _interrupt)  # stopped from outside: still clean up the children
     try:
         say(f"edgejit demo: everything runs on this machine; files in {work}")
         say("\n[1/6] example model")

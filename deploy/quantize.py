@@ -63,8 +63,9 @@ class Site:
     bias: int | None = None  # index into params of a fused bias vector
     bias_call: object = None
     site: str = ""  # activation name (shared by matmuls reading the same x)
-    epilogue: str = "none"  # or "gelu": an elementwise GELU after the matmul (+ bias), fused
+    epilogue: str = "none"  # or "gelu" / "gelu_tanh": a GELU after the matmul (+ bias), fused
     epilogue_call: object = None  # the call producing the GELU's result
+    epilogue_var: object = None
 
 
 def _is_op(expr, name: str) -> bool:
@@ -172,7 +173,8 @@ def find_sites(mod, params) -> tuple[list[Site], list[dict]]:
 
 _ELEMENTWISE = {
     "relax.multiply": np.multiply, "relax.add": np.add, "relax.subtract": np.subtract,
-    "relax.divide": np.divide, "relax.erf": None,
+    "relax.divide": np.divide, "relax.power": np.power, "relax.tanh": np.tanh, "relax.erf": None,
+    "relax.reshape": lambda x, *_: x,
 }
 
 
@@ -205,7 +207,10 @@ def _find_gelu(sites, order, bindings, params, weight_index, body) -> None:
 
     pos = {v: i for i, v in enumerate(order)}
     test = np.linspace(-6, 6, 97)
-    exact = test * 0.5 * (1 + np.vectorize(math.erf)(test / math.sqrt(2)))
+    exact = {
+        "gelu": test * 0.5 * (1 + np.vectorize(math.erf)(test / math.sqrt(2))),
+        "gelu_tanh": test * 0.5 * (1 + np.tanh(math.sqrt(2 / math.pi) * (test + 0.044715 * test**3))),
+    }
     for s in sites:
         start = s.var if s.bias_call is None else next(v for v in order if bindings[v].same_as(s.bias_call))
         if start in outputs:
@@ -215,7 +220,7 @@ def _find_gelu(sites, order, bindings, params, weight_index, body) -> None:
         i = pos[start] + 1
         # Walk the following bindings in order while they only read the chain and scalars.
         members = {start}
-        while i < len(order) and len(members) < 8:
+        while i < len(order) and len(members) < 16:
             v = order[i]
             call = bindings[v]
             i += 1
@@ -227,7 +232,7 @@ def _find_gelu(sites, order, bindings, params, weight_index, body) -> None:
                 ok = False
                 break
             vals = []
-            for a in args:
+            for a in args if name != "relax.reshape" else args[:1]:
                 if a in members:
                     vals.append(values[a])
                 else:
@@ -242,10 +247,11 @@ def _find_gelu(sites, order, bindings, params, weight_index, body) -> None:
             values[v] = np.vectorize(math.erf)(vals[0]) if fn is None else fn(*vals)
             members.add(v)
             chain.append(v)
-            # Done when every member but v is used only inside the chain.
-            if all(all(u in members for u in users.get(m, [])) and m not in outputs for m in members if m is not v):
-                if len(chain) > 2 and np.allclose(values[v], exact, atol=1e-6, rtol=1e-5):
-                    s.epilogue, s.epilogue_call = "gelu", bindings[v]
+            # A candidate when every member but v is used only inside the chain.
+            closed = all(all(u in members for u in users.get(m, [])) and m not in outputs for m in members if m is not v)
+            match = [k for k, ref in exact.items() if np.allclose(values[v], ref, atol=1e-5, rtol=1e-5)]
+            if closed and len(chain) > 2 and match:
+                s.epilogue, s.epilogue_call, s.epilogue_var = match[0], bindings[v], v
                 break
 
 
@@ -304,7 +310,7 @@ def quantize(mod, params: list[np.ndarray], target, options: QuantOptions | None
     options.report = {
         "activations": options.activations,
         "quantized": len(chosen),
-        "fused_gelu": sum(s.epilogue == "gelu" for s in chosen),
+        "fused_gelu": sum(s.epilogue != "none" for s in chosen),
         "float": skipped + kept,
         "keep_float": list(options.keep_float),
     }
@@ -410,8 +416,12 @@ def _rewrite(mod, params, chosen: list[Site], isa: str, options: QuantOptions):
             key = ("qdense", site.k, site.n, isa) + ((site.epilogue,) if site.epilogue != "none" else ())
             gv = self.func(key, lambda: kernels.qdense(site.k, site.n, isa, site.epilogue))
             y = self.builder_.emit(relax.call_tir(gv, [q, xs, wp, wc, ws, bias], relax.TensorType([m, site.n], "float32")))
-            if len(shape) != 2:
-                y = relax.op.reshape(y, [*shape[:-1], site.n])
+            if site.epilogue_var is not None:
+                out_shape = list(site.epilogue_var.ty.shape.values)
+            else:
+                out_shape = [*shape[:-1], site.n]
+            if len(out_shape) != 2 or len(shape) != 2:
+                y = relax.op.reshape(y, out_shape)
             return y
 
     rw = Rewriter(mod)

@@ -305,14 +305,14 @@ class Daemon:
         """Stop accepting, finish in-flight requests, persist JIT profiles, flush telemetry."""
         self._notify("STOPPING=1")
         self._stop.set()
-        self.draining = True
-        if self.server is not None:
-            self.server.shutdown()  # no more accept()
-            self.server.server_close()
+        self.draining = True  # new requests on open connections: 503
         with self._pending_lock:
             inflight = self._pending
         if inflight:
             log.info("finishing %d in-flight request(s) ...", inflight)
+        if self.server is not None:
+            self.server.shutdown()  # no more accept()
+            self.server.server_close()
         start = time.monotonic()
         with self._idle:
             while self._pending and time.monotonic() < start + self._drain_timeout:

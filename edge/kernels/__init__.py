@@ -23,13 +23,15 @@ def optimize(mod, target, *, tuning_dir=None):
     with target:
         mod = packing.rewrite_packed_dense(mod, tile_rows(target))
         mod = graph.expand_small_powers(mod)
+        mod = graph.rewrite_symbolic_softmax(mod, vector_lanes(target))
+        # erf/exp/tanh legalized as vectorizable polynomials (GELU, softmax) instead of libm
+        # calls; called directly because inside a Sequential its opt_level (4) would skip it
+        mod = relax.transform.FastMathTransform()(mod)
         mod = tvm.transform.Sequential(
             [
                 relax.backend.DispatchSampling(),
                 relax.backend.DispatchSortScan(),
                 relax.transform.LegalizeOps(),
-                # erf/exp/tanh as vectorizable polynomials (GELU, softmax) instead of libm calls
-                relax.transform.FastMathTransform(),
                 relax.transform.AnnotateTIROpPattern(),
                 relax.transform.FoldConstant(),
                 relax.transform.FuseOps(),

@@ -32,3 +32,32 @@ def expand_small_powers(mod):
         if isinstance(func, relax.Function):
             expander.builder_.update_func(gv, expander.visit_expr(func))
     return expander.builder_.get()
+
+
+def rewrite_symbolic_softmax(mod, lanes: int):
+    """softmax over a symbolic last axis -> the chunked kernel of edge/kernels/softmax.py."""
+    import tvm
+    from tvm import relax, te
+
+    from . import softmax
+
+    @relax.expr_functor.mutator
+    class _Rewrite(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = self.visit_expr_post_order(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.softmax"):
+                return call
+            x = call.args[0]
+            ty = x.ty
+            if not isinstance(ty, relax.TensorType) or ty.dtype != "float32" or ty.ndim < 2 or ty.shape is None:
+                return call
+            probe = te.placeholder(list(ty.shape.values), "float32")
+            if not softmax.applies(probe, int(call.attrs.axis)):
+                return call
+            return self.builder_.call_te(softmax.compute, x, lanes, primfunc_name_hint="softmax_rows")
+
+    rewriter = _Rewrite(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return rewriter.builder_.get()

@@ -215,12 +215,37 @@ def gelu(v, lanes: int):
     return v * c(0.5) * (c(1.0) + x * p / q)
 
 
-EPILOGUES = ("none", "gelu")
+_TANH_NUM = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
+             1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
+_TANH_DEN = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
+
+
+def gelu_tanh(v, lanes: int):
+    """GPT-2's GELU, v * 0.5 * (1 + tanh(sqrt(2 / pi) * (v + 0.044715 v^3))), with the rational
+    tanh approximation of TVM's fast_tanh / Eigen."""
+    from tvm.script import tirx as T
+
+    def c(x):
+        return T.broadcast(T.float32(x), lanes) if lanes > 1 else T.float32(x)
+
+    y = c(0.7978845608028654) * (v + c(0.044715) * v * v * v)
+    x = T.max(T.min(y, c(7.90531110763549805)), c(-7.90531110763549805))
+    x2 = x * x
+    p = x2 * c(_TANH_NUM[0]) + c(_TANH_NUM[1])
+    for a in _TANH_NUM[2:]:
+        p = x2 * p + c(a)
+    q = x2 * c(_TANH_DEN[0]) + c(_TANH_DEN[1])
+    for b in _TANH_DEN[2:]:
+        q = x2 * q + c(b)
+    return v * c(0.5) * (c(1.0) + x * p / q)
+
+
+EPILOGUES = {"none": None, "gelu": gelu, "gelu_tanh": gelu_tanh}
 
 
 def qdense(k: int, n: int, isa: str, epilogue: str = "none"):
     """PrimFunc: (q [M, K], xs [M], Wp [N/16, K/4, 16, 4] int8, wcomp int32 [N], ws fp32 [N],
-    bias fp32 [N]) -> y fp32 [M, N]; `epilogue` "gelu" applies the erf GELU to y."""
+    bias fp32 [N]) -> y fp32 [M, N]; `epilogue` "gelu" (erf) or "gelu_tanh" applies that GELU to y."""
     from tvm.script import tirx as T
 
     qdtype = activation_dtype(isa)
@@ -236,7 +261,7 @@ def qdense(k: int, n: int, isa: str, epilogue: str = "none"):
     upd = _update(isa)
     vacc = f"int32x{lanes}"
     vb = f"int8x{lanes * KGROUP}"
-    act = gelu if epilogue == "gelu" else (lambda v, _lanes: v)
+    act = EPILOGUES[epilogue] or (lambda v, _lanes: v)
 
     # Loops marked unroll are unrolled by TVM, so the accumulator indices become constants and
     # LLVM keeps the whole rows x width tile in vector registers.
@@ -281,7 +306,7 @@ def qdense(k: int, n: int, isa: str, epilogue: str = "none"):
 def _qdense_generic(k: int, n: int, qdtype: str, epilogue: str):
     from tvm.script import tirx as T
 
-    act = (lambda v: gelu(v, 1)) if epilogue == "gelu" else (lambda v: v)
+    act = (lambda v: EPILOGUES[epilogue](v, 1)) if EPILOGUES[epilogue] else (lambda v: v)
 
     npanel = n // PANEL
     kg = k // KGROUP

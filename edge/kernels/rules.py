@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from . import dense
+from . import dense, softmax
 from .target import vector_lanes
 
 _DEBUG = bool(os.environ.get("EDGEJIT_KERNELS_DEBUG"))
@@ -34,7 +34,7 @@ def schedule_func(func, target, name: str = "?"):
     """A scheduled copy of `func`, or None when no rule applies (it is then compiled as is)."""
     from tvm import s_tir
 
-    for rule in (_dense_rule, _matmul_rule, _reduction_rule, _elementwise_rule):
+    for rule in (_dense_rule, _softmax_rule, _matmul_rule, _row_rule, _reduction_rule, _elementwise_rule):
         sch = s_tir.Schedule(func)
         try:
             if rule(sch, target):
@@ -51,6 +51,14 @@ def _dense_rule(sch, target) -> bool:
     if len(blocks) != 1:
         return False
     dense.schedule(sch, blocks[0], lanes=vector_lanes(target))
+    return True
+
+
+def _softmax_rule(sch, target) -> bool:
+    names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    if softmax.MAX not in names or softmax.SUM not in names:
+        return False
+    softmax.schedule(sch, vector_lanes(target))
     return True
 
 
@@ -104,6 +112,38 @@ def _matmul_rule(sch, target) -> bool:
     return True
 
 
+def _row_rule(sch, target) -> bool:
+    """Row reductions over the last axis (softmax, layer norm) with their elementwise neighbours:
+    everything is inlined or computed per row, so no full-size temporaries, vectorized row loops,
+    rows spread over the thread pool."""
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    infos = normalize_prim_func(sch)
+    if not infos or len(infos) < 2 or not infos[-1].is_injective():
+        return False
+    if all(b.is_injective() for b in infos) or any(b.dom_kind().count("R") > 1 for b in infos):
+        return False
+    ndim = len(infos[-1].dom_kind())
+    if any(not b.is_injective() and (b.dom_kind()[-1] != "R" or len(b.dom_kind()) != ndim) for b in infos):
+        return False
+    for b in infos[:-1]:
+        if b.is_injective():
+            try:
+                sch.compute_inline(b.block_rv)
+            except Exception:
+                pass
+    last = infos[-1].block_rv
+    *rows, col = sch.get_loops(last)
+    if hasattr(sch.get(col).extent, "value"):
+        return False  # static rows: dlight's rule (vectorized reductions) does better
+    row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+    sch.parallel(row)  # the symbolic row loop is left to LLVM's vectorizer (see _spatial)
+    producers = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint != sch.get(last).name_hint]
+    for b in reversed(producers):
+        sch.compute_at(b, row, preserve_unit_loops=True)
+    return True
+
+
 def _reduction_rule(sch, target) -> bool:
     """Softmax, layer norm and other row reductions: dlight's CPU Reduction rule."""
     from tvm.s_tir.dlight.cpu import Reduction
@@ -132,16 +172,22 @@ def _elementwise_rule(sch, target) -> bool:
 
 
 def _spatial(sch, block, lanes: int) -> None:
+    """Parallel outer loops, vectorized inner loop. A symbolic inner loop is left to LLVM's loop
+    vectorizer (it emits the vector body and a scalar tail); splitting it here would put a
+    predicate in the body, and TVM then gives up vectorizing it (measured ~3x slower)."""
     loops = sch.get_loops(block)
     if not loops:
         return
-    if len(loops) == 1:
-        outer, inner = sch.split(loops[0], factors=[None, lanes])
-        sch.vectorize(inner)
-        sch.parallel(outer)
-        return
     *lead, last = loops
+    static = hasattr(sch.get(last).extent, "value")
+    if not lead:
+        if static:
+            outer, inner = sch.split(last, factors=[None, lanes])
+            sch.vectorize(inner)
+            sch.parallel(outer)
+        return
     outer = sch.fuse(*lead) if len(lead) > 1 else lead[0]
-    _, inner = sch.split(last, factors=[None, lanes])
-    sch.vectorize(inner)
+    if static:
+        _, inner = sch.split(last, factors=[None, lanes])
+        sch.vectorize(inner)
     sch.parallel(outer)

@@ -10,7 +10,6 @@ import time
 import pytest
 
 from deploy import arm_emulation
-from deploy.arm_emulation import Comparison
 
 from tests.arm.emulation_run import JIT_SEQ, JIT_TARGET, LENGTHS, MODELS, PRECISIONS, TARGETS
 
@@ -88,11 +87,3 @@ def test_userspace_comes_from_the_cache_the_second_time(arm_report):
     us = arm_emulation.userspace(log=lambda *a: None)
     assert us.assembled_s is None and time.perf_counter() - start < 5
     assert (us.sysroot / arm_emulation.PYTHON).is_file()
-
-
-def test_a_difference_names_target_precision_length_and_size():
-    c = Comparison("gpt2", "rpi5", "int8", 45, "output 0", "x86", 3.2e-2, 1e-3)
-    assert not c.ok
-    assert c.describe() == (
-        "target rpi5 precision int8 seq 45 (gpt2, output 0): max |arm - x86| = 3.20e-02 (tolerance 1e-03)"
-    )

@@ -306,3 +306,76 @@ def test_int8_for_arm_cross_compiles_and_reports_through_host_build(decoder, tmp
     assert manifest["accuracy"]["measured_on"] == "host build of the same rewrite"
     assert manifest["accuracy"]["value"] >= 0.75
     assert (out / "generic.so").read_bytes()[:4] == b"\x7fELF"
+
+
+def test_text_calibration_uses_the_tokenizer_next_to_the_model(encoder, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(95)} | {"[UNK]": 95}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    model = tmp_path / "m" / "model.onnx"
+    model.parent.mkdir()
+    model.write_bytes(encoder.read_bytes())
+    tok.save(str(model.parent / "tokenizer.json"))
+    (tmp_path / "cal.txt").write_text("w1 w2 w3 w4 hello\n\nw5 w6 w7\n")
+    specs = SPECS
+    samples = calibrate.load_samples(tmp_path / "cal.txt", specs, model_path=model)
+    assert [s["input_ids"].tolist() for s in samples] == [[[1, 2, 3, 4, 95]], [[5, 6, 7]]]
+    assert samples[0]["attention_mask"].tolist() == [[1, 1, 1, 1, 1]] and samples[0]["input_ids"].dtype == np.int64
+    with pytest.raises(calibrate.CalibrationError, match="needs a tokenizer.json next to the model"):
+        calibrate.load_samples(tmp_path / "cal.txt", specs, model_path=tmp_path / "elsewhere" / "model.onnx")
+
+
+@pytest.mark.parametrize("epilogue", ["gelu", "gelu_tanh"])
+def test_fused_gelu_epilogues(epilogue):
+    import math
+
+    import tvm
+
+    isa = next((i for i in ("vnni512", "avx2") if _runnable(i)), "generic")
+    target = X86_TARGETS[isa][0] if host.arch() == "x86_64" else {"kind": "llvm"}
+    k, n, m = 32, 16, 3
+    lib = tvm.compile(tvm.IRModule({"qd": int8.qdense(k, n, isa, epilogue).with_attr("global_symbol", "qd")}),
+                      target=tvm.target.Target(target))
+    rng = np.random.default_rng(7)
+    wq = rng.integers(-127, 128, (k, n)).astype(np.int8)
+    wp, wc = int8.pack_weight(wq, isa)
+    qi = rng.integers(-127, 128, (m, k))
+    q = (qi + (128 if int8.activation_dtype(isa) == "uint8" else 0)).astype(int8.activation_dtype(isa))
+    xs, ws, b = np.full(m, 2e-4, np.float32), np.ones(n, np.float32), rng.standard_normal(n).astype(np.float32)
+    y = tvm.runtime.tensor(np.zeros((m, n), np.float32))
+    lib["qd"](*[tvm.runtime.tensor(a) for a in (q, xs, wp, wc, ws, b)], y)
+    v = (qi @ wq.astype(np.int64)) * 2e-4 + b
+    if epilogue == "gelu":
+        ref = v * 0.5 * (1 + np.vectorize(math.erf)(v / math.sqrt(2)))
+    else:
+        ref = v * 0.5 * (1 + np.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3)))
+    np.testing.assert_allclose(y.numpy(), ref, atol=2e-5 * max(1, np.abs(v).max()))
+
+
+@pytest.mark.parametrize("fixture, gelus, head", [("bert_onnx", 2, "m.pooler.dense.weight"), ("gpt2_onnx", 2, None)])
+def test_int8_on_real_exporter_graphs(request, tmp_path, fixture, gelus, head):
+    """torch.onnx TorchScript exports (shape arithmetic, Gemm-free HF layers, erf and tanh GELUs)."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    from edge.runtime import Runtime
+
+    path = request.getfixturevalue(fixture)
+    out = compile_model(path, "host", tmp_path / fixture, precision="int8", log=lambda *_: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    q = manifest["quantization"]
+    assert q["quantized"] == 8 + 4 * (fixture == "bert_onnx") and q["fused_gelu"] == gelus
+    assert [f["weight"] for f in q["float"]] == ([head] if head else [q["float"][0]["weight"]])  # pooler / LM head
+    assert manifest["accuracy"]["kind"] == ("encoder" if fixture == "bert_onnx" else "decoder")
+    rt = Runtime(out)
+    names = [s.name for s in rt.inputs]
+    ids = np.random.default_rng(8).integers(0, 127, (1, 23))
+    feeds = {n: ids if n == "input_ids" else (np.ones_like(ids) if "mask" in n else np.zeros_like(ids)) for n in names}
+    got = rt.run(feeds)[0]
+    ref = ReferenceEvaluator(onnx.load(str(path))).run(None, feeds)[0]
+    cos = (got * ref).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert cos.min() > 0.999
+    if fixture == "gpt2_onnx":
+        assert (got[0].argmax(-1) == ref[0].argmax(-1)).mean() > 0.9

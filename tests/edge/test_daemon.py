@@ -310,28 +310,28 @@ def test_reload_swaps_atomically_and_rolls_back(tmp_path, tiny_artifact):
 
 def test_sigterm_during_load_finishes_in_flight_requests(tmp_path, tiny_artifact, reference):
     d = start(tmp_path, {"tiny": tiny_artifact}, server={"workers": 2, "queue": 64, "drain_timeout_s": 60.0})
-    big = handmade.inputs(64, 128, seed=3)  # clients send these back to back: always some in flight
+    big = handmade.inputs(64, 128, seed=3)
     want = reference.run(big)
-    results, sent_signal = [], threading.Event()
+    results, signal_at = [], []
 
     def client():
         conn = d.conn(timeout=120)
-        for _ in range(1000):  # until the daemon turns us away after the signal
+        for _ in range(1000):  # back to back until the daemon turns us away after the signal
+            sent = time.monotonic()
             try:
-                started_before = not sent_signal.is_set()
-                status, got, _ = d.infer("tiny", big, conn=conn, npz=True)
+                status, got, _ = d.infer("tiny", big, conn=conn)  # JSON: ~0.1 s each to encode
             except (ConnectionError, OSError) as e:
-                results.append(("refused", started_before, type(e).__name__))
+                results.append(("refused", sent, time.monotonic(), type(e).__name__))
                 conn.close()
-                conn = d.conn(timeout=120)
-                if sent_signal.is_set():
+                if signal_at:
                     return
+                conn = d.conn(timeout=120)
                 continue
             if status == 200:
                 ok = all(np.allclose(got[s.name], w, atol=1e-5) for s, w in zip(reference.outputs, want))
-                results.append(("ok" if ok else "mismatch", started_before, status))
+                results.append(("ok" if ok else "mismatch", sent, time.monotonic(), status))
             else:
-                results.append(("rejected", started_before, status))
+                results.append(("rejected", sent, time.monotonic(), status))
                 return
         conn.close()
         raise AssertionError("the daemon never stopped serving")
@@ -340,7 +340,7 @@ def test_sigterm_during_load_finishes_in_flight_requests(tmp_path, tiny_artifact
     for t in threads:
         t.start()
     time.sleep(2.0)
-    sent_signal.set()
+    signal_at.append(time.monotonic())
     d.signal(signal.SIGTERM)
     for t in threads:
         t.join(120)
@@ -348,11 +348,14 @@ def test_sigterm_during_load_finishes_in_flight_requests(tmp_path, tiny_artifact
     log = d.log()
     d.stop()
     assert rc == 0, log
+    assert "stopped cleanly" in log
     assert not [r for r in results if r[0] == "mismatch"]
-    # Requests turned away after the signal got a clean 503 or a refused connection, never a
-    # dropped one: every request that was admitted finished with the right answer.
-    assert all(r[2] == 503 for r in results if r[0] == "rejected")
-    assert sum(1 for r in results if r[0] == "ok") >= 6
-    assert "finishing" in log and "in-flight request" in log and "stopped cleanly" in log
+    # Turned away after the signal: a clean 503 (or, once the process is gone, a refused
+    # connection). Requests on the wire when the signal landed were answered: the admitted ones
+    # with the right result, those that arrived after the drain began with 503; none dropped.
+    assert all(r[3] == 503 for r in results if r[0] == "rejected")
+    straddling = [r for r in results if r[1] < signal_at[0] < r[2]]
+    assert all(r[0] in ("ok", "rejected") for r in straddling), straddling
+    assert any(r[0] == "ok" for r in straddling), straddling
     profiles = list((tmp_path / "state" / "profiles").glob("*.json"))  # the JIT's shape profile, saved
     assert len(profiles) == 1 and json.loads(profiles[0].read_text())["lengths"].get("128", 0) >= 6
