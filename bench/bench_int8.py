@@ -1,9 +1,9 @@
 """Benchmark: int8 modules vs this project's fp32 and ONNX Runtime fp32 / dynamic int8.
 
-Model: all-MiniLM-L6-v2 (real weights, BERT, 6 layers, hidden 384) written as an ONNX graph with
-onnx.helper (tests/deploy/int8_models.py) so it imports into TVM whatever the exporter does;
-`--random-weights` if the weights cannot be fetched. For each sequence length and for 1 thread
-and all cores, batch-1 median latency of:
+Model: the bundled example, all-MiniLM-L6-v2 with its real weights (BERT, 6 layers, hidden 384)
+exported by the torch.onnx TorchScript exporter (deploy/examples.py; random weights of the same
+shape, loudly, if the weights cannot be fetched). For each sequence length and for 1 thread and
+all cores, batch-1 median latency of:
 
   ours fp32 generic / specialized   (edgejit compile --precision fp32; specialized = seq bound)
   ours int8 generic / specialized   (edgejit compile --precision int8, dynamic per-token)
@@ -31,9 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import write_results  # noqa: E402
 
-MINILM = dict(vocab=30522, hidden=384, heads=12, ffn=1536, layers=6, token_types=True, position_ids=True)
-
-
 def texts(n: int) -> list[str]:
     out, cur = [], []
     try:
@@ -59,7 +56,6 @@ def feeds_for(ids: list[int]) -> dict:
         "input_ids": np.array([ids], np.int64),
         "attention_mask": np.ones((1, n), np.int64),
         "token_type_ids": np.zeros((1, n), np.int64),
-        "position_ids": np.arange(n, dtype=np.int64)[None],
     }
 
 
@@ -109,13 +105,11 @@ def main() -> int:
     from edge import host
     from edge.artifact import Artifact
     from edge.module import CompiledModule, set_threads
-    from tests.deploy.int8_models import minilm_weights, transformer
-
     work = Path(tempfile.mkdtemp(prefix="bench_int8."))
-    weights_dir = None if args.random_weights else examples.fetch_minilm()
-    weights = minilm_weights(weights_dir / "model.safetensors") if weights_dir else None
-    model_path = transformer(work / "minilm.onnx", weights=weights, **MINILM)
-    what = "all-MiniLM-L6-v2, real weights" if weights else "MiniLM-L6 shape, random weights"
+    model_path = examples.write_minilm(work, random_weights=args.random_weights, log=lambda *_: None)
+    tokenizer = work / "tokenizer.json"
+    what = ("all-MiniLM-L6-v2, real weights" if tokenizer.exists() else "MiniLM-L6 shape, RANDOM weights") + \
+        ", torch.onnx TorchScript export"
     print(f"model: {what} -> {model_path}")
 
     t0 = time.perf_counter()
@@ -146,7 +140,7 @@ def main() -> int:
         so.inter_op_num_threads = 1
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
-    names = ["input_ids", "attention_mask", "token_type_ids", "position_ids"]
+    names = ["input_ids", "attention_mask", "token_type_ids"]
     generic = {p: ours(p, None, None) for p in arts}
     rows = []
     rng = np.random.default_rng(0)
@@ -172,7 +166,7 @@ def main() -> int:
             print(length, threads, {k: round(v, 2) for k, v in ms.items()}, flush=True)
 
     # Accuracy on real texts against the spec reference.
-    tok = Tokenizer.from_file(str(weights_dir / "tokenizer.json")) if weights_dir else None
+    tok = Tokenizer.from_file(str(tokenizer)) if tokenizer.exists() else None
     if tok is not None:
         tok.no_padding()
         tok.no_truncation()

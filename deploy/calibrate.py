@@ -166,8 +166,7 @@ def activation_ranges(mod, params, samples: list[dict], input_names: list[str], 
     body = relax.SeqExpr(blocks + [relax.BindingBlock([relax.VarBinding(out, relax.Tuple([main.body.body, *stats]))])], out)
     ret = relax.TupleType([main.ret_ty, *[relax.TensorType([], "float32") for _ in stats]])
     func = relax.Function(main.params, body, ret, main.is_pure, main.attrs)
-    inst = mod.clone() if hasattr(mod, "clone") else mod
-    inst = relax.transform.Normalize()(_with_main(inst, func))
+    inst = relax.transform.Normalize()(_with_main(mod, func))
     amax = dict.fromkeys(site_names, 0.0)
     for sample in samples:
         outs = build_and_run(inst, params, [sample[n] for n in input_names])

@@ -66,6 +66,7 @@ class Site:
     epilogue: str = "none"  # or "gelu" / "gelu_tanh": a GELU after the matmul (+ bias), fused
     epilogue_call: object = None  # the call producing the GELU's result
     epilogue_var: object = None
+    head: bool = False  # see _mark_heads
 
 
 def _is_op(expr, name: str) -> bool:
@@ -73,20 +74,6 @@ def _is_op(expr, name: str) -> bool:
     from tvm import relax
 
     return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
-
-
-def _static_shape(ty) -> tuple[int, ...] | None:
-    from tvm import tirx
-
-    if ty is None or getattr(ty, "shape", None) is None:
-        return None
-    try:
-        vals = ty.shape.values
-    except AttributeError:
-        return None
-    if not all(isinstance(v, tirx.IntImm) for v in vals):
-        return None
-    return tuple(int(v) for v in vals)
 
 
 def check_keep_float(keep_float, weight_names: list[str]) -> None:
@@ -179,11 +166,12 @@ _ELEMENTWISE = {
 
 
 def _find_gelu(sites, order, bindings, params, weight_index, body) -> None:
-    """Mark sites whose result feeds only an elementwise chain that computes the erf GELU.
+    """Mark sites whose result feeds only an elementwise chain that computes a GELU (erf, or
+    GPT-2's tanh form).
 
-    The chain is found structurally (elementwise ops whose other operands are scalars) and
-    recognised numerically: it is evaluated on test points and compared with GELU, so any
-    arrangement of x * 0.5 * (1 + erf(x / sqrt 2)) an exporter writes is accepted.
+    The chain is found structurally (elementwise ops and reshapes whose other operands are
+    scalars) and recognised numerically: it is evaluated on test points and compared with each
+    GELU, so any arrangement of x * 0.5 * (1 + erf(x / sqrt 2)) an exporter writes is accepted.
     """
     import math
 
@@ -286,7 +274,7 @@ def select(sites: list[Site], keep_float) -> tuple[list[Site], list[dict]]:
     chosen, kept = [], []
     patterns = [e for e in keep_float if e not in CATEGORIES]
     for s in sites:
-        if "head" in keep_float and getattr(s, "head", False):
+        if "head" in keep_float and s.head:
             kept.append({"weight": s.name, "reason": "head (--keep-float head)"})
         elif any(fnmatch.fnmatchcase(s.name, p) or fnmatch.fnmatchcase(s.name, p.replace(".", "_")) for p in patterns):
             kept.append({"weight": s.name, "reason": "--keep-float pattern"})

@@ -167,6 +167,13 @@ class Specializer:
     def _job(self, length: int) -> None:
         if self._closed:
             return
+        try:
+            self._build_and_swap(length)
+        finally:
+            if self._closed:
+                shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def _build_and_swap(self, length: int) -> None:
         st = self._states[length]
         fields = self.key_fields(length)
         key = cache_key(fields)
@@ -234,6 +241,9 @@ class Specializer:
         return self._relax_mod
 
     def _fail(self, length: int, st: VariantState, error: str) -> None:
+        if self._closed:  # abandoned at shutdown, not a compiler failure
+            log.debug("JIT compile of %s=%d abandoned at shutdown: %s", self.artifact.seq_dim, length, error)
+            return
         with self._lock:
             st.attempts += 1
             st.state = "failed"
@@ -316,7 +326,12 @@ class Specializer:
             log.warning("cannot save the shape profile to %s: %s", path, e.strerror or e)
 
     def close(self) -> None:
-        self._closed = True
+        """Stop specializing: queued compiles are dropped; a running one is abandoned (its worker
+        process dies with this process) and cleans up after itself."""
+        with self._lock:
+            self._closed = True
+            busy = any(s.state == "compiling" for s in self._states.values())
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.persist()
-        shutil.rmtree(self._scratch, ignore_errors=True)
+        if not busy:
+            shutil.rmtree(self._scratch, ignore_errors=True)

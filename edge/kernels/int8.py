@@ -36,7 +36,6 @@ KERNEL_ATTR = "edgejit.int8_kernel"
 PANEL = 16  # output columns per packed panel
 KGROUP = 4  # k values per packed group
 ROWS = 4  # rows per register tile
-ISAS = ("vnni512", "avx2", "dotprod", "neon", "generic")
 
 
 def isa_of(target) -> str:

@@ -64,6 +64,32 @@ def test_packed_dense_handles_row_tails(symbolic):
         np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("symbolic", [True, False], ids=["dynamic_rows", "static_rows"])
+def test_softmax_kernel_odd_lengths(symbolic):
+    import tvm
+    from tvm import s_tir, te, tirx
+
+    from edge.kernels import softmax
+
+    target = _tvm_target("host")
+    lanes = ktarget.vector_lanes(target)
+    rng = np.random.default_rng(0)
+    libs = {}
+    for n in (1, 7, 257):
+        key = "dyn" if symbolic else n
+        if key not in libs:
+            dim = tirx.Var("n", "int64") if symbolic else tirx.IntImm("int64", n)
+            x = te.placeholder((tirx.IntImm("int64", 3), dim, dim), name="x")
+            sch = s_tir.Schedule(te.create_prim_func([x, softmax.compute(x, lanes)]))
+            softmax.schedule(sch, lanes)
+            libs[key] = tvm.compile(sch.mod, target=target).mod
+        a = (rng.standard_normal((3, n, n)) * 4).astype("float32")
+        out = tvm.runtime.tensor(np.zeros_like(a))
+        libs[key]["main"](tvm.runtime.tensor(a), out)
+        e = np.exp(a - a.max(-1, keepdims=True))
+        np.testing.assert_allclose(out.numpy(), e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
+
+
 def test_pack_weight_layout():
     w = np.arange(6 * 32, dtype="float32").reshape(6, 32)
     p = packing.pack_weight(w)
