@@ -45,7 +45,6 @@ def matmul_flops(mod, seq: int) -> float:
 
 def nominal_peak_gflops(cores: int) -> tuple[float, str]:
     """cores x fp32 lanes x 2 (FMA) x 2 FMA pipes x nominal clock (cpu MHz in /proc/cpuinfo)."""
-    from edge import host
     from edge.kernels.target import vector_bits
     from edge.targets import get_preset
 
@@ -59,8 +58,9 @@ def nominal_peak_gflops(cores: int) -> tuple[float, str]:
         pass
     lanes = vector_bits(get_preset("host").tvm_target()) // 32
     per_core = lanes * 2 * 2 * mhz / 1000
-    how = f"{lanes} fp32 lanes x 2 (FMA) x 2 FMA pipes x {mhz:.0f} MHz = {per_core:.0f} GFLOP/s per core"
-    _ = host
+    how = (f"{lanes} fp32 lanes x 2 (FMA) x 2 FMA pipes x {mhz:.0f} MHz = {per_core:.0f} GFLOP/s per core; the clock is the "
+           "nominal one /proc/cpuinfo reports (under a hypervisor it does not show boost), so the real peak is higher and "
+           "% peak is an upper bound")
     return per_core * cores, how
 
 
@@ -194,6 +194,8 @@ def main(argv=None) -> int:
         *lines,
         "",
         "Tuned (MetaSchedule) column: not measured (`compile --tune` is not implemented yet, see docs/kernels.md).",
+        "The machine is shared with other jobs: a row whose 2-thread time is not below its 1-thread time (for ORT too) "
+        "ran while another process held the second core; compare ratios within a row.",
     ])
     write_results(Path(args.out), "CPU kernels vs ONNX Runtime", body)
     return 0

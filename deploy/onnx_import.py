@@ -180,8 +180,33 @@ def to_relax(model):
     if error is not None:
         raise ModelError(error)
     _check_output_shapes(mod, [o.name for o in model.graph.output])
+    mod = clip_gathers(mod)
     mod, params = relax.frontend.detach_params(mod)
     return mod, [p.numpy() for p in params.get("main", [])]
+
+
+def clip_gathers(mod):
+    """Gathers clamp their indices instead of trusting them (the frontend's "fast" mode reads out of
+    bounds on a bad index): the runtime checks token ids against the vocabulary, but indices
+    computed inside the graph are not checked by anyone. Clamping costs nothing measurable."""
+    import tvm
+    from tvm import relax
+
+    take = tvm.ir.Op.get("relax.take")
+
+    @relax.expr_functor.mutator
+    class _Clip(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = self.visit_expr_post_order(call)
+            if call.op.same_as(take) and call.attrs.mode == "fast":
+                return relax.op.take(call.args[0], call.args[1], axis=call.attrs.axis, mode="clip")
+            return call
+
+    mutator = _Clip(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
 
 
 def _check_output_shapes(mod, names: list[str]) -> None:

@@ -133,4 +133,9 @@ def rewrite_packed_dense(mod, rows: int):
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
     mod = rewriter.builder_.get()
+    # Output-elementwise-fusable (a matmul): FuseOps then folds bias/activation/residual into it.
+    # Left to AnnotateTIROpPattern, the min/% row indexing makes it opaque when rows are symbolic.
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint.startswith("dense_packed"):
+            mod[gv] = func.with_attr("op_pattern", 4)
     return relax.transform.DeadCodeElimination()(mod)

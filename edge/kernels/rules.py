@@ -85,7 +85,10 @@ def _matmul_rule(sch, target) -> bool:
     lanes = vector_lanes(target)
     name = sch.get(block).name_hint
     extents = [sch.get(l).extent for l in sch.get_loops(block)]
-    tile = [1] * (len(extents) - 3) + [4, lanes, 1]
+    # A symbolic column dim (attention scores: keys) is left whole, innermost, to LLVM's
+    # vectorizer: padding it to whole vectors cost 2-4x more (pad copies, padded output).
+    wide_j = hasattr(extents[-2], "value")
+    tile = [1] * (len(extents) - 3) + [4, lanes if wide_j else 1, 1]
     if any(t > 1 and (not hasattr(e, "value") or int(e) % t) for e, t in zip(extents, tile)):
         # Pad the symbolic (sequence) dims to whole tiles: the tile loops then need no
         # predicate and vectorize; the pad/unpad copies are cheap next to the product.
@@ -101,10 +104,13 @@ def _matmul_rule(sch, target) -> bool:
     *batch, i, j, k = sch.get_loops(block)
     outer = sch.fuse(*batch) if len(batch) > 1 else (batch[0] if batch else None)
     io, ii = sch.split(i, factors=[None, 4])
-    jo, ji = sch.split(j, factors=[None, lanes])
-    sch.reorder(io, jo, k, ii, ji)
+    if wide_j:
+        jo, ji = sch.split(j, factors=[None, lanes])
+        sch.reorder(io, jo, k, ii, ji)
+        sch.vectorize(ji)
+    else:
+        sch.reorder(io, k, ii, j)
     sch.unroll(ii)
-    sch.vectorize(ji)
     sch.parallel(outer if outer is not None else io)
     if after:
         _spatial(sch, after[-1].block_rv, lanes)

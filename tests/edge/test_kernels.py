@@ -90,6 +90,28 @@ def test_softmax_kernel_odd_lengths(symbolic):
         np.testing.assert_allclose(out.numpy(), e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
 
 
+def test_row_rule_symbolic_reduction():
+    """A row reduction over a symbolic axis (here x - mean(x)) is scheduled and stays exact."""
+    import tvm
+    from tvm import te, tirx
+
+    n = tirx.Var("n", "int64")
+    x = te.placeholder((tirx.IntImm("int64", 5), n), name="x")
+    k = te.reduce_axis((tirx.IntImm("int64", 0), n), name="k")
+    total = te.compute((x.shape[0],), lambda i: te.sum(x[i, k], axis=k), name="total")
+    out = te.compute(x.shape, lambda i, j: x[i, j] - total[i] / n.astype("float32"), name="centered")
+    func = te.create_prim_func([x, out])
+    target = _tvm_target("host")
+    sch = rules.schedule_func(func, target)
+    assert sch is not None
+    lib = tvm.compile(sch.mod, target=target).mod
+    for length in (1, 7, 257):
+        a = np.random.default_rng(length).standard_normal((5, length)).astype("float32")
+        got = tvm.runtime.tensor(np.zeros_like(a))
+        lib["main"](tvm.runtime.tensor(a), got)
+        np.testing.assert_allclose(got.numpy(), a - a.mean(-1, keepdims=True), rtol=1e-5, atol=1e-5)
+
+
 def test_pack_weight_layout():
     w = np.arange(6 * 32, dtype="float32").reshape(6, 32)
     p = packing.pack_weight(w)
@@ -181,6 +203,7 @@ def test_vector_width_and_tiles_follow_the_target():
     assert ktarget.vector_lanes(_tvm_target("x86-64-avx512")) == 16
     assert ktarget.vector_lanes(_tvm_target("aarch64")) == 4
     assert ktarget.tile_rows(_tvm_target("x86-64-avx512")) == 8
+    assert ktarget.tile_rows(_tvm_target("x86-64-avx2")) == 6
     assert ktarget.tile_rows(_tvm_target("rpi4")) == 4
 
 
