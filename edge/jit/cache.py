@@ -69,12 +69,17 @@ def device_secret(state_dir: Path) -> bytes:
         pass
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     secret = secrets.token_bytes(32)
+    fd, tmp = tempfile.mkstemp(prefix=".cache-secret.", dir=state_dir)  # 0600
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process made it first
+        with os.fdopen(fd, "w") as f:
+            f.write(secret.hex())
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)  # publish complete, and only if no other process published first
+    except FileExistsError:
         return bytes.fromhex(path.read_text().strip())
-    with os.fdopen(fd, "w") as f:
-        f.write(secret.hex())
+    finally:
+        os.unlink(tmp)
     return secret
 
 
