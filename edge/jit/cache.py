@@ -64,9 +64,15 @@ def device_secret(state_dir: Path) -> bytes:
     """This device's cache-signing secret (created on first use, owner-only)."""
     path = state_dir / "cache-secret"
     try:
-        return bytes.fromhex(path.read_text().strip())
+        secret = bytes.fromhex(path.read_text().strip())
+        if len(secret) >= 16:
+            return secret
+        raise ValueError("too short")
     except FileNotFoundError:
         pass
+    except (OSError, ValueError) as e:  # damaged: start over (existing entries will be rebuilt)
+        log.warning("JIT cache secret %s is unusable (%s): making a new one", path, e)
+        path.unlink(missing_ok=True)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     secret = secrets.token_bytes(32)
     fd, tmp = tempfile.mkstemp(prefix=".cache-secret.", dir=state_dir)  # 0600
