@@ -3,7 +3,8 @@
 The reference is the ONNX model itself evaluated by `onnx.reference` (the spec, not an optimized
 runtime). Encoders are compared on their pooled embeddings (mean of the first output over the
 attended positions, or the output itself when it is already [batch, hidden]); decoders (first
-output [batch, seq, vocab]) on the top-1 agreement of the next-token logits (last position).
+output [batch, seq, vocab]) on the top-1 agreement of the next-token logits at every attended
+position.
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ def _pooled(out: np.ndarray, sample: dict) -> np.ndarray:
     return out.reshape(out.shape[0], -1)
 
 
+def _positions(logits: np.ndarray, sample: dict) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
+    mask = sample.get("attention_mask")
+    keep = np.ones(logits.shape[:2], bool) if mask is None else np.asarray(mask) > 0
+    return logits[keep]
+
+
 def _errors(a: np.ndarray, b: np.ndarray) -> dict:
     diff = np.abs(a - b)
     cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
@@ -67,8 +75,9 @@ def _errors(a: np.ndarray, b: np.ndarray) -> dict:
 def compare(kind: str, samples: list[dict], ref: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> dict:
     """Metrics of `got` against `ref` (lists of outputs per sample)."""
     if kind == "decoder":
-        a = np.concatenate([np.asarray(r[0], dtype=np.float64)[:, -1] for r in ref])
-        b = np.concatenate([np.asarray(g[0], dtype=np.float64)[:, -1] for g in got])
+        # every attended position's logits predict a next token: compare them all
+        a = np.concatenate([_positions(r[0], s) for r, s in zip(ref, samples)])
+        b = np.concatenate([_positions(g[0], s) for g, s in zip(got, samples)])
         top1 = float((a.argmax(-1) == b.argmax(-1)).mean())
         return {"kind": kind, "samples": len(samples), "metric": METRIC[kind], "value": top1, "next_token_logits": _errors(a, b)}
     a = np.concatenate([_pooled(r[0], s) for r, s in zip(ref, samples)])

@@ -142,7 +142,7 @@ def compile_model(
         # int8 options: see deploy/int8_build.py and docs/int8.md
         quant, quant_samples = int8_build.options(
             mod, params, inputs, model_path=model_path, calibrate_file=calibrate, activations=activations,
-            keep_float=keep_float, max_seq=max_seq, log=log,
+            keep_float=keep_float, min_accuracy=min_accuracy, max_seq=max_seq, log=log,
         )
         quant.exact = exact_weights
         try:

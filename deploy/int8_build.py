@@ -16,8 +16,10 @@ ACCURACY_SAMPLES = 16
 
 
 def options(mod, params, inputs, *, model_path, calibrate_file=None, activations="dynamic", keep_float=None,
-            max_seq=512, log=print) -> tuple[QuantOptions, list[dict]]:
+            min_accuracy=None, max_seq=512, log=print) -> tuple[QuantOptions, list[dict]]:
     """QuantOptions for quantize.quantize plus the sample inputs (calibration data, or synthetic)."""
+    if min_accuracy is not None and not 0.0 <= min_accuracy <= 1.0:
+        raise QuantizeError(f"--min-accuracy {min_accuracy} is not between 0 and 1 (a cosine or a top-1 agreement)")
     if activations not in ("dynamic", "static"):
         raise QuantizeError(f"unknown --activations '{activations}' (dynamic or static)")
     if activations == "static" and not calibrate_file:

@@ -1,10 +1,12 @@
 """Dense layer against a pre-packed weight: y[..., j] = sum_k x[..., k] * Wp[j // n, k, j % n].
 
 The weight is packed on the host into `[N / n, K, n]` panels (see `pack_weight`), so the inner
-loop reads `n` contiguous floats for every k. The schedule keeps an `rows x n` tile of the output
-in registers: the `n` columns are vectorized, the rows unrolled, the reduction over K runs outside
-the tile, and the column panels are spread over the thread pool. Rows are the (possibly symbolic)
-batch x sequence positions; a tail of fewer than `rows` rows is handled by a predicate.
+loop reads `n` contiguous floats for every k. The product is computed into row tiles (`compute`):
+an `rows x n` output tile stays in registers (the `n` columns vectorized, the rows unrolled), the
+reduction over K runs outside the tile, and the column panels are spread over the thread pool.
+Rows are the (possibly symbolic) batch x sequence positions; the last tile re-reads the last row
+instead of carrying a predicate. One pass then lays the tiles out as [..., N] with the fused
+elementwise epilogue applied.
 """
 
 from __future__ import annotations
@@ -63,9 +65,10 @@ def compute(x, wp, rows: int):
     return te.compute([*lead, panels * n], out_body, name=BLOCK_NAME + "_out")
 
 
-def schedule(sch, block, *, lanes: int) -> None:
+def schedule(sch, block, *, lanes: int, panels: int = 1) -> None:
     """Schedule the dense tile block and everything after it (its layout block and the fused
-    elementwise epilogue: bias, activation, residual) in place."""
+    elementwise epilogue: bias, activation, residual) in place. The register tile is
+    `rows x (panels * n)`: with 2 panels every broadcast row value feeds two FMAs."""
     after = _blocks_after(sch, block)
     for b in after[:-1]:
         try:
@@ -73,7 +76,12 @@ def schedule(sch, block, *, lanes: int) -> None:
         except Exception:  # e.g. shapes FuseTIR left in a form the inliner can't match: own loop
             _schedule_elementwise(sch, b, lanes)
     q, jo, mi, ji, k = sch.get_loops(block)
-    sch.reorder(jo, q, k, mi, ji)
+    if panels > 1 and int(sch.get(jo).extent) % panels == 0:
+        jo, jp = sch.split(jo, factors=[None, panels])
+        sch.reorder(jo, q, k, mi, jp, ji)
+        sch.unroll(jp)
+    else:
+        sch.reorder(jo, q, k, mi, ji)
     sch.unroll(mi)
     sch.vectorize(ji)
     sch.parallel(jo)
@@ -87,10 +95,6 @@ def _schedule_elementwise(sch, block, lanes: int) -> None:
     _, ji = sch.split(j, factors=[None, lanes])
     sch.vectorize(ji)
     sch.parallel(outer)
-
-
-def _panel_width(sch, block) -> int:
-    return int(sch.get(block).writes[0].source.shape[-1])
 
 
 def _blocks_after(sch, block):

@@ -34,8 +34,8 @@ def expand_small_powers(mod):
     return expander.builder_.get()
 
 
-def rewrite_symbolic_softmax(mod, lanes: int):
-    """softmax over a symbolic last axis -> the chunked kernel of edge/kernels/softmax.py."""
+def rewrite_softmax(mod, lanes: int):
+    """softmax over the last axis (fp32) -> the chunked kernel of edge/kernels/softmax.py."""
     import tvm
     from tvm import relax, te
 

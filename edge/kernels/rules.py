@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from . import dense, softmax
-from .target import vector_lanes
+from .target import tile_panels, vector_lanes
 
 _DEBUG = bool(os.environ.get("EDGEJIT_KERNELS_DEBUG"))
 _SCHEDULED = ("tirx.is_scheduled", "tir.is_scheduled")
@@ -50,7 +50,7 @@ def _dense_rule(sch, target) -> bool:
     blocks = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint == dense.BLOCK_NAME]
     if len(blocks) != 1:
         return False
-    dense.schedule(sch, blocks[0], lanes=vector_lanes(target))
+    dense.schedule(sch, blocks[0], lanes=vector_lanes(target), panels=tile_panels(target))
     return True
 
 

@@ -161,6 +161,7 @@ def test_int8_module_specializes_to_static_length(encoder, tmp_path):
     preset = get_preset("host")
     mod, params = onnx_import.to_relax(onnx_import.load(encoder))
     mod, params = optimize.prepare(mod, params, preset.tvm_target(), precision="int8", quant=quantize.QuantOptions())
+    mod = tvm.ir.load_json(tvm.ir.save_json(mod))  # as the device reads module.json
     feeds = [np.random.default_rng(4).integers(0, 96, (1, 16)), np.ones((1, 16), np.int64)]
     outs = []
     for bind in (None, {"seq": 16}):
@@ -250,6 +251,8 @@ def test_calibration_file_kinds(tmp_path):
 def test_bad_options(encoder, tmp_path):
     with pytest.raises(quantize.QuantizeError, match="--keep-float entry 'nope'"):
         compile_model(encoder, "host", tmp_path / "a", precision="int8", keep_float=["nope"], log=lambda *_: None)
+    with pytest.raises(quantize.QuantizeError, match="--min-accuracy 99.0 is not between 0 and 1"):
+        compile_model(encoder, "host", tmp_path / "a", precision="int8", min_accuracy=99.0, log=lambda *_: None)
     with pytest.raises(quantize.QuantizeError, match="--activations static needs calibration data"):
         compile_model(encoder, "host", tmp_path / "a", precision="int8", activations="static", log=lambda *_: None)
     assert not (tmp_path / "a").exists()
