@@ -139,14 +139,16 @@ artifact = "{artifact}"
 port = {port}
 workers = 2
 
+[runtime]
+allow_unsigned = true   # the demo compiles its own artifact unsigned; real devices set trusted_keys
+
 [paths]
 cache_dir = "{work / 'cache'}"
 state_dir = "{work / 'state'}"
 
 [jit]
 policy = "on"
-buckets = "pow2"
-min_bucket = 16
+buckets = 8
 min_hits = 3
 
 [telemetry]

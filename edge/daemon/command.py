@@ -40,6 +40,8 @@ def add_arguments(p) -> None:
     p.add_argument("--model", "-m", action="append", default=[], metavar="NAME=ARTIFACT",
                    help="serve this artifact too (or instead of a config file); repeatable")
     p.add_argument("--listen", metavar="HOST:PORT", help="override [server] host and port")
+    p.add_argument("--trusted-keys", action="append", metavar="PATH", help="add a trusted public key file or directory ([runtime] trusted_keys)")
+    p.add_argument("--allow-unsigned", action="store_true", help="load unsigned artifacts, with a warning ([runtime] allow_unsigned)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override [log] level")
 
 
@@ -61,6 +63,10 @@ def build_config(args):
         changes["server"] = dataclasses.replace(cfg.server, host=host or "127.0.0.1", port=int(port))
     if args.log_level:
         changes["log_level"] = args.log_level
+    if args.trusted_keys:
+        changes["trusted_keys"] = cfg.trusted_keys + tuple(Path(k).resolve() for k in args.trusted_keys)
+    if args.allow_unsigned:
+        changes["allow_unsigned"] = True
     cfg = dataclasses.replace(cfg, **changes)
     if not cfg.models:
         raise ConfigError("nothing to serve: pass --config FILE (see configs/daemon.toml) or --model NAME=ARTIFACT")

@@ -49,6 +49,7 @@ class DaemonConfig:
     cache_dir: Path | None = None
     state_dir: Path | None = None
     trusted_keys: tuple[Path, ...] = ()
+    allow_unsigned: bool = False  # unsigned artifacts load only when the config says so
     log_level: str = "info"
 
 
@@ -113,7 +114,10 @@ def parse_config(data: dict, *, base: Path, path: Path | None = None) -> DaemonC
         raise ConfigError(f"{where}: [jit] must be a table")
 
     runtime = data.get("runtime", {})
-    _no_unknown(runtime, {"threads", "trusted_keys"}, f"{where}: [runtime]")
+    _no_unknown(runtime, {"threads", "trusted_keys", "allow_unsigned"}, f"{where}: [runtime]")
+    allow_unsigned = runtime.get("allow_unsigned", False)
+    if not isinstance(allow_unsigned, bool):
+        raise ConfigError(f"{where}: [runtime] allow_unsigned must be true or false")
     paths = data.get("paths", {})
     _no_unknown(paths, {"cache_dir", "state_dir"}, f"{where}: [paths]")
     log = data.get("log", {})
@@ -137,6 +141,7 @@ def parse_config(data: dict, *, base: Path, path: Path | None = None) -> DaemonC
         cache_dir=resolve(paths["cache_dir"]) if paths.get("cache_dir") else None,
         state_dir=resolve(paths["state_dir"]) if paths.get("state_dir") else None,
         trusted_keys=tuple(resolve(k) for k in keys),
+        allow_unsigned=allow_unsigned,
         log_level=level,
     )
 

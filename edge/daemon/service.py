@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import host
 from ..errors import EdgeJitError
+from ..trust import Trust
 from . import codec
 from .config import DaemonConfig
 from .metrics import Metrics
@@ -142,6 +143,10 @@ class Daemon:
         self.server: Server | None = None
         self._serve_thread = None
         self._jit = self._check_jit(cfg.jit)
+        # signed artifacts only, unless the config explicitly allows unsigned ones (a startup error otherwise)
+        self._trust = Trust.from_config({
+            "trusted_keys": [str(k) for k in cfg.trusted_keys] or None, "allow_unsigned": cfg.allow_unsigned})
+        log.info("artifact trust: %s", self._trust.describe())
         self._drain_timeout = cfg.server.drain_timeout_s
         self.metrics.gauges.append(self._gauges)
 
@@ -160,8 +165,7 @@ class Daemon:
         kwargs = dict(threads=self.threads, listeners=[ModelListener(name, self)])
         if self._jit is not None:
             kwargs.update(jit=self._jit, cache_dir=self.cfg.cache_dir, state_dir=self.cfg.state_dir)
-        if self.cfg.trusted_keys:  # only artifacts signed by one of these keys load
-            kwargs["trust"] = [str(k) for k in self.cfg.trusted_keys]
+        kwargs["trust"] = self._trust
         task = f"loading '{name}'"
         self.progress.begin(task)
         try:

@@ -16,7 +16,7 @@ MODES = ("on", "off", "readonly", "redo")
 @dataclass(frozen=True)
 class JitPolicy:
     mode: str = "on"
-    buckets: str | tuple[int, ...] = "pow2"
+    buckets: str | int | tuple[int, ...] = 8
     min_bucket: int = 16
     min_hits: int = 3
     max_variants: int = 8
@@ -37,8 +37,10 @@ class JitPolicy:
             raise EdgeJitError(f"JIT policy: mode '{self.mode}' is not one of {', '.join(MODES)}")
         if isinstance(self.buckets, list):
             object.__setattr__(self, "buckets", tuple(sorted(int(b) for b in self.buckets)))
-        if not (self.buckets in ("exact", "pow2") or isinstance(self.buckets, tuple)):
-            raise EdgeJitError(f"JIT policy: buckets must be 'exact', 'pow2' or a list of lengths, not {self.buckets!r}")
+        valid = self.buckets in ("exact", "pow2") or isinstance(self.buckets, tuple) or (
+            isinstance(self.buckets, int) and not isinstance(self.buckets, bool) and self.buckets >= 1)
+        if not valid:
+            raise EdgeJitError(f"JIT policy: buckets must be 'exact', 'pow2', a step (integer) or a list of lengths, not {self.buckets!r}")
         if self.on_budget not in ("stop", "evict_coldest"):
             raise EdgeJitError(f"JIT policy: on_budget must be 'stop' or 'evict_coldest', not {self.on_budget!r}")
         if self.preload not in ("startup", "lazy"):
@@ -77,6 +79,8 @@ class JitPolicy:
             return seq
         if self.buckets == "pow2":
             b = max(self.min_bucket, 1 << (seq - 1).bit_length())
+        elif isinstance(self.buckets, int):
+            b = -(-seq // self.buckets) * self.buckets
         else:
             b = next((x for x in self.buckets if x >= seq), seq)
         return min(b, max_seq)  # seq <= max_seq, so the result still holds the request

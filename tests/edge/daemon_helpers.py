@@ -34,11 +34,13 @@ def toml_value(v) -> str:
     return json.dumps(str(v))
 
 
-def write_config(path: Path, models: dict, *, server=None, jit=None, paths=None, telemetry=None, log="info") -> Path:
+def write_config(path: Path, models: dict, *, server=None, jit=None, paths=None, telemetry=None, log="info",
+                 runtime=None) -> Path:
     lines = []
     for name, art in models.items():
         lines += ["[[models]]", f"name = {toml_value(name)}", f"artifact = {toml_value(art)}", ""]
-    for section, values in (("server", server), ("jit", jit), ("paths", paths), ("telemetry", telemetry)):
+    runtime = {"allow_unsigned": True} if runtime is None else runtime  # test artifacts are unsigned
+    for section, values in (("server", server), ("jit", jit), ("paths", paths), ("telemetry", telemetry), ("runtime", runtime)):
         if values is not None:
             lines.append(f"[{section}]")
             lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]

@@ -214,7 +214,7 @@ def test_saturated_daemon_answers_503(tmp_path, tiny_artifact):
     from edge.daemon.server import Saturated
     from edge.daemon.service import Daemon
 
-    cfg = parse_config({"models": [{"name": "tiny", "artifact": str(tiny_artifact)}], "server": {"workers": 1, "queue": 0}}, base=tmp_path)
+    cfg = parse_config({"models": [{"name": "tiny", "artifact": str(tiny_artifact)}], "server": {"workers": 1, "queue": 0}, "runtime": {"allow_unsigned": True}}, base=tmp_path)
     d = Daemon(cfg)
     gate = threading.Event()
     d._run = lambda ticket, *a: (gate.wait(10), ticket.release())

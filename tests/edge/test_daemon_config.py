@@ -113,3 +113,15 @@ def test_npz_response_round_trips():
         assert z.namelist() == ["h.npy"]
     with np.load(io.BytesIO(body), allow_pickle=False) as z:
         np.testing.assert_array_equal(z["h"], out[0])
+
+
+def test_unsigned_artifacts_need_explicit_permission(tiny_artifact, tmp_path):
+    """Issue 9: with no trusted keys, the daemon starts only if the config allows unsigned artifacts."""
+    from edge.daemon.service import Daemon
+    from edge.trust import TrustConfigError
+
+    cfg = parse_config({"models": [{"name": "t", "artifact": str(tiny_artifact)}]}, base=tmp_path)
+    with pytest.raises(TrustConfigError, match="no trusted_keys configured"):
+        Daemon(cfg)
+    with pytest.raises(ConfigError, match="allow_unsigned must be true or false"):
+        parse_config({"runtime": {"allow_unsigned": "yes"}}, base=tmp_path)
