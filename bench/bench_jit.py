@@ -49,7 +49,7 @@ def main() -> int:
     ap.add_argument("--tokenizer", help="tokenizer.json (default: the example's)")
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rate", type=float, default=20.0, help="requests per second in the replayed stream (Poisson arrivals)")
+    ap.add_argument("--rate", type=float, default=10.0, help="requests per second in the replayed stream (Poisson arrivals)")
     ap.add_argument("--policies", nargs="+", default=["exact", "step8", "pow2"],
                     help="bucket policies to compare: exact, pow2, step8 (multiples of 8), or a comma list of lengths")
     ap.add_argument("--quick", action="store_true")
@@ -160,7 +160,10 @@ def run_policy(name, art, work, args, stream, generic, sess, feed, rt_max):
         wait = swapped.get(b, float("nan")) - first_seen.get(b, float("nan"))
         rows.append(f"| {b} | {v['hits']} | {v['compile_s']:.2f} | {wait:.2f} | {g_b:.2f} | {v_b:.2f} | {g_b / v_b:.2f}x | {v_b / o_b:.2f}x "
                     f"| {L} | {g_l:.2f} | {v_l:.2f} | {g_l / v_l:.2f}x |")
-    during = [lat * 1000 for tt, s, kind, lat in stream_requests if kind == "generic" and any(a <= tt <= e for a, e in compiling)]
+    during = [(s, lat * 1000) for tt, s, kind, lat in stream_requests if kind == "generic" and any(a <= tt <= e for a, e in compiling)]
+    # the same lengths on the generic module with no compile running: does a compile slow serving down?
+    alone = {n: median_ms(lambda n=n: generic.run(feed(list(range(1000, 1000 + n)))), 3) for n in sorted({n for n, _ in during})[:40]}
+    slowdown = [ms / alone[n] for n, ms in during if n in alone]
     served = dict(sorted(__import__("collections").Counter(k for _, _, k, _ in stream_requests).items()))
     stream_ms = {k: np.median([lat * 1000 for _, _, kk, lat in stream_requests if kk == k]) for k in served}
     total_generic = sum(median_ms(lambda ids=ids: generic.run(feed(ids)), 1, warmup=0) for ids in stream[:100])
@@ -172,7 +175,8 @@ def run_policy(name, art, work, args, stream, generic, sess, feed, rt_max):
         "",
         f"Cold stream at {args.rate:g} requests/s: {stream_s:.1f} s for {len(stream)} requests; served by {served} "
         f"(median latency each: {', '.join(f'{k} {v:.2f} ms' for k, v in stream_ms.items())}). "
-        f"Requests that ran on the generic module while a compile was running: {len(during)}, median {np.median(during) if during else float('nan'):.2f} ms. "
+        f"Requests that ran on the generic module while a compile was running: {len(during)}, median {np.median([ms for _, ms in during]) if during else float('nan'):.2f} ms, "
+        f"{np.median(slowdown) if slowdown else float('nan'):.2f}x the generic module's latency at the same length with no compile running (median). "
         f"Replaying the first 100 requests once warm: generic module {total_generic:.0f} ms in all, JIT runtime {total_jit:.0f} ms "
         f"({total_generic / total_jit:.2f}x). Max relative error vs ONNX Runtime: {worst:.1e}.",
         "",
