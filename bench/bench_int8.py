@@ -105,6 +105,9 @@ def main() -> int:
     from edge import host
     from edge.artifact import Artifact
     from edge.module import CompiledModule, set_threads
+    import os
+
+    load_start = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="bench_int8."))
     model_path = examples.write_minilm(work, random_weights=args.random_weights, log=lambda *_: None)
     tokenizer = work / "tokenizer.json"
@@ -226,6 +229,9 @@ def main() -> int:
     for k, v in acc.items():
         c = np.array(v)
         lines.append(f"| {k} | {c[:, 0].mean():.5f} | {c[:, 0].min():.5f} | {c[:, 1].max():.4f} |")
+    load_end = os.getloadavg()[0]
+    lines += ["", f"Machine load (1-min average) {load_start:.1f} at the start, {load_end:.1f} at the end: the machine "
+              f"is shared, so rows with more threads than idle cores measure contention more than scaling."]
     int8_manifest = Artifact.open(arts["int8"]).manifest
     lines += ["", f"int8 artifact: {int8_manifest['quantization']['quantized']} matmuls quantized with the "
               f"`{int8_manifest['quantization']['isa']}` kernels; compile-time report (synthetic samples): "
