@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from edge.errors import EdgeJitError
+from edge.files import write_atomic
 from edge.trust import SIGNATURE_FILE, key_id, raw_public_key, signature_document
 
 PASSPHRASE_ENV = "EDGEJIT_KEY_PASSPHRASE"
@@ -36,23 +36,6 @@ def public_path_for(private_path: Path) -> Path:
     return private_path.with_name(private_path.name + ".pub")
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def generate_keypair(private_path: str | Path, *, force: bool = False) -> tuple[Path, Path, str]:
     """Write a new Ed25519 key pair. Returns (private path, public path, key id)."""
     from cryptography.hazmat.primitives import serialization
@@ -72,8 +55,8 @@ def generate_keypair(private_path: str | Path, *, force: bool = False) -> tuple[
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _write_atomic(private_path, private_pem, 0o600)
-    _write_atomic(public_path, public_pem, 0o644)
+    write_atomic(private_path, private_pem, 0o600)
+    write_atomic(public_path, public_pem, 0o644)
     return private_path, public_path, key_id(raw_public_key(key.public_key()))
 
 
@@ -112,7 +95,7 @@ def sign_artifact(artifact_dir: str | Path, private_key) -> str:
     except OSError as e:
         raise SigningKeyError(f"{artifact_dir}: cannot read manifest.json to sign it: {e.strerror}") from None
     kid = key_id(raw_public_key(private_key.public_key()))
-    _write_atomic(artifact_dir / SIGNATURE_FILE, signature_document(kid, private_key.sign(manifest)), 0o644)
+    write_atomic(artifact_dir / SIGNATURE_FILE, signature_document(kid, private_key.sign(manifest)), 0o644)
     return kid
 
 

@@ -8,12 +8,11 @@ Percentiles always come from merged DDSketches, never from averaging percentiles
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
+from edge.files import write_atomic
 from edge.telemetry import sketch
 
 from .store import Store
@@ -223,13 +222,4 @@ def write_json(rep: dict, path: str | Path) -> None:
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """Atomic: temp file in the same directory, then rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text.encode(), 0o644)

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from ..artifact import sha256_file
+from ..files import write_atomic
 
 log = logging.getLogger("edgejit.jit")
 
@@ -42,22 +43,6 @@ def default_state_dir() -> Path:
 
 def cache_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write `data` to a temp file next to `path`, fsync it, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def device_secret(state_dir: Path) -> bytes:

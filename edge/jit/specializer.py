@@ -20,7 +20,8 @@ from .. import host
 from ..artifact import tvm_versions
 from ..module import CompiledModule
 from ..padding import pad_inputs, slice_outputs
-from .cache import VariantCache, cache_key, default_cache_dir, default_state_dir, device_secret, write_atomic
+from ..files import write_atomic
+from .cache import VariantCache, cache_key, default_cache_dir, default_state_dir, device_secret
 from .policy import JitPolicy, resolve
 
 log = logging.getLogger("edgejit.jit")
