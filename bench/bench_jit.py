@@ -98,8 +98,51 @@ def main() -> int:
     ]
     for name in args.policies:
         lines += ["", *run_policy(name, art, work, args, stream, generic, sess, feed, rt_max=generic.artifact.max_seq)]
+    lines += ["", interference(art, work, args, feed)]
     write_results(Path(args.out), "JIT specialization benchmark", "\n".join(lines))
     return 0
+
+
+def interference(art, work, args, feed, length=64, n=40):
+    """A/B: the same paced requests on the generic module, without and then with a variant compile
+    running in the worker process."""
+    import edge
+    from edge.jit import JitPolicy
+
+    rt = edge.Runtime(art, threads=args.threads, jit=JitPolicy.load(mode="on", min_hits=10**9, max_variants=64),
+                      cache_dir=work / "cache-ab", state_dir=work / "state-ab")
+    x = feed(list(range(1000, 1000 + length)))
+
+    def paced():
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            rt.run(x)
+            out.append((time.perf_counter() - t) * 1000)
+            time.sleep(1.0 / args.rate)
+        return out
+
+    paced()  # warm-up
+    quiet = paced()
+    during, compiles, targets = [], 0, iter(range(200, 513, 8))
+    while len(during) < n:
+        states = [v["state"] for v in rt.specializer.stats()["variants"].values()]
+        if "compiling" not in states and "queued" not in states:
+            rt.specializer.prespecialize([next(targets)])  # keep a compile running the whole time
+            compiles += 1
+            continue
+        t = time.perf_counter()
+        rt.run(x)
+        ms = (time.perf_counter() - t) * 1000
+        if any(v["state"] == "compiling" for v in rt.specializer.stats()["variants"].values()):
+            during.append(ms)
+        time.sleep(1.0 / args.rate)
+    rt.specializer.wait_idle(600)
+    rt.close()
+    q, d = float(np.median(quiet)), float(np.median(during))
+    return (f"Interference A/B (length {length}, {n} requests paced at {args.rate:g}/s on the generic module): "
+            f"median {q:.2f} ms with no compile running, {d:.2f} ms while {compiles} variant compiles ran in the worker "
+            f"process ({d / q:.2f}x).")
 
 
 def buckets_of(name: str):

@@ -199,6 +199,12 @@ def _apply_limits(limits: dict, parent_pid: int) -> None:
         resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 5))  # SIGXCPU, then SIGKILL
     if limits.get("nice"):
         os.nice(int(limits["nice"]))
+        # and below every normal process: the compile only gets CPU time serving does not want
+        if hasattr(os, "SCHED_IDLE"):
+            try:
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            except OSError:
+                pass
     os.umask(0o077)
 
 
