@@ -416,7 +416,7 @@ def main(args) -> int:
         say(f"  daemon stopped (exit {rc}): in-flight finished, shape profile saved, telemetry death sent")
         if rc != 0:
             raise EdgeJitError(f"the daemon exited with {rc}; its log: {daemon_log}")
-        time.sleep(1.0)  # let the coordinator store the last window and the death
+        _wait_stored(db, DEVICE)  # the coordinator stores the last windows and the death
         children.stop(coord)
         say("  coordinator stopped")
         broker.stop()
@@ -437,3 +437,24 @@ def main(args) -> int:
             say(f"(had to kill: {', '.join(killed)})")
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _wait_stored(db: Path, device: str, timeout: float = 15.0) -> bool:
+    """Until the coordinator has stored the device's death and every window of that session
+    (no sequence gap), or `timeout` s: the broker still holds for it whatever is not stored yet."""
+    import sqlite3
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0) as con:
+                death = con.execute("SELECT MAX(session) FROM deaths WHERE device = ?", (device,)).fetchone()[0]
+                if death is not None:
+                    n, top = con.execute("SELECT COUNT(*), MAX(seq) FROM messages WHERE device = ? AND session = ?",
+                                         (device, death)).fetchone()
+                    if top is not None and n == top + 1:
+                        return True
+        except sqlite3.Error:
+            pass
+        time.sleep(0.2)
+    return False
