@@ -79,6 +79,17 @@ def index_ranges(model) -> dict[str, tuple[int, int]]:
     return ranges
 
 
+DEFAULT_MAX_SEQ = 512
+
+
+def position_table_rows(model) -> int | None:
+    """Rows of the learned position-embedding table (BERT's position_embeddings, GPT-2's wpe), if any:
+    longer sequences would index past it (gathers clamp, so the results would be silently wrong)."""
+    rows = [t.dims[0] for t in model.graph.initializer
+            if len(t.dims) == 2 and ("position_embedding" in t.name.lower() or t.name.lower().endswith("wpe.weight"))]
+    return min(rows) if rows else None
+
+
 def find_seq_dim(inputs: list[TensorSpec], requested: str | None) -> str:
     symbolic = [d for s in inputs for d in s.shape if isinstance(d, str)]
     if requested:
@@ -98,7 +109,7 @@ def compile_model(
     *,
     name: str | None = None,
     precision: str = "fp32",
-    max_seq: int = 512,
+    max_seq: int | None = None,
     seq_dim: str | None = None,
     force: bool = False,
     sign: str | Path | None = None,
@@ -132,6 +143,11 @@ def compile_model(
     seq = find_seq_dim(inputs, seq_dim)
     ranges = index_ranges(model)
     inputs = [TensorSpec(s.name, s.dtype, s.shape, ranges.get(s.name)) for s in inputs]
+    positions = position_table_rows(model)
+    if max_seq is None:
+        max_seq = min(positions or DEFAULT_MAX_SEQ, DEFAULT_MAX_SEQ)
+    elif positions and max_seq > positions:
+        raise EdgeJitError(f"--max-seq {max_seq} is longer than the model's {positions} position embeddings")
     output_names = [o.name for o in model.graph.output]
     if len(output_names) == len(outputs):
         outputs = [TensorSpec(n, o.dtype, o.shape) for n, o in zip(output_names, outputs)]

@@ -11,7 +11,7 @@ def add_arguments(p) -> None:
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--name", help="model name in the manifest (default: the file's stem)")
     p.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
-    p.add_argument("--max-seq", type=int, default=512, help="longest sequence the artifact accepts (default 512)")
+    p.add_argument("--max-seq", type=int, help="longest sequence the artifact accepts (default: the model's position-embedding rows, at most 512)")
     p.add_argument("--seq-dim", help="name of the symbolic sequence dim (default: dim 1 of the first input)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact")
     p.add_argument("--sign", metavar="KEY", help="sign the artifact with this private key (see `edgejit keygen`)")

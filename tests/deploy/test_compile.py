@@ -106,3 +106,11 @@ def test_padding_safety_is_checked_on_the_model(tmp_path):
     assert json.loads((safe / "manifest.json").read_text())["padding"]["safe"] is True
     p = json.loads((unsafe / "manifest.json").read_text())["padding"]
     assert p["safe"] is False and "changes the outputs" in p["why"]
+
+
+def test_max_seq_follows_the_position_table(bert_onnx, tmp_path):
+    from edge.errors import EdgeJitError
+
+    with pytest.raises(EdgeJitError, match="--max-seq 1024 is longer than the model's 512 position embeddings"):
+        compile_model(bert_onnx, "host", tmp_path / "a", max_seq=1024, log=lambda *a: None)
+    assert not (tmp_path / "a").exists()
