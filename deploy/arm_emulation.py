@@ -39,6 +39,8 @@ from pathlib import Path
 
 from edge.errors import EdgeJitError
 
+from .samples import sample_inputs, single_batch_dims
+
 REPO = Path(__file__).resolve().parent.parent
 DEBIAN_PACKAGES = ("python3.11-minimal", "libpython3.11-stdlib", "libstdc++6")
 PYTHON = "usr/bin/python3.11"
@@ -260,27 +262,6 @@ class Report:
         return "\n".join(lines)
 
 
-def _make_inputs(specs, seq: int, seed: int) -> dict:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for s in specs:
-        shape = [1 if i == 0 else seq if isinstance(d, str) else d for i, d in enumerate(s.shape)]
-        lname = s.name.lower()
-        if "mask" in lname:
-            a = np.ones(shape, s.dtype)
-        elif "type" in lname:
-            a = np.zeros(shape, s.dtype)
-        elif s.dtype.startswith("int"):
-            lo, hi = s.range or (0, 63)
-            a = rng.integers(lo, hi + 1, shape).astype(s.dtype)
-        else:
-            a = rng.standard_normal(shape).astype(s.dtype)
-        arrays[s.name] = a
-    return arrays
-
-
 def _reference(model_path: Path, inputs: dict) -> list:
     import onnxruntime as ort
 
@@ -372,7 +353,7 @@ def verify(
             continue
         specs = Artifact.open(built[model, precs[0], "x86"], check_host=False).inputs
         for seq in sorted({*lengths, jit_seq}):
-            arrays = _make_inputs(specs, seq, seed=seq)
+            arrays = sample_inputs(specs, single_batch_dims(specs, seq), seed=seq)
             input_files[model, seq] = inputs_dir / f"{model}-{seq}.npz"
             _npz_save(input_files[model, seq], arrays)
             expected[model, "reference", seq] = _reference(path, arrays)

@@ -18,6 +18,7 @@ import numpy as np
 from edge.artifact import TensorSpec
 
 from .quantize import QuantizeError
+from .samples import sample_inputs, single_batch_dims
 
 
 class CalibrationError(QuantizeError):
@@ -111,27 +112,7 @@ def _from_text(path: Path, inputs: list[TensorSpec], model_path, max_seq: int) -
 
 def synthetic_samples(inputs: list[TensorSpec], *, lengths=(8, 16, 32, 64), seed: int = 0) -> list[dict]:
     """Random token ids (within each input's range) when there is no calibration data."""
-    rng = np.random.default_rng(seed)
-    samples = []
-    for n in lengths:
-        sample = {}
-        for spec in inputs:
-            shape = [1 if i == 0 else (d if isinstance(d, int) else n) for i, d in enumerate(spec.shape)]
-            if np.issubdtype(np.dtype(spec.dtype), np.integer):
-                if "mask" in spec.name:
-                    v = np.ones(shape)
-                elif "type" in spec.name:
-                    v = np.zeros(shape)
-                elif "position" in spec.name:
-                    v = np.broadcast_to(np.arange(shape[-1]), shape)
-                else:
-                    lo, hi = spec.range or (0, 100)
-                    v = rng.integers(lo, hi + 1, shape)
-            else:
-                v = rng.standard_normal(shape)
-            sample[spec.name] = np.ascontiguousarray(v).astype(spec.dtype)
-        samples.append(sample)
-    return samples
+    return [sample_inputs(inputs, single_batch_dims(inputs, n), seed=seed + i) for i, n in enumerate(lengths)]
 
 
 def activation_ranges(mod, params, samples: list[dict], input_names: list[str], build_and_run) -> dict[str, float]:

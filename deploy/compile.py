@@ -13,15 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from edge import build as edge_build
-from edge.artifact import FORMAT_VERSION, MANIFEST, TensorSpec, sha256_file, tvm_versions
+from edge.artifact import FORMAT_VERSION, edgejit_version, MANIFEST, TensorSpec, sha256_file, tvm_versions
 from edge.errors import EdgeJitError, ModelError
 from edge.targets import Preset, get_preset
 
 from . import int8_build, keys, onnx_import, optimize, prequant
 from .quantize import NothingToQuantize
 from .padding import check_padding
-
-EDGEJIT_VERSION = "0.1.0"
 
 
 def _dims_of(ty) -> tuple:
@@ -216,7 +214,7 @@ def compile_model(
             },
             "tvm": tvm_versions(),
             "pipeline": edge_build.PIPELINE_VERSION,
-            "edgejit": EDGEJIT_VERSION,
+            "edgejit": edgejit_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}

@@ -15,29 +15,9 @@ import numpy as np
 from edge.artifact import TensorSpec
 from edge.padding import pad_inputs, slice_outputs
 
+from .samples import sample_inputs
+
 TOLERANCE = 1e-4  # relative to the output's scale
-
-
-def sample_inputs(inputs: list[TensorSpec], dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
-    """Plausible inputs for a language model: token ids, all-ones masks, zero token types."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for s in inputs:
-        shape = tuple(d if isinstance(d, int) else dims[d] for d in s.shape)
-        lname = s.name.lower()
-        if np.issubdtype(np.dtype(s.dtype), np.integer) or s.dtype == "bool":
-            if "mask" in lname:
-                a = np.ones(shape)
-            elif "type" in lname or "segment" in lname:
-                a = np.zeros(shape)
-            elif "position" in lname:
-                a = np.broadcast_to(np.arange(shape[-1]), shape)
-            else:
-                a = rng.integers(1, 16, size=shape)  # any vocabulary has 16 ids
-            out[s.name] = np.ascontiguousarray(a.astype(s.dtype))
-        else:
-            out[s.name] = rng.standard_normal(shape).astype(s.dtype)
-    return out
 
 
 def check_padding(model_path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], seq: str) -> dict:

@@ -33,6 +33,16 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def edgejit_version() -> str:
+    """This package's version (pyproject.toml is the one place it is written down)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edgejit")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
 def tvm_versions() -> dict:
     import tvm
     from importlib.metadata import version

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .signature import fill_defaults
 
 
 def add_arguments(p) -> None:
@@ -42,14 +43,7 @@ def parse_inputs(specs, pairs: list[str]) -> dict[str, np.ndarray]:
                 given[name] = np.asarray(json.loads(value), dtype=spec.dtype)
             except (ValueError, TypeError) as e:
                 raise InputError(f"--input {name}: not a JSON array of {spec.dtype}: {e}") from None
-    if given:
-        ref = next(iter(given.values()))
-        for s in specs:
-            lname = s.name.lower()
-            if s.name not in given and ("mask" in lname or "type" in lname) and ref.ndim == len(s.shape):
-                fill = 1 if "mask" in lname else 0
-                given[s.name] = np.full(ref.shape, fill, dtype=s.dtype)
-    return given
+    return fill_defaults(specs, given)
 
 
 def main(args) -> int:

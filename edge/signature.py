@@ -59,3 +59,20 @@ def bind_inputs(
         if v < lo or (hi is not None and v > hi):
             raise InputError(f"'{name}' = {v} is outside the model's range [{lo}, {hi if hi is not None else '∞'}]")
     return out, values
+
+
+def fill_defaults(specs: list[TensorSpec], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inputs left out: attention masks are all ones, token type (segment) ids all zeros, shaped
+    like the first given input of the same rank. Anything else missing is left to bind_inputs."""
+    if not arrays:
+        return arrays
+    ref = next(iter(arrays.values()))
+    for s in specs:
+        lname = s.name.lower()
+        if s.name in arrays or np.ndim(ref) != len(s.shape):
+            continue
+        if "mask" in lname:
+            arrays[s.name] = np.ones(np.shape(ref), dtype=s.dtype)
+        elif "type" in lname or "segment" in lname:
+            arrays[s.name] = np.zeros(np.shape(ref), dtype=s.dtype)
+    return arrays

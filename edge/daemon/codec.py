@@ -15,6 +15,7 @@ import zipfile
 
 import numpy as np
 
+from .. import signature
 from ..errors import InputError
 
 JSON = "application/json"
@@ -108,24 +109,12 @@ def check_batch(specs, arrays: dict[str, np.ndarray], max_batch: int) -> None:
 
 
 def fill_defaults(specs, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Inputs left out: attention masks are all ones, token type ids all zeros (shaped like the
-    first given input of the same rank). Anything else missing is left to the signature check."""
-    if not arrays:
-        return arrays
-    for s in specs:  # report a wrong rank as such, not as a missing mask
+    """edge.signature.fill_defaults, after reporting a wrong rank as such (not as a missing mask)."""
+    for s in specs:
         a = arrays.get(s.name)
         if a is not None and a.ndim != len(s.shape):
             raise BadRequest(f"input '{s.name}': rank {a.ndim} (shape {list(a.shape)}), expected rank {len(s.shape)} {list(s.shape)}")
-    ref = next(iter(arrays.values()))
-    for s in specs:
-        lname = s.name.lower()
-        if s.name in arrays or ref.ndim != len(s.shape):
-            continue
-        if "mask" in lname:
-            arrays[s.name] = np.ones(ref.shape, dtype=s.dtype)
-        elif "token_type" in lname or "segment" in lname:
-            arrays[s.name] = np.zeros(ref.shape, dtype=s.dtype)
-    return arrays
+    return signature.fill_defaults(specs, arrays)
 
 
 def encode_outputs(model: str, specs, outputs: list[np.ndarray], accept: str, extra: dict) -> tuple[bytes, str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import build as edge_build
 from .. import host
-from ..artifact import tvm_versions
+from ..artifact import edgejit_version, tvm_versions
 from ..module import CompiledModule
 from ..padding import pad_inputs, slice_outputs
 from ..files import write_atomic
@@ -25,8 +25,6 @@ from .cache import VariantCache, cache_key, default_cache_dir, default_state_dir
 from .policy import JitPolicy, resolve
 
 log = logging.getLogger("edgejit.jit")
-
-EDGEJIT_VERSION = "0.1.0"
 
 
 @dataclass
@@ -162,7 +160,7 @@ class Specializer:
             "versions": tvm_versions(),
             "precision": self.artifact.precision,
             "pipeline": edge_build.PIPELINE_VERSION,
-            "edgejit": EDGEJIT_VERSION,
+            "edgejit": edgejit_version(),
         }
 
     def _job(self, length: int) -> None:
