@@ -14,16 +14,9 @@ import numpy as np
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     from edge import host
 
+    model = host.cpu_model()
     flags = sorted(f for f in host.cpu_features() if f in {"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "asimd", "asimddp"})
     try:
         llvm_cpu = __import__("tvm").target.codegen.llvm_get_system_cpu()

@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from edge import build as edge_build
+from edge import tuning as edge_tuning
 from edge.artifact import FORMAT_VERSION, edgejit_version, MANIFEST, TensorSpec, sha256_file, tvm_versions
 from edge.errors import EdgeJitError, ModelError
 from edge.targets import Preset, get_preset
 
 from . import int8_build, keys, onnx_import, optimize, prequant
+from . import tune as tuner
 from .quantize import NothingToQuantize
 from .padding import check_padding
 
@@ -116,6 +118,9 @@ def compile_model(
     keep_float: list[str] | None = None,
     min_accuracy: float | None = None,
     accept_accuracy: bool = False,
+    tune: int | None = None,
+    tune_lengths: str | None = None,
+    tune_dir: str | Path | None = None,
     log=print,
 ) -> Path:
     """Compile `model_path` into the artifact directory `out`; with `sign` (a private key file from
@@ -129,6 +134,8 @@ def compile_model(
         raise EdgeJitError(
             f"target {preset.name} needs the aarch64 linker '{preset.linker}': install the Debian package gcc-aarch64-linux-gnu"
         )
+    if tune is not None:
+        tuner.preflight(preset, tune)
     model_path = Path(model_path)
     t0 = time.perf_counter()
     model = onnx_import.load(model_path)
@@ -168,6 +175,17 @@ def compile_model(
     if precision != "int8":
         mod, params = optimize.prepare(mod, params, preset.tvm_target(), precision=precision)
     padding = check_padding(model_path, inputs, outputs, seq)
+    symbolic = list(dict.fromkeys(d for s in inputs for d in s.shape if isinstance(d, str)))
+    tuning_doc = None
+    if tune is not None:
+        import tvm
+
+        mod_json = tvm.ir.save_json(mod)
+        tuning_doc = tuner.tune(
+            mod, params, preset, dims=symbolic, seq_dim=seq, lengths=tuner.parse_lengths(tune_lengths, max_seq),
+            trials=tune, work_dir=Path(tune_dir) if tune_dir else tuner.default_dir(mod_json, preset.target),
+            inputs=inputs, log=log,
+        )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -194,7 +212,8 @@ def compile_model(
 
         (tmp / "module.json").write_text(tvm.ir.save_json(mod))
         np.savez(tmp / "params.npz", **{f"p{i}": p for i, p in enumerate(params)})
-        symbolic = dict.fromkeys(d for s in inputs for d in s.shape if isinstance(d, str))
+        if tuning_doc is not None:
+            (tmp / edge_tuning.FILE).write_text(json.dumps(tuning_doc) + "\n")
         manifest = {
             "format": FORMAT_VERSION,
             "model": {"name": name or model_path.stem, "sha256": sha256_file(model_path), "source": model_path.name},
@@ -206,6 +225,8 @@ def compile_model(
             "precision": precision,
             **({"quantization": {**quant.report, **({"prequantized": prequantized} if prequantized else {})},
                 "accuracy": accuracy_report} if quant is not None else {}),
+            **({"tuning": {"file": edge_tuning.FILE, "trials_per_length": tune, "lengths": [int(n) for n in tuning_doc["lengths"]],
+                           "records": len(tuning_doc["records"])}} if tuning_doc is not None else {}),
             "target": {
                 "preset": preset.name,
                 "arch": preset.arch,

@@ -23,6 +23,13 @@ def add_arguments(p) -> None:
                    "(embeddings, layernorm, softmax, head) and/or weight-name globs (default: embeddings,layernorm,softmax,head)")
     q.add_argument("--min-accuracy", type=float, help="threshold of the accuracy report (encoder: mean cosine, default 0.99; decoder: top-1 agreement, default 0.90)")
     q.add_argument("--accept-accuracy", action="store_true", help="write the artifact even when accuracy is below the threshold")
+    t = p.add_argument_group("tuning (see docs/kernels.md)")
+    t.add_argument("--tune", type=int, metavar="TRIALS", help="tune with MetaSchedule: TRIALS measured candidates per "
+                   "sequence length; the records ship in the artifact and the device's JIT applies them")
+    t.add_argument("--tune-lengths", metavar="N,N,...", help="sequence lengths to tune, batch 1 "
+                   "(default: 16,32,64,128,256 up to --max-seq)")
+    t.add_argument("--tune-dir", metavar="DIR", help="where the search state is kept for resuming "
+                   "(default: ~/.cache/edgejit/tuning/<module+target key>)")
 
 
 def main(args) -> int:
@@ -32,5 +39,6 @@ def main(args) -> int:
         calibrate=args.calibrate, activations=args.activations,
         keep_float=None if args.keep_float is None else args.keep_float.split(","),
         min_accuracy=args.min_accuracy, accept_accuracy=args.accept_accuracy,
+        tune=args.tune, tune_lengths=args.tune_lengths, tune_dir=args.tune_dir,
     )
     return 0

@@ -13,11 +13,15 @@ from pathlib import Path
 from .errors import TargetError
 
 # Bump when the pipeline or the kernels change the code they generate.
-PIPELINE_VERSION = "4"
+PIPELINE_VERSION = "5"
 
 
-def build(mod, target: dict, *, bind: dict[str, int] | None = None, tuning_dir: Path | None = None):
-    """Compile a Relax IRModule (params as inputs) for `target` into a relax Executable."""
+def build(mod, target: dict, *, bind: dict[str, int] | None = None, tuning=None):
+    """Compile a Relax IRModule (params as inputs) for `target` into a relax Executable.
+
+    `tuning` (edge.tuning.TuningRecords, checked for this target) schedules the functions it has
+    records for; they match only static shapes it was tuned for.
+    """
     import tvm
     from tvm import relax
 
@@ -26,7 +30,7 @@ def build(mod, target: dict, *, bind: dict[str, int] | None = None, tuning_dir: 
     if bind:
         mod = relax.transform.BindSymbolicVars(bind)(mod)
     tvm_target = tvm.target.Target(target)
-    mod = kernels.optimize(mod, tvm_target, tuning_dir=tuning_dir)
+    mod = kernels.optimize(mod, tvm_target, tuning=tuning)
     with tvm_target, tvm.transform.PassContext(opt_level=3, config={"s_tir.LoopPartition": {"partition_const_loop": True}}):
         return tvm.compile(mod, target=tvm_target, relax_pipeline=kernels.relax_pipeline(tvm_target))
 

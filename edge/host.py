@@ -55,6 +55,18 @@ def cpu_features() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name (/proc/cpuinfo 'model name'), for reports."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def cores() -> int:
     """Cores this process may run on (respects taskset/cgroup affinity)."""
     try:

@@ -77,7 +77,7 @@ class Runtime:
     def run(self, inputs) -> list[np.ndarray]:
         arrays, dims = bind_inputs(self.artifact.inputs, inputs, self.artifact.manifest["dims"])
         seq = dims.get(self.artifact.seq_dim)
-        route = self.specializer.route(seq) if self.specializer and seq is not None else None
+        route = self.specializer.route(seq, dims) if self.specializer and seq is not None else None
         start = time.perf_counter()
         if route is None:
             outs, kind = self.generic(arrays), "generic"

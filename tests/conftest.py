@@ -24,6 +24,7 @@ def _model_fixture(name: str):
 
 bert_onnx = _model_fixture("bert_onnx")  # TorchScript exporter, BERT encoder
 bert_dynamo_onnx = _model_fixture("bert_dynamo_onnx")  # dynamo exporter, BERT encoder
+wide_bert_onnx = _model_fixture("wide_bert_onnx")  # TorchScript exporter, BERT at hidden 384, 1 layer
 gpt2_onnx = _model_fixture("gpt2_onnx")  # TorchScript exporter, GPT-2 causal decoder
 gpt2_dynamo_onnx = _model_fixture("gpt2_dynamo_onnx")  # dynamo exporter, GPT-2 causal decoder
 gpt2_external_onnx = _model_fixture("gpt2_external_onnx")  # as gpt2_onnx, weights in model.onnx.data

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import build as edge_build
-from .. import host
+from .. import host, tuning
 from ..artifact import edgejit_version, tvm_versions
 from ..module import CompiledModule
 from ..padding import pad_inputs, slice_outputs
@@ -83,14 +83,37 @@ class Specializer:
         self._closed = False
         self._relax_mod = None
         self._scratch = Path(tempfile.mkdtemp(prefix="edgejit-jit-"))
+        self.tuning = self._load_tuning()
         self._load_profile()
         if self.policy.mode != "off" and self.policy.preload == "startup":
             for length in self.hot_lengths():
                 self._submit(length)
 
+    def _load_tuning(self):
+        """The artifact's tuning records, or None (without them, or when they do not apply here)."""
+        if tuning.FILE not in self.artifact.manifest.get("files", {}):
+            return None
+        try:
+            return tuning.TuningRecords.load(
+                self.artifact.file(tuning.FILE), self.artifact.target, self.artifact.manifest["target"].get("requires", [])
+            )
+        except Exception as e:  # untuned variants are still correct: keep specializing without
+            log.error("not applying %s's tuning records: %s", self.artifact.name, e)
+            return None
+
+    def tuned(self, length: int) -> bool:
+        return self.tuning is not None and length in self.tuning.lengths
+
+    def bind(self, length: int) -> dict[str, int]:
+        """The static shape of the variant for this bucket: tuned lengths are tuned at batch 1,
+        so their variants bind every other symbolic dim to 1 as well (the records match only
+        that shape); other variants bind the sequence length alone and serve any batch."""
+        return self.tuning.bind(length) if self.tuned(length) else {self.artifact.seq_dim: length}
+
     # -- serving ---------------------------------------------------------------------------
-    def route(self, seq: int) -> Route | None:
-        """Pick the module for a request of length `seq` (None: the generic module)."""
+    def route(self, seq: int, dims: dict[str, int] | None = None) -> Route | None:
+        """Pick the module for a request of length `seq` (None: the generic module); `dims`
+        (every symbolic dim of the request) decides whether a batch-1 variant fits."""
         length = self.policy.target_length(seq, self.artifact.max_seq, self.padding_safe)
         with self._lock:
             self._lengths[seq].hits += 1
@@ -99,7 +122,9 @@ class Specializer:
             module = self._variants.get(length)
             if module is None and self._wants_compile(length, st):
                 self._submit_locked(length, st)
-        return Route(self, module, length) if module is not None else None
+        if module is None or not _fits(module.bind, dims, self.artifact.seq_dim):
+            return None
+        return Route(self, module, length)
 
     def record(self, seq: int, kind: str) -> None:
         with self._lock:
@@ -153,7 +178,7 @@ class Specializer:
             "model_sha256": self.artifact.model_sha256,
             "module_sha256": m["files"].get("module.json"),
             "tuning_sha256": m["files"].get("tuning.json"),
-            "bind": {self.artifact.seq_dim: length},
+            "bind": self.bind(length),
             "target": self.artifact.target,
             "arch": host.arch(),
             "requires": m["target"].get("requires", []),
@@ -216,7 +241,7 @@ class Specializer:
             from .worker import compile_in_worker
 
             result = compile_in_worker(
-                self.artifact, fields["bind"], out,
+                self.artifact, fields["bind"], out, tuned=self.tuned(length),
                 timeout_s=self.policy.compile_timeout_s, memory_mb=self.policy.compile_memory_mb,
                 nice=self.policy.compile_nice,
             )
@@ -225,7 +250,9 @@ class Specializer:
                 self._fail(length, st, result.reason or "compile worker failed")
                 return None
         else:
-            edge_build.export(edge_build.build(self._module(), self.artifact.target, bind=fields["bind"]), out, self.artifact.target)
+            records = self.tuning if self.tuned(length) else None
+            edge_build.export(edge_build.build(self._module(), self.artifact.target, bind=fields["bind"], tuning=records),
+                              out, self.artifact.target)
         st.compile_s = time.perf_counter() - start
         st.source = "compiled"
         self._emit("compile_finished", length, duration_s=st.compile_s)
@@ -273,8 +300,9 @@ class Specializer:
                 "padding_safe": self.padding_safe,
                 "cache": {"dir": str(self.cache.root), "usable": self.cache.usable, "why": self.cache.why_unusable, "corrupt_dropped": self.cache.corrupt},
                 "lengths": {n: {"hits": s.hits, "served": dict(s.served)} for n, s in sorted(self._lengths.items())},
+                "tuned_lengths": self.tuning.lengths if self.tuning is not None else [],
                 "variants": {
-                    n: {"state": s.state, "hits": s.hits, "compile_s": s.compile_s, "cache_hits": s.cache_hits,
+                    n: {"state": s.state, "tuned": self.tuned(n), "hits": s.hits, "compile_s": s.compile_s, "cache_hits": s.cache_hits,
                         "cache_misses": s.cache_misses, "attempts": s.attempts, "error": s.error, "source": s.source}
                     for n, s in sorted(self._states.items()) if s.state != "none" or s.hits
                 },
@@ -334,3 +362,9 @@ class Specializer:
         self.persist()
         if not busy:
             shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+def _fits(bind: dict[str, int], dims: dict[str, int] | None, seq_dim: str) -> bool:
+    """Whether a request with these dims can run on a variant bound to `bind` (the sequence
+    length is padded up to the variant's; any other bound dim must be equal)."""
+    return all(dims is not None and dims.get(d) == v for d, v in bind.items() if d != seq_dim)

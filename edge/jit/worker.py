@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..tuning import FILE as TUNING_FILE
+
 TEST_FAULT_ENV = "EDGEJIT_WORKER_TEST_FAULT"
 ERROR_PREFIX = "edgejit-worker: error: "
 EXIT_ERROR, EXIT_BAD_REQUEST, EXIT_MEMORY = 1, 2, 3
@@ -64,6 +66,7 @@ def compile_in_worker(
     bind: dict[str, int],
     out_path: Path,
     *,
+    tuned: bool = False,
     timeout_s: float,
     memory_mb: int | None,
     nice: int = 10,
@@ -71,13 +74,15 @@ def compile_in_worker(
     """Compile the artifact's module with `bind` into the shared library `out_path`, in a worker.
 
     `artifact` is an edge.artifact.Artifact (preferred: its manifest was verified when opened) or
-    an artifact directory. Returns a WorkerResult; worker failures (error, crash, timeout,
+    an artifact directory. `tuned`: apply the artifact's tuning records (`bind` is then one of
+    their shapes). Returns a WorkerResult; worker failures (error, crash, timeout,
     out-of-memory) never raise here.
     """
     out_path = Path(out_path)
     try:
         manifest, artifact_dir = _manifest_of(artifact)
         target, module_sha = manifest["target"]["tvm"], manifest["files"]["module.json"]
+        tuning_sha = manifest["files"][TUNING_FILE] if tuned else None
     except (OSError, ValueError, KeyError, TypeError) as e:
         return WorkerResult(False, 0.0, f"cannot read the artifact's manifest: {type(e).__name__}: {e}")
     start = time.monotonic()
@@ -88,6 +93,9 @@ def compile_in_worker(
     request = {
         "module": str(Path(artifact_dir).resolve() / "module.json"),
         "module_sha256": module_sha,
+        "tuning": str(Path(artifact_dir).resolve() / TUNING_FILE) if tuned else None,
+        "tuning_sha256": tuning_sha,
+        "requires": manifest["target"].get("requires", []),
         "target": target,
         "bind": {str(k): int(v) for k, v in bind.items()},
         "out": str(out_path.resolve()),
@@ -256,14 +264,17 @@ def _test_fault(fault: str | None, stage: str):
     return None
 
 
+def _verified(path: str, expected: str | None) -> bytes:
+    data = Path(path).read_bytes()
+    if expected and hashlib.sha256(data).hexdigest() != expected:
+        raise RuntimeError(f"{path} does not match the manifest's checksum (changed since the artifact was verified)")
+    return data
+
+
 def _compile(request: dict, fault: str | None) -> None:
     import contextlib
 
-    module_path = Path(request["module"])
-    data = module_path.read_bytes()
-    expected = request.get("module_sha256")
-    if expected and hashlib.sha256(data).hexdigest() != expected:
-        raise RuntimeError(f"{module_path} does not match the manifest's checksum (changed since the artifact was verified)")
+    data = _verified(request["module"], request.get("module_sha256"))
 
     import tvm
 
@@ -271,9 +282,15 @@ def _compile(request: dict, fault: str | None) -> None:
 
     mod = tvm.ir.load_json(data.decode("utf-8"))
     target = request["target"]
+    records = None
+    if request.get("tuning"):
+        from ..tuning import TuningRecords
+
+        records = TuningRecords(json.loads(_verified(request["tuning"], request.get("tuning_sha256"))), request["tuning"])
+        records.check(target, request.get("requires", []))
     ctx = _test_fault(fault, "build") or contextlib.nullcontext()
     with ctx:
-        executable = edge_build.build(mod, target, bind=request["bind"])
+        executable = edge_build.build(mod, target, bind=request["bind"], tuning=records)
     tmp = Path(request["scratch"]) / "variant.so"
     edge_build.export(executable, tmp, target)
     os.chmod(tmp, 0o600)

@@ -1,9 +1,9 @@
 """CPU kernels: weight layouts and schedule rules for transformer operators (docs/kernels.md).
 
 `optimize` runs at build time on the Relax module (params are function inputs, shapes possibly
-symbolic): it swaps matmuls against packed weights for the packed dense kernel and softmax for
-its chunked kernel, legalizes and fuses the graph, then schedules every PrimFunc that is not
-already scheduled.
+symbolic): `lower` swaps matmuls against packed weights for the packed dense kernel and softmax
+for its chunked kernel, legalizes and fuses the graph; then tuning records (when the artifact has
+them) and the rules schedule every PrimFunc that is not already scheduled.
 """
 
 from __future__ import annotations
@@ -11,15 +11,29 @@ from __future__ import annotations
 from .target import tile_rows, vector_lanes
 
 
-def optimize(mod, target, *, tuning_dir=None):
+def optimize(mod, target, *, tuning=None):
     """Relax/TIR passes that make the module fast on `target`; returns the module to compile.
 
-    The result is already legalized and fused: compile it with `relax_pipeline()`.
+    `tuning` (edge.tuning.TuningRecords) schedules the PrimFuncs it has records for; the rules
+    schedule the rest. The result is already legalized and fused: compile it with
+    `relax_pipeline()`.
     """
+    from . import rules
+
+    mod = lower(mod, target)
+    with target:
+        if tuning is not None:
+            mod = tuning.apply(mod)
+        return rules.schedule_module(mod, target)
+
+
+def lower(mod, target):
+    """The graph rewrites, legalization and fusion before scheduling: the PrimFuncs it leaves
+    are what the rules schedule and what `compile --tune` tunes (deploy/tune.py)."""
     import tvm
     from tvm import relax
 
-    from . import graph, packing, rules
+    from . import graph, packing
 
     with target:
         mod = packing.rewrite_packed_dense(mod, tile_rows(target))
@@ -28,7 +42,7 @@ def optimize(mod, target, *, tuning_dir=None):
         # erf/exp/tanh legalized as vectorizable polynomials (GELU, softmax) instead of libm
         # calls; called directly because inside a Sequential its opt_level (4) would skip it
         mod = relax.transform.FastMathTransform()(mod)
-        mod = tvm.transform.Sequential(
+        return tvm.transform.Sequential(
             [
                 relax.backend.DispatchSampling(),
                 relax.backend.DispatchSortScan(),
@@ -40,12 +54,6 @@ def optimize(mod, target, *, tuning_dir=None):
                 relax.transform.DeadCodeElimination(),
             ]
         )(mod)
-        if tuning_dir is not None:
-            from ..errors import EdgeJitError
-
-            raise EdgeJitError("tuning records are not supported yet (docs/kernels.md)")
-        mod = rules.schedule_module(mod, target)
-    return mod
 
 
 def relax_pipeline(target):

@@ -185,7 +185,11 @@ def _spatial(sch, block, lanes: int) -> None:
     if not loops:
         return
     *lead, last = loops
-    static = hasattr(sch.get(last).extent, "value")
+    # TVM 0.27 emits invalid LLVM for vectorized bool logic (an `and` of <16 x i1> with a
+    # <16 x i8> load): leave mask blocks scalar, they are tiny.
+    stmt = sch.get(block)
+    static = hasattr(sch.get(last).extent, "value") and not any(
+        str(r.source.dtype) == "bool" for r in (*stmt.reads, *stmt.writes))
     if not lead:
         if static:
             outer, inner = sch.split(last, factors=[None, lanes])
