@@ -115,7 +115,11 @@ def tune(mod, params, preset, *, dims: list[str], seq_dim: str, lengths: list[in
     set_threads(threads)  # the measuring subprocesses inherit the pool size
     target = tvm.target.Target(preset.target)
     ms_target = tvm.target.Target(dict(preset.target, **{"num-cores": threads}))
-    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        (work_dir / ".writable").touch()
+    except OSError as e:
+        raise EdgeJitError(f"cannot keep the search state in {work_dir}: {e.strerror or e} (choose another --tune-dir)") from None
     log(f"tuning {len(lengths)} lengths x {trials} trials for {preset.name} (search state: {work_dir}; "
         "interrupt at any time, the same command resumes)")
     doc = {
@@ -392,6 +396,10 @@ def _progress_callback(tasks: list[Task], done: int, trials: int, label: str, st
             self.start = time.monotonic()
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            if stop.requested:
+                raise _Stop()
+            if not runner_results:  # the search found no new candidate this round
+                return
             self.done += len(runner_results)
             for r in runner_results:
                 if r.run_secs:

@@ -189,6 +189,16 @@ def test_tune_refuses_a_target_that_does_not_run_here(wide_bert_onnx, tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+def test_unusable_tune_dir_is_one_line_error(tiny_onnx, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    p = edgejit_proc("compile", tiny_onnx, "-o", tmp_path / "a", "--tune", 4, "--tune-dir", blocker / "sub")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 1
+    assert err.strip().count("\n") == 0 and "cannot keep the search state" in err
+    assert not (tmp_path / "a").exists()
+
+
 def test_bad_lengths_and_missing_extras(monkeypatch):
     from deploy import tune
 
