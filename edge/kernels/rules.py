@@ -34,7 +34,7 @@ def schedule_func(func, target, name: str = "?"):
     """A scheduled copy of `func`, or None when no rule applies (it is then compiled as is)."""
     from tvm import s_tir
 
-    for rule in (_dense_rule, _softmax_rule, _matmul_rule, _row_rule, _reduction_rule, _elementwise_rule):
+    for rule in (_dense_rule, _softmax_rule, _matmul_rule, _lane_rule, _row_rule, _reduction_rule, _elementwise_rule):
         sch = s_tir.Schedule(func)
         try:
             if rule(sch, target):
@@ -115,6 +115,53 @@ def _matmul_rule(sch, target) -> bool:
     if after:
         _spatial(sch, after[-1].block_rv, lanes)
     sch.decompose_reduction(block, k)
+    return True
+
+
+def _lane_rule(sch, target) -> bool:
+    """Row reductions over a static last axis (layer norm): each reduction keeps `lanes` partial
+    sums over the row's vector chunks (rfactor over the lane) and adds them at the end, rows in
+    parallel, everything else inlined or computed per row. dlight's rule reduced with scalar loops
+    here; this is the schedule MetaSchedule found for layer norm (2-5x faster)."""
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    lanes = vector_lanes(target)
+    infos = normalize_prim_func(sch)
+    if not infos or len(infos) < 2 or not infos[-1].is_injective():
+        return False
+    ndim = len(infos[-1].dom_kind())
+    reductions = [b for b in infos if not b.is_injective()]
+    if not reductions or any(b.dom_kind().count("R") != 1 or b.dom_kind()[-1] != "R" or len(b.dom_kind()) != ndim for b in reductions):
+        return False
+    for b in reductions:
+        k = sch.get_loops(b.block_rv)[-1]
+        if not hasattr(sch.get(k).extent, "value") or int(sch.get(k).extent) % lanes:
+            return False
+    for b in infos[:-1]:
+        if b.is_injective():
+            sch.compute_inline(b.block_rv)
+    partials = []
+    for b in reductions:
+        *_, k = sch.get_loops(b.block_rv)
+        _, ki = sch.split(k, factors=[None, lanes])
+        partials.append(sch.rfactor(ki, factor_axis=0))
+    last = infos[-1].block_rv
+    *rows, col = sch.get_loops(last)
+    row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+    sch.parallel(row)
+    if hasattr(sch.get(col).extent, "value") and int(sch.get(col).extent) % lanes == 0:
+        _, lane = sch.split(col, factors=[None, lanes])
+        sch.vectorize(lane)
+    for b, rf in reversed(list(zip(reductions, partials))):
+        sch.compute_at(b.block_rv, row, preserve_unit_loops=True)
+        sch.compute_at(rf, row, preserve_unit_loops=True)
+    for rf in partials:
+        loops = sch.get_loops(rf)[1:]  # under the row loop: the lane loop, unit loops, the chunks
+        rko = loops[-1]
+        rki = next(lp for lp in loops[:-1] if int(sch.get(lp).extent) == lanes)
+        sch.reorder(rko, rki)
+        sch.vectorize(rki)
+        sch.decompose_reduction(rf, rko)
     return True
 
 

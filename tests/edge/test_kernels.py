@@ -118,6 +118,39 @@ def test_row_rule_symbolic_reduction():
         np.testing.assert_allclose(got.numpy(), a - a.mean(-1, keepdims=True), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("symbolic", [True, False], ids=["dynamic_rows", "static_rows"])
+def test_lane_rule_layer_norm(symbolic):
+    """Layer norm over a static hidden size: the lane-partial reduction rule takes it and the
+    result matches numpy, for symbolic and static row counts."""
+    import tvm
+    from tvm import relax, tirx
+
+    from edge.kernels import rules
+
+    hidden = 384
+    rows = tirx.Var("rows", "int64") if symbolic else 9
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((rows, hidden), "float32"))
+    g = relax.Var("g", relax.TensorType((hidden,), "float32"))
+    b = relax.Var("b", relax.TensorType((hidden,), "float32"))
+    with bb.function("main", [x, g, b]):
+        bb.emit_func_output(bb.emit(relax.op.nn.layer_norm(x, g, b, axes=[-1])))
+    mod = relax.transform.LegalizeOps()(bb.get())
+    (func,) = [f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
+    target = _tvm_target("host")
+    sch = tvm.s_tir.Schedule(func)
+    assert rules._lane_rule(sch, target)
+    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}), target=target).mod
+    rng = np.random.default_rng(0)
+    gamma, beta = rng.standard_normal(hidden).astype("float32"), rng.standard_normal(hidden).astype("float32")
+    for n in ((1, 7, 257) if symbolic else (9,)):
+        a = (rng.standard_normal((n, hidden)) * 3 + 1).astype("float32")
+        got = tvm.runtime.tensor(np.zeros_like(a))
+        lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(gamma), tvm.runtime.tensor(beta), got)
+        want = (a - a.mean(-1, keepdims=True)) / np.sqrt(a.var(-1, keepdims=True) + 1e-5) * gamma + beta
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4)
+
+
 def test_pack_weight_layout():
     w = np.arange(6 * 32, dtype="float32").reshape(6, 32)
     p = packing.pack_weight(w)
