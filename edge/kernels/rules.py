@@ -155,13 +155,7 @@ def _lane_rule(sch, target) -> bool:
     for b, rf in reversed(list(zip(reductions, partials))):
         sch.compute_at(b.block_rv, row, preserve_unit_loops=True)
         sch.compute_at(rf, row, preserve_unit_loops=True)
-    for rf in partials:
-        loops = sch.get_loops(rf)[1:]  # under the row loop: the lane loop, unit loops, the chunks
-        rko = loops[-1]
-        rki = next(lp for lp in loops[:-1] if int(sch.get(lp).extent) == lanes)
-        sch.reorder(rko, rki)
-        sch.vectorize(rki)
-        sch.decompose_reduction(rf, rko)
+    softmax.vectorize_partials(sch, partials, lanes)
     return True
 
 

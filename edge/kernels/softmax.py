@@ -70,6 +70,12 @@ def schedule(sch, lanes: int) -> None:
         sch.vectorize(lane)  # a symbolic column loop is left to LLVM's vectorizer
     for b in (sm, partials[1], mx, partials[0]):
         sch.compute_at(b, row, preserve_unit_loops=True)
+    vectorize_partials(sch, partials, lanes)
+
+
+def vectorize_partials(sch, partials, lanes: int) -> None:
+    """Lane-partial reduction blocks (rfactor over the lane), each computed at a row loop: the
+    chunk loop outside, the `lanes` partials vectorized inside."""
     for rf in partials:
         loops = sch.get_loops(rf)[1:]  # under the row loop: the lane loop, unit loops, the chunks
         rko = loops[-1]
