@@ -176,14 +176,14 @@ def compile_model(
         mod, params = optimize.prepare(mod, params, preset.tvm_target(), precision=precision)
     padding = check_padding(model_path, inputs, outputs, seq)
     symbolic = list(dict.fromkeys(d for s in inputs for d in s.shape if isinstance(d, str)))
+    import tvm
+
+    module_json = tvm.ir.save_json(mod)
     tuning_doc = None
     if tune is not None:
-        import tvm
-
-        mod_json = tvm.ir.save_json(mod)
         tuning_doc = tuner.tune(
             mod, params, preset, dims=symbolic, seq_dim=seq, lengths=tuner.parse_lengths(tune_lengths, max_seq),
-            trials=tune, work_dir=Path(tune_dir) if tune_dir else tuner.default_dir(mod_json, preset.target),
+            trials=tune, work_dir=Path(tune_dir) if tune_dir else tuner.default_dir(module_json, preset.target),
             inputs=inputs, log=log,
         )
 
@@ -208,9 +208,7 @@ def compile_model(
             )
             if prequantized:
                 accuracy_report["reference"] = "onnx.reference of the model with its int8 weights dequantized (fp32)"
-        import tvm
-
-        (tmp / "module.json").write_text(tvm.ir.save_json(mod))
+        (tmp / "module.json").write_text(module_json)
         np.savez(tmp / "params.npz", **{f"p{i}": p for i, p in enumerate(params)})
         if tuning_doc is not None:
             (tmp / edge_tuning.FILE).write_text(json.dumps(tuning_doc) + "\n")

@@ -139,10 +139,10 @@ def tune(mod, params, preset, *, dims: list[str], seq_dim: str, lengths: list[in
         static = relax.transform.BindSymbolicVars(bind)(mod)
         lowered = kernels.lower(static, target)
         tasks = _tasks(lowered, target)
-        chosen = [t for t in tasks if not t.tunable]
-        for t in chosen[max(1, trials // MIN_TRIALS_PER_TASK):]:
+        candidates = [t for t in tasks if not t.tunable]
+        chosen = candidates[: max(1, trials // MIN_TRIALS_PER_TASK)]
+        for t in candidates[len(chosen):]:
             t.tunable = "not among the largest (more trials would include it)"
-        chosen = [t for t in tasks if not t.tunable]
         total = sum(t.share_ms for t in tasks)
         log(f"{seq_dim}={length}: {len(tasks)} kernels, {total:.2f} ms with default schedules; tuning "
             + (", ".join(f"{t.name} ({100 * t.share_ms / total:.0f}%)" for t in chosen) or "none"))
@@ -278,7 +278,7 @@ def _search(tasks: list[Task], ms_target, work_dir: Path, trials: int, *, log, l
         ).clone()
         for i, t in enumerate(tasks)
     ]
-    stop = _StopFlag(log, label)
+    stop = _StopFlag(label)
     progress = _progress_callback(tasks, done, trials, label, stop)
     builder = ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S)
     with stop, _workers_without_torch(work_dir):
@@ -325,9 +325,9 @@ class _StopFlag:
     callbacks: an exception raised by a signal handler at an arbitrary point there can abort the
     process, so the first Ctrl-C only sets this flag and the progress callback raises."""
 
-    def __init__(self, log, label):
+    def __init__(self, label):
         self.requested = False
-        self.log, self.label = log, label
+        self.label = label
         self._previous = None
 
     def __enter__(self):
@@ -356,8 +356,6 @@ def _workers_without_torch(work_dir: Path):
     tvm_ffi imports torch whenever it is installed (a build host often has it): seconds per
     process for nothing, enough to hit the build timeout on a busy machine. Those processes get a
     `torch` that cannot be imported."""
-    import os
-
     stub = work_dir / ".no-torch"
     stub.mkdir(exist_ok=True)
     (stub / "torch.py").write_text('raise ImportError("torch is not used by edgejit\'s tuning workers")\n')
@@ -396,10 +394,12 @@ def _progress_callback(tasks: list[Task], done: int, trials: int, label: str, st
             self.start = time.monotonic()
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-            if stop.requested:
+            if runner_results:  # empty when the search found no new candidate this round
+                self._show(task_id, runner_results)
+            if stop.requested:  # this batch's records are committed by now (AddToDatabase runs first)
                 raise _Stop()
-            if not runner_results:  # the search found no new candidate this round
-                return
+
+        def _show(self, task_id, runner_results):
             self.done += len(runner_results)
             for r in runner_results:
                 if r.run_secs:
@@ -413,8 +413,6 @@ def _progress_callback(tasks: list[Task], done: int, trials: int, label: str, st
                     f"{task.name} best {best:.4f} ms (default {task.default_ms:.4f})" if best is not None else
                     f"{label}: {min(self.done, trials)}/{trials} trials; {task.name}: no valid candidate yet")
             print(("\r\033[K" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
-            if stop.requested:
-                raise _Stop()
 
         def finish(self):
             if tty:
@@ -427,9 +425,7 @@ def _keep_winners(tasks: list[Task], db, target, log) -> list[dict]:
     entries = []
     for t in tasks:
         wmod = tuning.workload_mod(t.func)
-        if not db.has_workload(wmod):
-            continue
-        workload = db.commit_workload(wmod)
+        workload = db.commit_workload(wmod)  # already there (_search commits every task's)
         top = db.get_top_k(workload, 1)
         if not top:
             log(f"  {t.name}: no valid candidate; default schedule kept")
