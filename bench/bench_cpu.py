@@ -1,7 +1,7 @@
 """Benchmark: compiled CPU kernels vs ONNX Runtime, same ONNX files, same process, same run.
 
 For the MiniLM-L6 encoder (real all-MiniLM-L6-v2 weights when they can be fetched, random
-otherwise) and a GPT-2-style decoder (deploy.examples.GPT2_SMALLISH, random weights), at each
+otherwise) and a GPT-2-style decoder (deploy.tools.examples.GPT2_SMALLISH, random weights), at each
 sequence length (batch 1) and thread count: latency of ONNX Runtime (CPU provider), of this
 project's generic module (symbolic sequence length) and of a variant specialized to that length,
 as ratios to ORT; achieved GFLOP/s of the variant (matmul FLOPs) against the machine's nominal
@@ -50,7 +50,7 @@ def matmul_flops(mod, seq: int) -> float:
 def nominal_peak_gflops(cores: int) -> tuple[float, str]:
     """cores x fp32 lanes x 2 (FMA) x 2 FMA pipes x nominal clock (cpu MHz in /proc/cpuinfo)."""
     from edge.kernels.target import vector_bits
-    from edge.targets import get_preset
+    from edge.artifact.targets import get_preset
 
     mhz = 0.0
     try:
@@ -80,25 +80,20 @@ def timed(fn, min_s: float, max_reps: int) -> float:
 
 
 def feeds_for(sess, seq: int, rng) -> dict:
-    feeds = {}
-    for i in sess.get_inputs():
-        if i.name == "input_ids":
-            feeds[i.name] = rng.integers(0, 1000, (1, seq)).astype("int64")
-        elif "mask" in i.name:
-            feeds[i.name] = np.ones((1, seq), "int64")
-        else:
-            feeds[i.name] = np.zeros((1, seq), "int64")
-    return feeds
+    from edge.runtime.samples import token_inputs
+
+    return token_inputs([i.name for i in sess.get_inputs()], seq, vocab=1000, seed=rng)
 
 
 def bench_model(name, path, lengths, thread_counts, args, peak_per_core, log):
     import onnxruntime as ort
     import tvm
 
-    from deploy import onnx_import, optimize
-    from edge import build as edge_build
-    from edge.module import CompiledModule, set_threads
-    from edge.targets import get_preset
+    from deploy.frontends.onnx import importer as onnx_import
+    from deploy.compiler import prepare as optimize
+    from edge.runtime import pipeline as edge_build
+    from edge.runtime.module import CompiledModule, set_threads
+    from edge.artifact.targets import get_preset
 
     preset = get_preset("host")
     model = onnx_import.load(path)
@@ -107,9 +102,9 @@ def bench_model(name, path, lengths, thread_counts, args, peak_per_core, log):
     tparams = [tvm.runtime.tensor(p) for p in params]
     records = None
     if args.tune:
-        from deploy import tune
-        from deploy.compile import signature
-        from edge.tuning import TuningRecords
+        from deploy.compiler import tuner as tune
+        from deploy.compiler.driver import signature
+        from edge.runtime.tuning_records import TuningRecords
 
         inputs, _ = signature(mod, [i.name for i in model.graph.input])
         doc = tune.tune(mod, params, preset, dims=["batch", "seq"], seq_dim="seq", lengths=lengths, trials=args.tune,
@@ -175,12 +170,12 @@ def main(argv=None) -> int:
     p.add_argument("--tune", type=int, default=0, metavar="TRIALS", help="also tune each length with TRIALS MetaSchedule trials")
     p.add_argument("--tune-dir", type=Path, help="search state (default: the example cache's bench-cpu/tune)")
     args = p.parse_args(argv)
-    from deploy import examples
-    from edge import host
+    from deploy.tools import examples
+    from edge import machine
 
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else ([16, 128] if args.quick else [16, 64, 128, 256])
     args.rounds, args.min_s, args.reps = (2, 0.2, 10) if args.quick else (3, 0.3, 30)
-    cores = host.cores()
+    cores = machine.cores()
     thread_counts = sorted({1, cores})
     work = examples.cache_dir() / "bench-cpu"
     args.tune_dir = args.tune_dir or work / "tune"
@@ -230,10 +225,10 @@ def main(argv=None) -> int:
         tuned_text = ["Tuned variants: not measured in this run (`--tune TRIALS`)."]
     body = "\n".join([
         f"Models: MiniLM-L6 encoder ({weights_note}; hidden 384, 12 heads, 6 layers, FFN 1536) and a GPT-2-style "
-        f"decoder (deploy.examples.GPT2_SMALLISH: 6 layers x 384, vocab 8192, random weights), batch 1, fp32, untuned "
+        f"decoder (deploy.tools.examples.GPT2_SMALLISH: 6 layers x 384, vocab 8192, random weights), batch 1, fp32, untuned "
         "default schedules (edge/kernels). ONNX Runtime: CPU provider, same ONNX file, `intra_op_num_threads` = threads.",
         "",
-        "Latency: median per call through `edge.module.CompiledModule` (numpy in, numpy out) and `InferenceSession.run`; "
+        "Latency: median per call through `edge.runtime.module.CompiledModule` (numpy in, numpy out) and `InferenceSession.run`; "
         f"the three are interleaved, {args.rounds} rounds, best round kept. GFLOP counts matmul FLOPs only (2*M*N*K). "
         f"Peak: nominal, {peak_how} (x threads).",
         "",

@@ -41,7 +41,7 @@ def main() -> int:
     import onnxruntime as ort
 
     import edge
-    from deploy.broker import free_port
+    from deploy.tools.processes import free_port
     from tests.edge.daemon_helpers import DaemonProcess, write_config
 
     work = Path(tempfile.mkdtemp(prefix="edgejit-bench-daemon-"))

@@ -99,12 +99,12 @@ def main() -> int:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from tokenizers import Tokenizer
 
-    from deploy import examples
-    from deploy.compile import compile_model
-    from edge import build as edge_build
-    from edge import host
-    from edge.artifact import Artifact
-    from edge.module import CompiledModule, set_threads
+    from deploy.tools import examples
+    from deploy.compiler.driver import compile_model
+    from edge.runtime import pipeline as edge_build
+    from edge import machine
+    from edge.artifact.reader import Artifact
+    from edge.runtime.module import CompiledModule, set_threads
     import os
 
     load_start = os.getloadavg()[0]
@@ -117,8 +117,8 @@ def main() -> int:
 
     t0 = time.perf_counter()
     arts = {p: compile_model(model_path, "host", work / p, precision=p, log=lambda *_: None) for p in ("fp32", "int8")}
-    host_preset = Artifact.open(arts["int8"]).manifest["target"]["preset"]
-    if host_preset != "x86-64-avx2" and "avx2" in host.cpu_features():
+    host_preset = Artifact.open(arts["int8"]).manifest.target.preset
+    if host_preset != "x86-64-avx2" and "avx2" in machine.cpu_features():
         # the kernels CI machines (AVX2, no VNNI) get, measured on this CPU
         for p in ("fp32", "int8"):
             arts[f"{p} avx2"] = compile_model(model_path, "x86-64-avx2", work / f"{p}-avx2", precision=p, log=lambda *_: None)
@@ -129,7 +129,7 @@ def main() -> int:
     quantize_dynamic(str(model_path), str(ort_int8), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
     quantize_dynamic(str(model_path), str(ort_int8_default), weight_type=QuantType.QInt8)
 
-    cores = host.cores()
+    cores = machine.cores()
     thread_counts = sorted({1, cores})
 
     def ours(precision, bind, threads):
@@ -139,7 +139,7 @@ def main() -> int:
             lib = tvm.runtime.load_module(str(art.file("generic.so")))
         else:
             mod = tvm.ir.load_json(art.file("module.json").read_text())
-            lib = edge_build.build(mod, art.manifest["target"]["tvm"], bind=bind)
+            lib = edge_build.build(mod, art.target, bind=bind)
         return CompiledModule(lib, params, kind="bench", threads=threads)
 
     def ort_session(path, threads):
@@ -232,7 +232,7 @@ def main() -> int:
     load_end = os.getloadavg()[0]
     lines += ["", f"Machine load (1-min average) {load_start:.1f} at the start, {load_end:.1f} at the end: the machine "
               f"is shared, so rows with more threads than idle cores measure contention more than scaling."]
-    int8_manifest = Artifact.open(arts["int8"]).manifest
+    int8_manifest = Artifact.open(arts["int8"]).manifest.to_json()
     lines += ["", f"int8 artifact: {int8_manifest['quantization']['quantized']} matmuls quantized with the "
               f"`{int8_manifest['quantization']['isa']}` kernels; compile-time report (synthetic samples): "
               f"{int8_manifest['accuracy']['metric']} = {int8_manifest['accuracy']['value']:.5f}."]

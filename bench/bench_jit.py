@@ -60,14 +60,14 @@ def main() -> int:
     import onnxruntime as ort
 
     import edge
-    from deploy.compile import compile_model
-    from deploy.corpus import request_stream
+    from deploy.compiler.driver import compile_model
+    from deploy.tools.corpus import request_stream
 
     work = Path(tempfile.mkdtemp(prefix="bench-jit-"))
     if args.model:
         model, tokenizer = Path(args.model), Path(args.tokenizer)
     else:
-        from deploy import examples
+        from deploy.tools import examples
 
         model = examples.write_minilm(work / "example", log=lambda *a: None)
         tokenizer = model.parent / examples.TOKENIZER_FILE

@@ -28,7 +28,7 @@ from bench.common import write_results  # noqa: E402
 
 
 def listener_cost(tmp: Path, n: int) -> float:
-    from deploy.broker import free_port
+    from deploy.tools.processes import free_port
     from edge.telemetry import Publisher
 
     pub = Publisher({"port": free_port(), "device_id": "bench", "window_s": 3600, "spool_path": str(tmp / "l.sqlite")})
@@ -83,7 +83,7 @@ def windows(n_windows: int, devices: int, n_series: int = 10) -> list[tuple[str,
 
 
 def ingest_rate(tmp: Path, n_windows: int, devices: int = 20) -> float:
-    from deploy.coordinator import Store, validate
+    from deploy.fleet.coordinator import Store, validate
 
     payloads = windows(n_windows, devices)
     store = Store(tmp / "ingest.sqlite")
@@ -98,8 +98,8 @@ def ingest_rate(tmp: Path, n_windows: int, devices: int = 20) -> float:
 def end_to_end(tmp: Path, n_windows: int, devices: int = 4) -> tuple[float, int, int]:
     """Devices' windows (sent by one paho client per device, QoS 1) through Mosquitto into the
     coordinator (validate, store, commit, then PUBACK)."""
-    from deploy.broker import Broker
-    from deploy.coordinator import Coordinator, Store
+    from deploy.fleet.broker import Broker
+    from deploy.fleet.coordinator import Coordinator, Store
     from edge.telemetry import BrokerSettings
     from edge.telemetry.mqtt import make_client
 

@@ -14,15 +14,15 @@ import numpy as np
 
 
 def machine() -> str:
-    from edge import host
+    from edge import machine
 
-    model = host.cpu_model()
-    flags = sorted(f for f in host.cpu_features() if f in {"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "asimd", "asimddp"})
+    model = machine.cpu_model()
+    flags = sorted(f for f in machine.cpu_features() if f in {"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "asimd", "asimddp"})
     try:
         llvm_cpu = __import__("tvm").target.codegen.llvm_get_system_cpu()
     except Exception:
         llvm_cpu = "?"
-    return f"{model} (LLVM: {llvm_cpu}), {host.cores()} cores usable, {', '.join(flags)}; {platform.platform()}; Python {platform.python_version()}"
+    return f"{model} (LLVM: {llvm_cpu}), {machine.cores()} cores usable, {', '.join(flags)}; {platform.platform()}; Python {platform.python_version()}"
 
 
 def command() -> str:

@@ -1,0 +1,1 @@
+"""edgejit on the build host: frontends, quantization, the compiler that writes artifacts, fleet tools and the host commands. May import onnx, torch and the other host extras; edge/ never imports it."""

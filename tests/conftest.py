@@ -41,7 +41,7 @@ def tiny_onnx(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_onnx, tmp_path_factory):
     """The tiny encoder compiled for this machine (shared: tests must not modify it)."""
-    from deploy.compile import compile_model
+    from deploy.compiler.driver import compile_model
 
     return compile_model(tiny_onnx, "host", tmp_path_factory.mktemp("tiny_art") / "tiny", max_seq=128, log=lambda *a: None)
 
@@ -49,7 +49,7 @@ def tiny_artifact(tiny_onnx, tmp_path_factory):
 def _host_artifact(model_fixture: str, name: str):
     @pytest.fixture(scope="session", name=name)
     def _fixture(request, tmp_path_factory):
-        from deploy.compile import compile_model
+        from deploy.compiler.driver import compile_model
 
         model = request.getfixturevalue(model_fixture)
         return compile_model(model, "host", tmp_path_factory.mktemp("artifacts") / name, log=lambda *a: None)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.broker import Broker, find_mosquitto
+from deploy.fleet.broker import Broker, find_mosquitto
 from edge.telemetry import BrokerSettings
 
 FLEET = "f1"

@@ -1,6 +1,6 @@
 """JIT specialization: static-shape variants for the sequence lengths a device actually sees."""
 
-from .policy import JitPolicy
-from .specializer import Specializer
+from edge.jit.policy import JitPolicy
+from edge.jit.specializer import Specializer
 
 __all__ = ["JitPolicy", "Specializer"]

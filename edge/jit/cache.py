@@ -18,27 +18,22 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import tempfile
 from pathlib import Path
 
-from ..artifact import sha256_file
-from ..files import write_atomic
+from edge import machine
+from edge.artifact.reader import sha256_file
+from edge.files import copy_atomic, write_atomic
 
 log = logging.getLogger("edgejit.jit")
 
 
-def _xdg(var: str, fallback: str) -> Path:
-    value = os.environ.get(var)
-    return Path(value) if value and os.path.isabs(value) else Path.home() / fallback
-
-
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("EDGEJIT_CACHE_DIR") or _xdg("XDG_CACHE_HOME", ".cache") / "edgejit" / "variants")
+    return Path(os.environ.get("EDGEJIT_CACHE_DIR") or machine.cache_dir("variants"))
 
 
 def default_state_dir() -> Path:
-    return Path(os.environ.get("EDGEJIT_STATE_DIR") or _xdg("XDG_STATE_HOME", ".local/state") / "edgejit")
+    return Path(os.environ.get("EDGEJIT_STATE_DIR") or machine.state_dir())
 
 
 def cache_key(fields: dict) -> str:
@@ -60,17 +55,10 @@ def device_secret(state_dir: Path) -> bytes:
         path.unlink(missing_ok=True)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     secret = secrets.token_bytes(32)
-    fd, tmp = tempfile.mkstemp(prefix=".cache-secret.", dir=state_dir)  # 0600
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(secret.hex())
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, path)  # publish complete, and only if no other process published first
+    try:  # publish complete, and only if no other process published first
+        write_atomic(path, secret.hex().encode(), 0o600, exclusive=True)
     except FileExistsError:
         return bytes.fromhex(path.read_text().strip())
-    finally:
-        os.unlink(tmp)
     return secret
 
 
@@ -168,18 +156,7 @@ class VariantCache:
             return None
         so, meta_path = self._paths(key)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".so", dir=self.root)
-            try:
-                with os.fdopen(fd, "wb") as dst, open(library, "rb") as src:
-                    shutil.copyfileobj(src, dst)
-                    dst.flush()
-                    os.fsync(dst.fileno())
-                os.chmod(tmp, 0o600)
-                os.rename(tmp, so)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            copy_atomic(library, so, 0o600)
             meta = {"key": key, "size": so.stat().st_size, "sha256": sha256_file(so), "fields": fields}
             meta["hmac"] = self._mac(meta)
             write_atomic(meta_path, json.dumps(meta, indent=1).encode())

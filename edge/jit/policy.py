@@ -7,8 +7,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import EdgeJitError
-from ..targets import CONFIG_DIR
+from edge.errors import EdgeJitError
+from edge import configs
 
 MODES = ("on", "off", "readonly", "redo")
 
@@ -50,8 +50,8 @@ class JitPolicy:
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides) -> "JitPolicy":
-        """Read a policy TOML file (default: configs/jit-policy.toml), then apply overrides."""
-        path = Path(path) if path else CONFIG_DIR / "jit-policy.toml"
+        """Read a policy TOML file (default: jit-policy.toml, found by edge.configs.find), then apply overrides."""
+        path = Path(path) if path else configs.find("jit-policy.toml")
         try:
             data = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:

@@ -15,14 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import build as edge_build
-from .. import host, tuning
-from ..artifact import edgejit_version, tvm_versions
-from ..module import CompiledModule
-from ..padding import pad_inputs, slice_outputs
-from ..files import write_atomic
-from .cache import VariantCache, cache_key, default_cache_dir, default_state_dir, device_secret
-from .policy import JitPolicy, resolve
+from edge.runtime import pipeline as edge_build
+from edge import machine
+from edge.runtime import tuning_records as tuning
+from edge.artifact.reader import edgejit_version, tvm_versions
+from edge.runtime.module import CompiledModule
+from edge.runtime.padding_policy import pad_inputs, slice_outputs
+from edge.files import write_atomic
+from edge.jit.cache import VariantCache, cache_key, default_cache_dir, default_state_dir, device_secret
+from edge.jit.policy import JitPolicy, resolve
 
 log = logging.getLogger("edgejit.jit")
 
@@ -68,7 +69,7 @@ class Specializer:
         self.runtime = runtime
         self.artifact = runtime.artifact
         self.policy: JitPolicy = resolve(jit)
-        self.padding_safe = bool(self.artifact.manifest.get("padding", {}).get("safe"))
+        self.padding_safe = self.artifact.manifest.padding_safe
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
         self.cache = VariantCache(
             Path(cache_dir) if cache_dir else default_cache_dir(),
@@ -91,11 +92,11 @@ class Specializer:
 
     def _load_tuning(self):
         """The artifact's tuning records, or None (without them, or when they do not apply here)."""
-        if tuning.FILE not in self.artifact.manifest.get("files", {}):
+        if tuning.FILE not in self.artifact.manifest.files:
             return None
         try:
             return tuning.TuningRecords.load(
-                self.artifact.file(tuning.FILE), self.artifact.target, self.artifact.manifest["target"].get("requires", [])
+                self.artifact.file(tuning.FILE), self.artifact.target, self.artifact.manifest.target.requires
             )
         except Exception as e:  # untuned variants are still correct: keep specializing without
             log.error("not applying %s's tuning records: %s", self.artifact.name, e)
@@ -176,12 +177,12 @@ class Specializer:
         m = self.artifact.manifest
         return {
             "model_sha256": self.artifact.model_sha256,
-            "module_sha256": m["files"].get("module.json"),
-            "tuning_sha256": m["files"].get("tuning.json"),
+            "module_sha256": m.files.get("module.json"),
+            "tuning_sha256": m.files.get("tuning.json"),
             "bind": self.bind(length),
             "target": self.artifact.target,
-            "arch": host.arch(),
-            "requires": m["target"].get("requires", []),
+            "arch": machine.arch(),
+            "requires": m.target.requires,
             "versions": tvm_versions(),
             "precision": self.artifact.precision,
             "pipeline": edge_build.PIPELINE_VERSION,
@@ -238,7 +239,7 @@ class Specializer:
         out = self._scratch / f"{key[:16]}.{uuid.uuid4().hex[:8]}.so"  # unique: dlopen caches by path
         start = time.perf_counter()
         if self.policy.isolate:
-            from .worker import compile_in_worker
+            from edge.jit.worker import compile_in_worker
 
             result = compile_in_worker(
                 self.artifact, fields["bind"], out, tuned=self.tuned(length),

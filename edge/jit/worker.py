@@ -9,8 +9,8 @@ process only waits for it:
 
 The request goes to the worker as JSON on stdin (never pickle). The worker limits itself before
 it imports the compiler (address space, CPU time, niceness; it dies with its parent), loads the
-artifact's module.json (checked against the manifest's sha256), runs edge.build.build with the
-binding and edge.build.export, and renames the library onto `out_path`. The parent enforces the
+artifact's module.json (checked against the manifest's sha256), runs edge.runtime.pipeline.build with the
+binding and edge.runtime.pipeline.export, and renames the library onto `out_path`. The parent enforces the
 wall-clock timeout by killing the worker's whole process group (the linker included).
 
 The limits are applied by the worker itself rather than in a `preexec_fn`: the serving process is
@@ -37,7 +37,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..tuning import FILE as TUNING_FILE
+from edge.artifact.manifest import MANIFEST, Manifest
+from edge.errors import ArtifactError
+from edge.runtime.tuning_records import FILE as TUNING_FILE
 
 TEST_FAULT_ENV = "EDGEJIT_WORKER_TEST_FAULT"
 ERROR_PREFIX = "edgejit-worker: error: "
@@ -81,9 +83,9 @@ def compile_in_worker(
     out_path = Path(out_path)
     try:
         manifest, artifact_dir = _manifest_of(artifact)
-        target, module_sha = manifest["target"]["tvm"], manifest["files"]["module.json"]
-        tuning_sha = manifest["files"][TUNING_FILE] if tuned else None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        target, module_sha = manifest.target.tvm, manifest.files["module.json"]
+        tuning_sha = manifest.files[TUNING_FILE] if tuned else None
+    except (OSError, ValueError, KeyError, TypeError, ArtifactError) as e:
         return WorkerResult(False, 0.0, f"cannot read the artifact's manifest: {type(e).__name__}: {e}")
     start = time.monotonic()
     try:
@@ -95,7 +97,7 @@ def compile_in_worker(
         "module_sha256": module_sha,
         "tuning": str(Path(artifact_dir).resolve() / TUNING_FILE) if tuned else None,
         "tuning_sha256": tuning_sha,
-        "requires": manifest["target"].get("requires", []),
+        "requires": manifest.target.requires,
         "target": target,
         "bind": {str(k): int(v) for k, v in bind.items()},
         "out": str(out_path.resolve()),
@@ -138,14 +140,12 @@ def compile_in_worker(
     return _result(proc.returncode, text, duration, timed_out, timeout_s, memory_mb, out_path)
 
 
-def _manifest_of(artifact) -> tuple[dict, Path]:
+def _manifest_of(artifact) -> tuple[Manifest, Path]:
     manifest = getattr(artifact, "manifest", None)
     if manifest is not None:
         return manifest, Path(artifact.path)
     artifact_dir = Path(artifact)
-    from ..artifact import MANIFEST
-
-    return json.loads((artifact_dir / MANIFEST).read_bytes()), artifact_dir
+    return Manifest.from_json(json.loads((artifact_dir / MANIFEST).read_bytes())), artifact_dir
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -278,13 +278,13 @@ def _compile(request: dict, fault: str | None) -> None:
 
     import tvm
 
-    from .. import build as edge_build
+    from edge.runtime import pipeline as edge_build
 
     mod = tvm.ir.load_json(data.decode("utf-8"))
     target = request["target"]
     records = None
     if request.get("tuning"):
-        from ..tuning import TuningRecords
+        from edge.runtime.tuning_records import TuningRecords
 
         records = TuningRecords(json.loads(_verified(request["tuning"], request.get("tuning_sha256"))), request["tuning"])
         records.check(target, request.get("requires", []))

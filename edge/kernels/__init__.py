@@ -8,17 +8,17 @@ them) and the rules schedule every PrimFunc that is not already scheduled.
 
 from __future__ import annotations
 
-from .target import tile_rows, vector_lanes
+from edge.kernels.target import tile_rows, vector_lanes
 
 
 def optimize(mod, target, *, tuning=None):
     """Relax/TIR passes that make the module fast on `target`; returns the module to compile.
 
-    `tuning` (edge.tuning.TuningRecords) schedules the PrimFuncs it has records for; the rules
+    `tuning` (edge.runtime.tuning_records.TuningRecords) schedules the PrimFuncs it has records for; the rules
     schedule the rest. The result is already legalized and fused: compile it with
     `relax_pipeline()`.
     """
-    from . import rules
+    from edge.kernels import rules
 
     mod = lower(mod, target)
     with target:
@@ -33,7 +33,7 @@ def lower(mod, target):
     import tvm
     from tvm import relax
 
-    from . import graph, packing
+    from edge.kernels import graph, packing
 
     with target:
         mod = packing.rewrite_packed_dense(mod, tile_rows(target))

@@ -39,7 +39,7 @@ def rewrite_softmax(mod, lanes: int):
     import tvm
     from tvm import relax, te
 
-    from . import softmax
+    from edge.kernels import softmax
 
     @relax.expr_functor.mutator
     class _Rewrite(relax.PyExprMutator):

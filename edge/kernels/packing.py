@@ -1,6 +1,6 @@
 """Weights in a blocked layout: how the host packs them and how the build finds them again.
 
-`deploy.optimize.prepare` replaces a matmul weight parameter W [K, N] by Wp [N / PANEL, K, PANEL]
+`deploy.compiler.prepare.prepare` replaces a matmul weight parameter W [K, N] by Wp [N / PANEL, K, PANEL]
 (`pack_weight` runs once over the real weights on the host) and recomputes W inside the function
 as `reshape(permute_dims(Wp, [1, 0, 2]), [K, N])`, so the module stays correct for any pipeline.
 At build time `rewrite_packed_dense` turns `matmul(x, <that expression>)` into the packed dense
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import dense
+from edge.kernels import dense
 
 PANEL = 16  # columns per panel: 2 AVX2 vectors, 1 AVX-512 vector, 4 NEON vectors
 

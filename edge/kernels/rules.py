@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from . import dense, softmax
-from .target import tile_panels, vector_lanes
+from edge.kernels import dense, softmax
+from edge.kernels.target import tile_panels, vector_lanes
 
 _DEBUG = bool(os.environ.get("EDGEJIT_KERNELS_DEBUG"))
 _SCHEDULED = ("tirx.is_scheduled", "tir.is_scheduled")

@@ -7,8 +7,8 @@ import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .mqtt import BROKER_KEYS, BrokerSettings, TelemetryError
-from .protocol import valid_id
+from edge.telemetry.mqtt import BROKER_KEYS, BrokerSettings, TelemetryError
+from edge.telemetry.protocol import valid_id
 
 
 def default_device_id() -> str:

@@ -27,11 +27,11 @@ from importlib import metadata
 
 import paho.mqtt.client as mqtt
 
-from .. import host
-from . import protocol, sketch
-from .config import TelemetryConfig
-from .mqtt import TelemetryError, connect_properties, make_client
-from .spool import Spool
+from edge import machine
+from edge.telemetry import protocol, sketch
+from edge.telemetry.config import TelemetryConfig
+from edge.telemetry.mqtt import TelemetryError, connect_properties, make_client
+from edge.telemetry.spool import Spool
 
 log = logging.getLogger("edgejit.telemetry")
 
@@ -52,7 +52,7 @@ def model_info(obj) -> dict:
         "name": art.name,
         "sha256": art.model_sha256,
         "precision": art.precision,
-        "target": art.manifest.get("target"),
+        "target": art.manifest.target.to_json(),
     }
 
 
@@ -338,7 +338,7 @@ class Publisher:
             **self._header("birth", session, seq),
             "ts": time.time(),
             "host": {
-                "arch": host.arch(), "cores": host.cores(), "cpu_features": sorted(host.cpu_features()),
+                "arch": machine.arch(), "cores": machine.cores(), "cpu_features": sorted(machine.cpu_features()),
                 "os": platform.platform(), "python": platform.python_version(),
             },
             "versions": {"edgejit": _version("edgejit"), "tvm": _version("apache-tvm"), "tvm_ffi": _version("apache-tvm-ffi")},

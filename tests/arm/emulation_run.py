@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from deploy import arm_emulation
+from deploy.tools import arm_emulation
 
 MODELS = ("gpt2_onnx",)  # tiny real-exporter causal LM (tests/fixtures/models.py)
 TARGETS = ("aarch64", "rpi5")  # generic ARMv8.0 (run on a Cortex-A53 model) and +dotprod (Cortex-A76)

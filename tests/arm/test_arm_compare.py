@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deploy import arm_emulation
+from deploy.tools import arm_emulation
 
 pytestmark = pytest.mark.arm
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from deploy import arm_emulation
+from deploy.tools import arm_emulation
 
 from tests.arm.emulation_run import JIT_SEQ, JIT_TARGET, LENGTHS, MODELS, PRECISIONS, TARGETS
 

@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from deploy.compile import compile_model
+from deploy.compiler.driver import compile_model
 from tests.fixtures import handmade
 
 EM_AARCH64, EM_X86_64 = 183, 62
@@ -89,7 +89,7 @@ def test_run_errors_are_one_line(tiny_artifact, tmp_path):
 
 
 def test_failed_compile_leaves_nothing(tiny_onnx, tmp_path, monkeypatch):
-    from edge import build
+    from edge.runtime import pipeline as build
 
     def boom(*a, **k):
         raise RuntimeError("compiler exploded")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy.coordinator import Coordinator, Store, report
+from deploy.fleet.coordinator import Coordinator, Store, report
 from edge.telemetry import BrokerSettings, Publisher
 from edge.telemetry.mqtt import make_client
 from tests.mqtt import FLEET, PASSWORDS, coordinator_settings, device_config, needs_mosquitto, start_broker, wait_for
@@ -316,7 +316,7 @@ def test_malformed_oversized_and_wrong_schema_rejected_and_counted(broker, coord
 
 
 def test_spool_over_bound_drops_oldest_and_is_reported(broker, coord, tmp_path):
-    from deploy.broker import free_port
+    from deploy.tools.processes import free_port
 
     db = coord.store.path
     cfg = device_config(broker, "dev-d", tmp_path, spool_max_windows=4, window_s=60)  # windows only on flush

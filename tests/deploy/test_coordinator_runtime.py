@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 import edge
-from deploy.coordinator import Coordinator, Store, report
+from deploy.fleet.coordinator import Coordinator, Store, report
 from edge.telemetry import Publisher
 from tests.fixtures import handmade
 from tests.mqtt import FLEET, coordinator_settings, device_config, needs_mosquitto, start_broker, wait_for

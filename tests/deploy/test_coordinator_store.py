@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from deploy.coordinator import Store, report, validate
+from deploy.fleet.coordinator import Store, report, validate
 from edge.telemetry import sketch
 
 FLEET = "f1"
@@ -95,7 +95,7 @@ def test_merge_does_not_depend_on_message_order_and_drops_duplicates(tmp_path):
 def test_split_stores_merge_to_the_same_report(tmp_path):
     """Two coordinators behind a shared subscription, each with its own database: `fleet --db a
     --db b` re-ingests both and equals one coordinator that saw everything."""
-    from deploy.coordinator.fleet_cmd import open_merged
+    from deploy.cli.fleet import open_merged
 
     msgs, _ = _stream(np.random.default_rng(4))
     whole = Store(tmp_path / "whole.sqlite", rollup_s=20)

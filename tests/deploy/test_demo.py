@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from edge.cli import COMMANDS
-from deploy.broker import find_mosquitto
+from deploy.fleet.broker import find_mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
 

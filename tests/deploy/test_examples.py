@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from deploy import examples
+from deploy.tools import examples
 from edge.errors import EdgeJitError
 
 

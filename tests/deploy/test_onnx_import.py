@@ -14,8 +14,8 @@ import onnxruntime as ort
 import pytest
 
 import edge
-from deploy import onnx_import
-from deploy.compile import compile_model
+from deploy.frontends.onnx import importer as onnx_import
+from deploy.compiler.driver import compile_model
 from edge.errors import ModelError
 
 from tests.fixtures import onnx_patterns
@@ -161,7 +161,7 @@ def test_unify_sequence_dims_names_inconsistent_dims():
 def test_list_dynamic_axes_export_gets_shared_dim_names(tmp_path):
     """torch.onnx with `dynamic_axes` given as lists names every input's dims differently."""
     torch = pytest.importorskip("torch")
-    from deploy import examples
+    from deploy.tools import examples
     from tests.fixtures import models
 
     module = examples.bert_module(examples.bert_model(models.TINY_BERT))

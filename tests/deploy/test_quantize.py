@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from deploy import accuracy, calibrate, quantize
-from deploy.compile import compile_model
-from edge import host
-from edge.artifact import TensorSpec
+from deploy.quantize.int8 import accuracy, calibrate, scheme as quantize
+from deploy.compiler.driver import compile_model
+from edge import machine
+from edge.artifact.reader import TensorSpec
 from edge.kernels import int8
 from tests.deploy.int8_models import transformer
 
@@ -29,7 +29,7 @@ ARM_TARGETS = {
 
 def _runnable(isa):
     target, needs = X86_TARGETS[isa]
-    return host.arch() == "x86_64" and not host.missing_features(needs)
+    return machine.arch() == "x86_64" and not machine.missing_features(needs)
 
 
 def _compile_kernels(k, n, isa, target):
@@ -123,7 +123,7 @@ def _spec_reference(path, feeds):
 
 
 def test_int8_encoder_compiles_runs_and_reports(encoder, tmp_path):
-    from edge.runtime import Runtime
+    from edge.runtime.runtime import Runtime
 
     logs = []
     out = compile_model(encoder, "host", tmp_path / "a", precision="int8", log=logs.append)
@@ -154,9 +154,10 @@ def test_int8_module_specializes_to_static_length(encoder, tmp_path):
     import tvm
     from tvm import relax
 
-    from deploy import onnx_import, optimize
-    from edge import build as edge_build
-    from edge.targets import get_preset
+    from deploy.frontends.onnx import importer as onnx_import
+    from deploy.compiler import prepare as optimize
+    from edge.runtime import pipeline as edge_build
+    from edge.artifact.targets import get_preset
 
     preset = get_preset("host")
     mod, params = onnx_import.to_relax(onnx_import.load(encoder))
@@ -176,7 +177,7 @@ def test_int8_decoder_static_calibration_keeps_head_float(decoder, tmp_path):
     cal = tmp_path / "cal.npz"
     np.savez(cal, input_ids=rng.integers(0, 96, (4, 24)), attention_mask=np.ones((4, 24), np.int64))
     # the avx2 kernels run on every x86 CI machine
-    target = "x86-64-avx2" if host.arch() == "x86_64" else "host"
+    target = "x86-64-avx2" if machine.arch() == "x86_64" else "host"
     out = compile_model(decoder, target, tmp_path / "d", precision="int8", calibrate=cal, activations="static", log=lambda *_: None)
     manifest = json.loads((out / "manifest.json").read_text())
     q = manifest["quantization"]
@@ -264,7 +265,7 @@ def test_prequantized_models_lower_to_the_int8_kernels(encoder, tmp_path):
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    from edge.runtime import Runtime
+    from edge.runtime.runtime import Runtime
 
     rng = np.random.default_rng(6)
     dyn, qdq = tmp_path / "dyn.onnx", tmp_path / "qdq.onnx"
@@ -337,7 +338,7 @@ def test_fused_gelu_epilogues(epilogue):
     import tvm
 
     isa = next((i for i in ("vnni512", "avx2") if _runnable(i)), "generic")
-    target = X86_TARGETS[isa][0] if host.arch() == "x86_64" else {"kind": "llvm"}
+    target = X86_TARGETS[isa][0] if machine.arch() == "x86_64" else {"kind": "llvm"}
     k, n, m = 32, 16, 3
     lib = tvm.compile(tvm.IRModule({"qd": int8.qdense(k, n, isa, epilogue).with_attr("global_symbol", "qd")}),
                       target=tvm.target.Target(target))
@@ -363,7 +364,7 @@ def test_int8_on_real_exporter_graphs(request, tmp_path, fixture, gelus, head):
     import onnx
     from onnx.reference import ReferenceEvaluator
 
-    from edge.runtime import Runtime
+    from edge.runtime.runtime import Runtime
 
     path = request.getfixturevalue(fixture)
     out = compile_model(path, "host", tmp_path / fixture, precision="int8", log=lambda *_: None)

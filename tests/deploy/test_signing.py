@@ -11,10 +11,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from deploy import keys
-from deploy.compile import compile_model
+from deploy.compiler import signing as keys
+from deploy.compiler.driver import compile_model
 from edge import cli
-from edge.trust import SIGNATURE_FILE, key_id, raw_public_key
+from edge.artifact.trust import SIGNATURE_FILE, key_id, raw_public_key
 
 
 @pytest.fixture

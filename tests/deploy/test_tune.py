@@ -15,11 +15,11 @@ import onnxruntime as ort
 import pytest
 
 import edge
-from edge.artifact import sha256_file
+from edge.artifact.reader import sha256_file
 from edge.errors import ArtifactError, EdgeJitError
 from edge.jit.policy import JitPolicy
-from edge.targets import get_preset
-from edge.tuning import TuningRecords
+from edge.artifact.targets import get_preset
+from edge.runtime.tuning_records import TuningRecords
 
 pytestmark = pytest.mark.slow
 
@@ -133,10 +133,10 @@ def test_records_apply_to_the_shape_they_were_tuned_for(tuned):
     from edge import kernels
 
     art = edge.Runtime(tuned["art"]).artifact
-    recs = TuningRecords.load(art.file("tuning.json"), art.target, art.manifest["target"]["requires"])
+    recs = TuningRecords.load(art.file("tuning.json"), art.target, art.manifest.target.requires)
     mod = tvm.ir.load_json(art.file("module.json").read_text())
     target = tvm.target.Target(art.target)
-    from deploy.tune import _not_tunable
+    from deploy.compiler.tuner import _not_tunable
 
     kept = sorted(r["name"] for r in recs.data["records"])
     lowered = kernels.lower(relax.transform.BindSymbolicVars({"batch": 1, "seq": LENGTH})(mod), target)
@@ -200,7 +200,7 @@ def test_unusable_tune_dir_is_one_line_error(tiny_onnx, tmp_path):
 
 
 def test_bad_lengths_and_missing_extras(monkeypatch):
-    from deploy import tune
+    from deploy.compiler import tuner as tune
 
     assert tune.parse_lengths(None, 100) == [16, 32, 64]
     assert tune.parse_lengths("64, 8", 100) == [8, 64]

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 import edge
-from edge.artifact import Artifact
+from edge.artifact.reader import Artifact
 from edge.errors import ArtifactError
 
 

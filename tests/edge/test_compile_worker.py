@@ -15,9 +15,9 @@ import onnxruntime as ort
 import pytest
 
 import edge
-from edge.artifact import Artifact
+from edge.artifact.reader import Artifact
 from edge.jit.worker import TEST_FAULT_ENV, compile_in_worker
-from edge.module import CompiledModule
+from edge.runtime.module import CompiledModule
 from tests.fixtures import handmade
 
 SEQ = 12

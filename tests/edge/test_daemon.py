@@ -210,9 +210,9 @@ def test_metrics_are_prometheus_text(daemon):
 
 def test_saturated_daemon_answers_503(tmp_path, tiny_artifact):
     """Admission control in process: with 1 worker and no queue, a second request is turned away."""
-    from edge.daemon.config import parse_config
-    from edge.daemon.server import Saturated
-    from edge.daemon.service import Daemon
+    from edge.serve.config import parse_config
+    from edge.serve.server import Saturated
+    from edge.serve.service import Daemon
 
     cfg = parse_config({"models": [{"name": "tiny", "artifact": str(tiny_artifact)}], "server": {"workers": 1, "queue": 0}, "runtime": {"allow_unsigned": True}}, base=tmp_path)
     d = Daemon(cfg)
@@ -236,7 +236,7 @@ def test_saturated_daemon_answers_503(tmp_path, tiny_artifact):
 def test_reload_swaps_atomically_and_rolls_back(tmp_path, tiny_artifact):
     """A new version swaps in while requests run; a corrupt one is rejected and the old one keeps
     serving; SIGHUP picks up a flipped symlink."""
-    from deploy.compile import compile_model
+    from deploy.compiler.driver import compile_model
 
     arts = tmp_path / "artifacts"
     v1 = shutil.copytree(tiny_artifact, arts / "v1")

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.artifact import TensorSpec
-from edge.daemon import codec
-from edge.daemon.config import ConfigError, load_config, parse_config
+from edge.artifact.reader import TensorSpec
+from edge.serve import codec
+from edge.serve.config import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,7 +23,7 @@ def test_shipped_example_config_parses():
     assert [m.name for m in cfg.models] == ["minilm"]
     assert cfg.server.host == "127.0.0.1" and cfg.server.port == 8765
     assert cfg.jit == {} and cfg.telemetry is None  # JIT on with the default policy, telemetry off
-    from edge.daemon.service import Daemon
+    from edge.serve.service import Daemon
 
     assert Daemon._check_jit(cfg.jit).mode == "on"
 
@@ -56,7 +56,7 @@ def test_bad_config_is_a_one_line_error(tmp_path, text, message):
 
 
 def test_bad_jit_policy_fails_at_startup(tmp_path):
-    from edge.daemon.service import Daemon
+    from edge.serve.service import Daemon
     from edge.errors import EdgeJitError
 
     cfg = parse_config({"models": [{"name": "a", "artifact": "x"}], "jit": {"min_hitz": 3}}, base=tmp_path)
@@ -117,8 +117,8 @@ def test_npz_response_round_trips():
 
 def test_unsigned_artifacts_need_explicit_permission(tiny_artifact, tmp_path):
     """Issue 9: with no trusted keys, the daemon starts only if the config allows unsigned artifacts."""
-    from edge.daemon.service import Daemon
-    from edge.trust import TrustConfigError
+    from edge.serve.service import Daemon
+    from edge.artifact.trust import TrustConfigError
 
     cfg = parse_config({"models": [{"name": "t", "artifact": str(tiny_artifact)}]}, base=tmp_path)
     with pytest.raises(TrustConfigError, match="no trusted_keys configured"):

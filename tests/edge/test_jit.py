@@ -89,7 +89,7 @@ def test_padded_bucket_keeps_results_exact(tiny_artifact, dirs, generic):
 
 
 def test_unsafe_padding_gets_exact_variants_only(tmp_path, dirs):
-    from deploy.compile import compile_model
+    from deploy.compiler.driver import compile_model
 
     art = compile_model(handmade.encoder(tmp_path / "u.onnx", masked_pooling=False), "host", tmp_path / "u", max_seq=64, log=lambda *a: None)
     rt, ev = make(art, dirs, buckets="pow2")
@@ -267,7 +267,7 @@ def test_planted_file_is_never_loaded(tiny_artifact, dirs):
     cache = dirs["cache_dir"]
     planted = cache / f"{key}.so"
     planted.write_bytes((tiny_artifact / "generic.so").read_bytes())
-    from edge.artifact import sha256_file
+    from edge.artifact.reader import sha256_file
 
     meta = {"key": key, "size": planted.stat().st_size, "sha256": sha256_file(planted), "fields": {}, "hmac": "0" * 64}
     (cache / f"{key}.json").write_text(json.dumps(meta))

@@ -8,11 +8,12 @@ import os
 import numpy as np
 import pytest
 
-from deploy import onnx_import, optimize
-from edge import build as edge_build
+from deploy.frontends.onnx import importer as onnx_import
+from deploy.compiler import prepare as optimize
+from edge.runtime import pipeline as edge_build
 from edge import kernels
 from edge.kernels import dense, packing, rules, target as ktarget
-from edge.targets import get_preset
+from edge.artifact.targets import get_preset
 
 
 def _tvm_target(preset: str):
@@ -162,16 +163,10 @@ def test_pack_weight_layout():
 def _feeds(model_path, seq: int, rng):
     import onnxruntime as ort
 
+    from edge.runtime.samples import token_inputs
+
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    feeds = {}
-    for i in sess.get_inputs():
-        if i.name == "input_ids":
-            feeds[i.name] = rng.integers(0, 100, (1, seq)).astype("int64")
-        elif "mask" in i.name:
-            feeds[i.name] = np.ones((1, seq), "int64")
-        else:
-            feeds[i.name] = np.zeros((1, seq), "int64")
-    return sess, feeds
+    return sess, token_inputs([i.name for i in sess.get_inputs()], seq, vocab=100, seed=rng)
 
 
 def _run(ex, params, arrays):
@@ -284,7 +279,7 @@ def test_set_threads_controls_parallelism():
     import tvm
     from tvm import s_tir, tirx
 
-    from edge.module import set_threads
+    from edge.runtime.module import set_threads
 
     target = _tvm_target("host")
     mod = _dense_func(tirx.IntImm("int64", 256), 256, 512, ktarget.tile_rows(target))

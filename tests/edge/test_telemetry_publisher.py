@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import queue
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -61,7 +62,7 @@ class FakeArtifact:
     name = "tiny-gpt2"
     model_sha256 = "ab" * 32
     precision = "int8"
-    manifest = {"target": {"preset": "x86-avx2", "tvm": {"kind": "llvm"}}}
+    manifest = SimpleNamespace(target=SimpleNamespace(to_json=lambda: {"preset": "x86-avx2", "tvm": {"kind": "llvm"}}))
 
 
 def test_birth_windows_and_clean_death(broker, tmp_path):
@@ -99,7 +100,7 @@ def test_birth_windows_and_clean_death(broker, tmp_path):
 
 
 def test_listener_calls_never_block_while_broker_is_unreachable(tmp_path):
-    from deploy.broker import free_port
+    from deploy.tools.processes import free_port
 
     cfg = {"port": free_port(), "device_id": "dev-x", "fleet": FLEET, "window_s": 0.05,
            "spool_path": str(tmp_path / "s.sqlite"), "reconnect_min_s": 0.05, "reconnect_max_s": 0.1}
@@ -204,7 +205,7 @@ def test_tls_settings_must_exist(tmp_path):
 
 
 def test_tls_with_password(tmp_path):
-    from deploy.broker import Broker
+    from deploy.fleet.broker import Broker
 
     with Broker(tmp_path / "tls-broker", users=PASSWORDS, tls=True) as b:
         w_cfg = device_config(b, "dev-a", tmp_path, tls={"ca_file": str(b.ca_file)})

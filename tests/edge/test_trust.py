@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import edge
-from deploy import keys
-from edge.artifact import Artifact
+from deploy.compiler import signing as keys
+from edge.artifact.reader import Artifact
 from edge.errors import ArtifactError
-from edge.module import CompiledModule
-from edge.trust import SIGNATURE_FILE, Trust, TrustConfigError, TrustError
+from edge.runtime.module import CompiledModule
+from edge.artifact.trust import SIGNATURE_FILE, Trust, TrustConfigError, TrustError
 from tests.fixtures import handmade
 
 
@@ -85,7 +85,7 @@ def test_tampered_manifest_refused(signed, owner_trust):
 
 def test_replaced_library_with_matching_manifest_refused(signed, owner_trust, tmp_path):
     """The full attack: swap the library and fix up the manifest's checksum to match."""
-    from edge.artifact import sha256_file
+    from edge.artifact.reader import sha256_file
 
     _flip_byte(signed / "generic.so")
     m = json.loads((signed / "manifest.json").read_text())

@@ -1,0 +1,44 @@
+"""`edgejit compile`: command-line front of deploy.compiler.driver."""
+
+from __future__ import annotations
+
+from deploy.compiler.driver import compile_model
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", help="ONNX model file (external data next to it is read too)")
+    p.add_argument("--target", "-t", default="host", help="target preset (see `edgejit targets`; default: host)")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--name", help="model name in the manifest (default: the file's stem)")
+    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
+    p.add_argument("--max-seq", type=int, help="longest sequence the artifact accepts (default: the model's position-embedding rows, at most 512)")
+    p.add_argument("--seq-dim", help="name of the symbolic sequence dim (default: dim 1 of the first input)")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact")
+    p.add_argument("--sign", metavar="KEY", help="sign the artifact with this private key (see `edgejit keygen`)")
+    q = p.add_argument_group("int8 (see docs/int8.md)")
+    q.add_argument("--calibrate", metavar="FILE", help="sample inputs: .npz (arrays named as the inputs) or .txt (texts, tokenizer.json next to the model)")
+    q.add_argument("--activations", choices=["dynamic", "static"], default="dynamic",
+                   help="activation scales: per token at run time (default) or per tensor from --calibrate")
+    q.add_argument("--keep-float", metavar="OPS", help="comma-separated ops kept in float: categories "
+                   "(embeddings, layernorm, softmax, head) and/or weight-name globs (default: embeddings,layernorm,softmax,head)")
+    q.add_argument("--min-accuracy", type=float, help="threshold of the accuracy report (encoder: mean cosine, default 0.99; decoder: top-1 agreement, default 0.90)")
+    q.add_argument("--accept-accuracy", action="store_true", help="write the artifact even when accuracy is below the threshold")
+    t = p.add_argument_group("tuning (see docs/kernels.md)")
+    t.add_argument("--tune", type=int, metavar="TRIALS", help="tune with MetaSchedule: TRIALS measured candidates per "
+                   "sequence length; the records ship in the artifact and the device's JIT applies them")
+    t.add_argument("--tune-lengths", metavar="N,N,...", help="sequence lengths to tune, batch 1 "
+                   "(default: 16,32,64,128,256 up to --max-seq)")
+    t.add_argument("--tune-dir", metavar="DIR", help="where the search state is kept for resuming "
+                   "(default: ~/.cache/edgejit/tuning/<module+target key>)")
+
+
+def main(args) -> int:
+    compile_model(
+        args.model, args.target, args.output, name=args.name, precision=args.precision,
+        max_seq=args.max_seq, seq_dim=args.seq_dim, force=args.force, sign=args.sign,
+        calibrate=args.calibrate, activations=args.activations,
+        keep_float=None if args.keep_float is None else args.keep_float.split(","),
+        min_accuracy=args.min_accuracy, accept_accuracy=args.accept_accuracy,
+        tune=args.tune, tune_lengths=args.tune_lengths, tune_dir=args.tune_dir,
+    )
+    return 0

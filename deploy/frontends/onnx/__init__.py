@@ -1,0 +1,1 @@
+"""The ONNX frontend: import exporter graphs (normalized shape arithmetic, custom converters) and lower pre-quantized models."""

