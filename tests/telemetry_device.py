@@ -18,7 +18,11 @@ import time
 
 import numpy as np
 
-from edge.telemetry import Publisher
+# Run as a script, this file's folder (tests/) would come first on sys.path, and tests/edge/ would
+# shadow the edge package as a namespace package: put the repository first.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from edge.telemetry import Publisher  # noqa: E402
 
 
 def main() -> None:

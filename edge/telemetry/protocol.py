@@ -1,14 +1,18 @@
 """Telemetry protocol version 1: topic names and payload builders (spec: docs/telemetry.md).
 
-Shared by the device publisher and the host coordinator, so both agree on every name.
+Shared by the device publisher and the host coordinator, so both agree on every name. The
+messages' JSON Schema (schema_v1.json, beside this file) is what the coordinator validates
+against (deploy/fleet/coordinator/validate.py).
 """
 
 from __future__ import annotations
 
 import re
 import urllib.parse
+from pathlib import Path
 
 PROTOCOL_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name(f"schema_v{PROTOCOL_VERSION}.json")
 
 # Topic kinds a device publishes under <prefix>/<fleet>/<device>/<kind>.
 DEVICE_KINDS = ("birth", "death", "metrics", "jit")

@@ -11,13 +11,12 @@ import functools
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import fastjsonschema
 
 from edge.telemetry import protocol, sketch
 
-SCHEMA_PATH = Path(__file__).with_name("schema_v1.json")
+SCHEMA_PATH = protocol.SCHEMA_PATH
 DEFAULT_MAX_PAYLOAD = 256 * 1024
 REASONS = ("oversized", "malformed", "schema", "mismatch", "topic", "error")
 

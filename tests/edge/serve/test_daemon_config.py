@@ -15,7 +15,7 @@ from edge.artifact.reader import TensorSpec
 from edge.serve import codec
 from edge.serve.config import ConfigError, load_config, parse_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_shipped_example_config_parses():

@@ -16,7 +16,7 @@ import numpy as np
 
 from deploy.tools.processes import free_port, stop_process  # noqa: F401  (free_port: for the tests)
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def toml_value(v) -> str:

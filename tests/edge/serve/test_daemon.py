@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import edge
-from tests.edge.daemon_helpers import DaemonProcess, free_port, sum_samples, write_config
+from tests.edge.serve.daemon_helpers import DaemonProcess, free_port, sum_samples, write_config
 from tests.fixtures import handmade
 
 # In-process compiles (no worker process start-up) keep the test short; the worker is tested in
