@@ -42,7 +42,7 @@ def main() -> int:
 
     import edge
     from deploy.tools.processes import free_port
-    from tests.edge.daemon_helpers import DaemonProcess, write_config
+    from tests.edge.serve.daemon_helpers import DaemonProcess, write_config
 
     work = Path(tempfile.mkdtemp(prefix="edgejit-bench-daemon-"))
     subprocess.run([sys.executable, "-m", "edge.cli", "example", "-o", str(work / "example")], check=True, cwd=ROOT, capture_output=True)
