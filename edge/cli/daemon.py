@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from edge import configs
 from edge.serve.config import ConfigError, ModelConfig, load_config, parse_config
 
 DEFAULT_CONFIG = Path("/etc/edgejit/daemon.toml")
@@ -36,7 +37,7 @@ def setup_logging(level: str) -> None:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", "-c", help=f"daemon config file (TOML; default: {DEFAULT_CONFIG}; example: configs/daemon.toml)")
+    p.add_argument("--config", "-c", help=f"daemon config file (TOML; default: {DEFAULT_CONFIG}; example: {configs.PACKAGE_DIR / 'daemon.toml'})")
     p.add_argument("--model", "-m", action="append", default=[], metavar="NAME=ARTIFACT",
                    help="serve this artifact too (or instead of a config file); repeatable")
     p.add_argument("--listen", metavar="HOST:PORT", help="override [server] host and port")
@@ -69,7 +70,7 @@ def build_config(args):
         changes["allow_unsigned"] = True
     cfg = dataclasses.replace(cfg, **changes)
     if not cfg.models:
-        raise ConfigError("nothing to serve: pass --config FILE (see configs/daemon.toml) or --model NAME=ARTIFACT")
+        raise ConfigError(f"nothing to serve: pass --config FILE (see {configs.PACKAGE_DIR / 'daemon.toml'}) or --model NAME=ARTIFACT")
     return cfg
 
 
