@@ -61,3 +61,43 @@ def _host_artifact(model_fixture: str, name: str):
 
 bert_artifact = _host_artifact("bert_onnx", "bert_artifact")
 gpt2_artifact = _host_artifact("gpt2_external_onnx", "gpt2_artifact")
+
+
+# -- text generation: the bundled SmolLM2 and tiny random-weight Llama GGUF files ------------------
+@pytest.fixture(scope="session")
+def smollm2_gguf(tmp_path_factory):
+    """The bundled chat model, SmolLM2-135M-Instruct Q4_1 (written by `edgejit example --model smollm2`)."""
+    from deploy.tools.examples import write_smollm2
+
+    return write_smollm2(tmp_path_factory.mktemp("smollm2"), log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(smollm2_gguf, tmp_path_factory):
+    """SmolLM2 compiled for this machine once per session (shared: tests must not modify it)."""
+    from deploy.compiler.decoder import compile_decoder
+
+    return compile_decoder(smollm2_gguf, "host", tmp_path_factory.mktemp("smollm2_art") / "smollm2", context=1024, log=lambda *a: None)
+
+
+# name -> write_llama_gguf options: GQA with a tied head; an untied head (MHA); llama3 RoPE scaling
+TINY_LLAMAS = {
+    "gqa_tied": dict(seed=1),
+    "untied_mha": dict(seed=2, heads=4, kv_heads=4, tied=False, rope_theta=500000.0),
+    "llama3_scaling": dict(seed=3, llama3_scaling=dict(factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                       original_max_position_embeddings=64)),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_llamas(smollm2_gguf, tmp_path_factory):
+    """{name: (fixture dict from write_llama_gguf, host artifact path)}: each compiled once."""
+    from deploy.compiler.decoder import compile_decoder
+    from tests.fixtures.gguf_llama import write_llama_gguf
+
+    root = tmp_path_factory.mktemp("tiny_llama")
+    out = {}
+    for name, opts in TINY_LLAMAS.items():
+        fx = write_llama_gguf(root / f"{name}.gguf", smollm2_gguf, **opts)
+        out[name] = (fx, compile_decoder(fx["path"], "host", root / name, log=lambda *a: None))
+    return out

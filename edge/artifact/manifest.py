@@ -116,7 +116,64 @@ class Versions:
         return {"tvm": self.tvm, "ffi": self.ffi}
 
 
-_KNOWN = ("format", "model", "inputs", "outputs", "seq_dim", "dims", "padding", "precision", "quantization",
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """The tokenizer shipped in the artifact and the model's special tokens."""
+
+    file: str  # tokenizer.json (the `tokenizers` library's format)
+    kind: str  # what the source described: gpt2 (byte-level BPE), llama (sentencepiece BPE)
+    bos_id: int | None
+    eos_id: int | None
+    stop_ids: list[int]  # generation ends at any of these (EOS, end-of-turn tokens)
+    add_bos: bool  # prepend BOS to a prompt (unless it already starts with it)
+    bos_token: str = ""
+    eos_token: str = ""
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TokenizerInfo":
+        return cls(d["file"], d["kind"], d.get("bos_id"), d.get("eos_id"), [int(i) for i in d.get("stop_ids", [])],
+                   bool(d.get("add_bos", False)), d.get("bos_token", ""), d.get("eos_token", ""))
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "kind": self.kind, "bos_id": self.bos_id, "eos_id": self.eos_id,
+                "stop_ids": list(self.stop_ids), "add_bos": self.add_bos, "bos_token": self.bos_token,
+                "eos_token": self.eos_token}
+
+
+@dataclass(frozen=True)
+class DecoderInfo:
+    """What a text-generation artifact (kind "decoder") needs beyond the tensor signature: the
+    architecture and its hyper-parameters, the KV cache geometry and memory, the tokenizer and
+    chat template. The module has the functions prefill, decode and create_kv_cache."""
+
+    architecture: str
+    config: dict  # the model definition's hyper-parameters (hidden_size, num_hidden_layers, ...)
+    context_length: int  # what the model was trained for
+    default_context: int  # what the runtime allocates unless told otherwise
+    prefill_chunk: int  # most prompt tokens per prefill call
+    kv_bytes_per_token: int  # KV cache memory per token of context (all layers, K and V)
+    weight_bytes: int  # the weights in memory
+    param_names: list[str]  # the module's weights, in params.npz order
+    tokenizer: TokenizerInfo
+    chat_template: str | None = None  # file with the Jinja chat template, if the model has one
+    source: dict = field(default_factory=dict)  # what the weights came from (format, tensor types)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "DecoderInfo":
+        return cls(d["architecture"], dict(d["config"]), int(d["context_length"]), int(d["default_context"]),
+                   int(d["prefill_chunk"]), int(d["kv_bytes_per_token"]), int(d["weight_bytes"]),
+                   list(d["param_names"]), TokenizerInfo.from_json(d["tokenizer"]), d.get("chat_template"),
+                   dict(d.get("source") or {}))
+
+    def to_json(self) -> dict:
+        return {"architecture": self.architecture, "config": self.config, "context_length": self.context_length,
+                "default_context": self.default_context, "prefill_chunk": self.prefill_chunk,
+                "kv_bytes_per_token": self.kv_bytes_per_token, "weight_bytes": self.weight_bytes,
+                "param_names": list(self.param_names), "tokenizer": self.tokenizer.to_json(),
+                "chat_template": self.chat_template, "source": self.source}
+
+
+_KNOWN = ("format", "kind", "decoder", "model", "inputs", "outputs", "seq_dim", "dims", "padding", "precision", "quantization",
           "accuracy", "tuning", "target", "tvm", "pipeline", "edgejit", "created", "files")
 
 
@@ -139,6 +196,8 @@ class Manifest:
     tuning: TuningInfo | None = None
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256, every file but the manifest
     format: int = FORMAT_VERSION
+    kind: str = "tensor"  # "tensor": inputs -> outputs in one call (encoders); "decoder": text generation
+    decoder: DecoderInfo | None = None  # kind "decoder" only
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as they are
 
     @property
@@ -152,6 +211,7 @@ class Manifest:
     def to_json(self) -> dict:
         d = {
             "format": self.format,
+            "kind": self.kind,
             "model": self.model.to_json(),
             "inputs": [s.to_json() for s in self.inputs],
             "outputs": [s.to_json() for s in self.outputs],
@@ -165,6 +225,8 @@ class Manifest:
             d["accuracy"] = self.accuracy
         if self.tuning is not None:
             d["tuning"] = self.tuning.to_json()
+        if self.decoder is not None:
+            d["decoder"] = self.decoder.to_json()
         d.update({
             "target": self.target.to_json(),
             "tvm": self.tvm.to_json(),
@@ -185,6 +247,8 @@ class Manifest:
         try:
             return cls(
                 format=d["format"],
+                kind=_kind(d.get("kind", "tensor")),
+                decoder=DecoderInfo.from_json(d["decoder"]) if d.get("kind") == "decoder" else None,
                 model=ModelInfo.from_json(d["model"]),
                 inputs=[TensorSpec.from_json(s) for s in d["inputs"]],
                 outputs=[TensorSpec.from_json(s) for s in d["outputs"]],
@@ -208,6 +272,19 @@ class Manifest:
         except (TypeError, ValueError, AttributeError) as e:
             raise ManifestError(f"malformed manifest: {e}") from None
 
+    @property
+    def is_decoder(self) -> bool:
+        return self.kind == "decoder"
+
     def dims_json(self) -> dict[str, dict]:
         """The dims as the input binder takes them ({name: {"min", "max"}})."""
         return {n: r.to_json() for n, r in self.dims.items()}
+
+
+KINDS = ("tensor", "decoder")
+
+
+def _kind(k) -> str:
+    if k not in KINDS:
+        raise ManifestError(f"artifact kind {k!r} is not known to this runtime (known: {', '.join(KINDS)})")
+    return k

@@ -29,6 +29,15 @@ class Preset:
     def runs_here(self) -> bool:
         return self.arch == machine.arch() and not machine.missing_features(self.requires)
 
+    def check_linker(self) -> None:
+        """Cross targets need their linker on this machine to write the module's shared library."""
+        import shutil
+
+        if self.linker and shutil.which(self.linker) is None:
+            raise TargetError(
+                f"target {self.name} needs the aarch64 linker '{self.linker}': install the Debian package gcc-aarch64-linux-gnu"
+            )
+
 
 def load_presets(path: Path | None = None) -> dict[str, Preset]:
     path = path or configs.find("targets.json")

@@ -13,10 +13,12 @@ from edge.errors import EdgeJitError
 
 # name -> (module, one-line help). Host-side modules live in deploy/.
 COMMANDS = {
-    "compile": ("deploy.cli.compile", "compile an ONNX model into an artifact for a target preset"),
+    "compile": ("deploy.cli.compile", "compile an ONNX or GGUF model into an artifact for a target preset"),
     "example": ("deploy.cli.example", "write the bundled example model (all-MiniLM-L6-v2) to a directory"),
     "keygen": ("deploy.cli.keygen", "make an Ed25519 key pair for signing artifacts (compile --sign)"),
     "run": ("edge.cli.run", "run an artifact once on this machine"),
+    "generate": ("edge.cli.generate", "generate a reply to one prompt with a decoder artifact, streamed to stdout"),
+    "chat": ("edge.cli.chat", "chat with a decoder artifact in the terminal"),
     "daemon": ("edge.cli.daemon", "serve artifacts over a local HTTP API with the JIT (see docs/daemon.md)"),
     "demo": ("deploy.cli.demo", "run the whole system on this machine: compile, broker, coordinator, daemon, traffic, report"),
     "targets": ("edge.cli.targets", "list the target presets"),
@@ -25,7 +27,7 @@ COMMANDS = {
 }
 
 
-HOST_PACKAGES = ("onnx", "onnxruntime", "onnxscript", "torch", "transformers", "tokenizers")
+HOST_PACKAGES = ("onnx", "onnxruntime", "onnxscript", "torch", "transformers", "gguf")
 
 
 def _host_only(name: str, e: ModuleNotFoundError) -> EdgeJitError | None:

@@ -37,6 +37,7 @@ def lower(mod, target):
 
     with target:
         mod = packing.rewrite_packed_dense(mod, tile_rows(target))
+        mod = packing.rewrite_packed_gather(mod)
         mod = graph.expand_small_powers(mod)
         mod = graph.rewrite_softmax(mod, vector_lanes(target))
         # erf/exp/tanh legalized as vectorizable polynomials (GELU, softmax) instead of libm

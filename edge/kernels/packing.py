@@ -105,7 +105,11 @@ def rewrite_packed_dense(mod, rows: int):
             if wp is None:
                 return call
             x = call.args[0]
-            return self.builder_.call_te(dense.compute, x, wp, rows, primfunc_name_hint="dense_packed")
+            m = 1
+            for d in x.ty.shape.values[:-1]:
+                m = m * int(d.value) if m is not None and hasattr(d, "value") else None
+            tile = min(rows, m) if m else rows  # a static batch of fewer rows: no wasted rows
+            return self.builder_.call_te(dense.compute, x, wp, tile, primfunc_name_hint="dense_packed")
 
         def _packed_weight(self, call):
             if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.matmul" or not isinstance(call.args[1], relax.Var):
@@ -139,3 +143,44 @@ def rewrite_packed_dense(mod, rows: int):
         if isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint.startswith("dense_packed"):
             mod[gv] = func.with_attr("op_pattern", 4)
     return relax.transform.DeadCodeElimination()(mod)
+
+
+def gather_compute(wp, ids):
+    """Rows `ids` of W^T [N, K] read straight from the packed Wp [N / n, K, n]."""
+    from tvm import te
+
+    n = wp.shape[2]
+    return te.compute((*ids.shape, wp.shape[1]), lambda *i: wp[ids[i[:-1]] // n, i[-1], ids[i[:-1]] % n], name="edgejit_gather_packed")
+
+
+def rewrite_packed_gather(mod):
+    """take(reshape(permute_dims(Wp, [0, 2, 1]), [N, K]), ids, axis=0) -> one gather kernel that
+    reads the packed weight directly (a tied embedding shares the LM head's packed copy), instead
+    of unpacking the whole table for every call."""
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = self.visit_expr_post_order(call)
+            if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.take" or int(call.attrs.axis) != 0:
+                return call
+            table = call.args[0]
+            reshape = self.lookup_binding(table) if isinstance(table, relax.Var) else None
+            if not (isinstance(reshape, relax.Call) and getattr(reshape.op, "name", "") == "relax.reshape"):
+                return call
+            perm = reshape.args[0]
+            if isinstance(perm, relax.Var):
+                perm = self.lookup_binding(perm)
+            if not (isinstance(perm, relax.Call) and getattr(perm.op, "name", "") == "relax.permute_dims"):
+                return call
+            if [int(a) for a in perm.attrs.axes] != [0, 2, 1] or not isinstance(perm.args[0], relax.Var):
+                return call
+            return self.builder_.call_te(gather_compute, perm.args[0], call.args[1], primfunc_name_hint="gather_packed")
+
+    rewriter = _Rewriter(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(rewriter.builder_.get())

@@ -10,6 +10,7 @@ import numpy as np
 
 from edge import machine
 from edge.artifact.reader import Artifact
+from edge.errors import ArtifactError
 from edge.runtime.module import CompiledModule
 from edge.runtime.signature import bind_inputs
 from edge.artifact.trust import Trust
@@ -48,6 +49,8 @@ class Runtime:
         if trust is not None and not isinstance(trust, Trust):
             trust = Trust.load(trust)  # key files/directories: signed artifacts only
         self.artifact = Artifact.open(artifact, trust=trust)
+        if self.artifact.manifest.is_decoder:
+            raise ArtifactError(f"{self.artifact.path}: a text-generation model: use `edgejit generate` / `edgejit chat` or edge.Generator")
         self.threads = threads or machine.cores()
         self.listeners = list(listeners)
         params = [tvm.runtime.tensor(p) for p in self.artifact.load_params()]

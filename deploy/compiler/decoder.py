@@ -1,0 +1,150 @@
+"""`edgejit compile MODEL.gguf`: a text-generation model -> decoder artifact for a target preset.
+
+file -> frontend (deploy/frontends/gguf: metadata, tensors, tokenizer) -> model definition
+(deploy/models/<arch>: relax.frontend.nn over TVM's paged KV cache, weights mapped onto it)
+-> build (edge/runtime/pipeline: the same pipeline the device JIT uses) -> artifact.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from edge.artifact.manifest import DecoderInfo, DimRange, Manifest, ModelInfo, TargetInfo, TensorSpec, TokenizerInfo, Versions
+from edge.artifact.reader import edgejit_version, sha256_file, tvm_versions
+from edge.artifact.targets import Preset, get_preset
+from edge.errors import EdgeJitError
+from edge.generate.decoder import kv_bytes_per_token
+from edge.runtime import pipeline
+
+from deploy.compiler import signing
+from deploy.compiler.artifact_writer import ArtifactWriter, now_utc
+from deploy.frontends.gguf import tokenizer as gguf_tokenizer
+from deploy.frontends.gguf.reader import GGUFFile
+from deploy.models import registry
+
+DEFAULT_CONTEXT = 4096  # what the runtime allocates unless told otherwise (llama.cpp's default too)
+PREFILL_CHUNK = 512  # most prompt tokens per prefill call: bounds activation memory
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model read from its file, in the model definition's terms."""
+
+    arch: str
+    config: object  # the architecture's Config dataclass
+    weights: dict  # Hugging Face names and layout, fp32
+    tokenizer: object  # tokenizers.Tokenizer
+    tokenizer_info: dict
+    source: dict
+
+
+def load_gguf(path: Path, log=print) -> LoadedModel:
+    f = GGUFFile(path)
+    model = registry.get(f.architecture, source=path.name)
+    cfg = model.config_from_gguf(f)
+    t0 = time.perf_counter()
+    weights = model.weights_from_gguf(f, cfg)
+    types = dict(collections.Counter(f.tensor_type(n) for n in f.tensors))
+    log(f"read {path.name}: {f.architecture}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+        f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}; tensors "
+        + ", ".join(f"{n} {t}" for t, n in sorted(types.items(), key=lambda kv: -kv[1]))
+        + f", dequantized to fp32 ({time.perf_counter() - t0:.1f}s)")
+    tok, info = gguf_tokenizer.build(f)
+    if tok.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
+        raise EdgeJitError(f"{path.name}: the tokenizer has more tokens ({tok.get_vocab_size()}) than the model's vocabulary ({cfg.vocab_size})")
+    return LoadedModel(f.architecture, cfg, weights, tok, info, {"format": "gguf", "tensor_types": types})
+
+
+def export_module(arch: str, cfg, target: dict):
+    """-> (Relax IRModule with prefill / decode / create_kv_cache, parameter names in call order)."""
+    import tvm
+
+    model = registry.get(arch).Model(cfg)
+    with tvm.target.Target(target):
+        mod, named = model.export_tvm(spec=model.get_default_spec())
+    # TVM generates the KV cache's attention and copy kernels ready to compile; the rules
+    # schedule only the functions the model's own operators lower to.
+    for gv, fn in list(mod.functions_items()):
+        if isinstance(fn, tvm.tirx.PrimFunc):
+            mod[gv] = fn.with_attr("tirx.is_scheduled", True)
+    return mod, [n for n, _ in named]
+
+
+def compile_decoder(
+    model_path: str | Path,
+    target: str | Preset,
+    out: str | Path,
+    *,
+    name: str | None = None,
+    context: int | None = None,
+    force: bool = False,
+    sign: str | Path | None = None,
+    log=print,
+) -> Path:
+    """Compile a GGUF model into the decoder artifact `out`."""
+    import tvm
+
+    preset = get_preset(target) if isinstance(target, str) else target
+    signing_key = signing.load_private_key(sign) if sign else None
+    ArtifactWriter.check_destination(out, force=force)
+    preset.check_linker()
+    model_path = Path(model_path)
+    t0 = time.perf_counter()
+    m = load_gguf(model_path, log=log)
+    cfg = m.config
+    trained = int(cfg.context_window_size)
+    if context is not None and not 1 <= context <= trained:
+        raise EdgeJitError(f"--context {context} is outside 1..{trained} (the model's trained context)")
+    default_context = context or min(trained, DEFAULT_CONTEXT)
+    mod, names = export_module(m.arch, cfg, preset.target)
+    params = registry.get(m.arch).params(m.weights, cfg)
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise EdgeJitError(f"internal: no weights for {', '.join(missing[:3])}")
+    module_json = tvm.ir.save_json(mod)
+    config = dataclasses.asdict(cfg)
+    with ArtifactWriter(out, force=force) as w:
+        t1 = time.perf_counter()
+        ex = pipeline.build(mod, preset.target)
+        pipeline.export(ex, w.path("generic.so"), preset.target)
+        log(f"built the generic module for {preset.name} ({time.perf_counter() - t1:.1f}s)")
+        w.write_text("module.json", module_json)
+        w.write_params([params[n] for n in names])
+        m.tokenizer.save(str(w.path("tokenizer.json")))
+        template = m.tokenizer_info.get("chat_template")
+        if template:
+            w.write_text("chat_template.jinja", template)
+        info = m.tokenizer_info
+        weight_bytes = sum(int(params[n].nbytes) for n in names)
+        decoder = DecoderInfo(
+            architecture=m.arch, config=config, context_length=trained, default_context=default_context,
+            prefill_chunk=min(PREFILL_CHUNK, default_context), kv_bytes_per_token=kv_bytes_per_token(config),
+            weight_bytes=weight_bytes, param_names=names,
+            tokenizer=TokenizerInfo("tokenizer.json", info["kind"], info["bos_id"], info["eos_id"], info["stop_ids"],
+                                    info["add_bos"], info["bos_token"], info["eos_token"]),
+            chat_template="chat_template.jinja" if template else None, source=m.source,
+        )
+        manifest = Manifest(
+            kind="decoder",
+            decoder=decoder,
+            model=ModelInfo(name or model_path.stem, sha256_file(model_path), model_path.name),
+            inputs=[TensorSpec("input_ids", "int32", ("num_tokens",), (0, cfg.vocab_size - 1))],
+            outputs=[TensorSpec("logits", "float32", ("num_seqs", cfg.vocab_size))],
+            seq_dim="num_tokens",
+            dims={"num_tokens": DimRange(1, trained), "num_seqs": DimRange(1, None)},
+            precision="fp32",
+            target=TargetInfo(preset.name, preset.arch, list(preset.requires), json.loads(json.dumps(preset.target))),
+            tvm=Versions(**tvm_versions()),
+            pipeline=pipeline.PIPELINE_VERSION,
+            edgejit=edgejit_version(),
+            created=now_utc(),
+        )
+        w.commit(manifest, signing_key=signing_key, log=log)
+    kv_mib = decoder.kv_bytes_per_token * default_context / 2**20
+    log(f"wrote {out}: weights {weight_bytes / 2**20:.0f} MiB, KV cache {decoder.kv_bytes_per_token / 1024:.0f} KiB per token "
+        f"({kv_mib:.0f} MiB for the default context of {default_context}) ({time.perf_counter() - t0:.1f}s in all)")
+    return Path(out)

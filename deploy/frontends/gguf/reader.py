@@ -1,0 +1,85 @@
+"""Read a GGUF file with llama.cpp's own reader (the `gguf` package): metadata, tensors dequantized
+to fp32 in Hugging Face layout ([out, in] for matrices), one-line errors for bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import ModelError
+
+# What this release reads (dequantized on the host to fp32).
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+MAGIC = b"GGUF"
+
+
+class GGUFFile:
+    """Metadata and tensors of one GGUF file (tensors are read lazily, memory-mapped)."""
+
+    def __init__(self, path: str | Path):
+        import gguf
+
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(4)
+        except OSError as e:
+            raise ModelError(f"cannot read {self.path}: {e.strerror}") from None
+        if head != MAGIC:
+            raise ModelError(f"{self.path.name} is not a GGUF file (no GGUF magic)")
+        try:
+            self._reader = gguf.GGUFReader(str(self.path))
+        except (ValueError, IndexError, OSError, KeyError) as e:  # short reads surface as these
+            raise ModelError(f"{self.path.name} is truncated or damaged: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        self.metadata = {}
+        for key, field in self._reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            try:
+                self.metadata[key] = field.contents()
+            except Exception:  # an exotic value type we never read: leave it out
+                continue
+        self.tensors = {t.name: t for t in self._reader.tensors}
+        for t in self._reader.tensors:
+            if t.tensor_type.name not in SUPPORTED_TYPES:
+                raise ModelError(
+                    f"{self.path.name}: tensor {t.name} has quantization type {t.tensor_type.name}, "
+                    f"which edgejit does not read (supported: {', '.join(SUPPORTED_TYPES)})"
+                )
+
+    @property
+    def architecture(self) -> str:
+        arch = self.metadata.get("general.architecture")
+        if not arch:
+            raise ModelError(f"{self.path.name}: no general.architecture in the GGUF metadata")
+        return str(arch)
+
+    def get(self, key: str, default=None):
+        return self.metadata.get(key, default)
+
+    def require(self, key: str):
+        if key not in self.metadata:
+            raise ModelError(f"{self.path.name}: GGUF metadata has no {key}")
+        return self.metadata[key]
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def tensor_type(self, name: str) -> str:
+        return self.tensors[name].tensor_type.name
+
+    def tensor(self, name: str) -> np.ndarray:
+        """The tensor as fp32 in numpy (= Hugging Face) layout: [out_features, in_features]."""
+        import gguf
+
+        try:
+            t = self.tensors[name]
+        except KeyError:
+            raise ModelError(f"{self.path.name}: missing tensor {name}") from None
+        try:
+            data = gguf.quants.dequantize(t.data, t.tensor_type)
+        except (ValueError, IndexError) as e:
+            raise ModelError(f"{self.path.name}: tensor {name} is truncated or damaged ({e})") from None
+        shape = tuple(int(d) for d in reversed(t.shape))
+        return np.ascontiguousarray(data.reshape(shape), dtype=np.float32)

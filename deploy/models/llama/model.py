@@ -1,0 +1,191 @@
+"""Llama (as GGUF and Hugging Face carry it): RMSNorm, RoPE, SwiGLU, grouped-query attention,
+tied or untied head, over TVM's paged KV cache. Written in relax.frontend.nn.
+
+Weights of every linear layer are stored pre-packed [N / 16, K, 16] (edge.kernels.dense), so
+matmuls lower to our packed dense kernel. The token embedding of a tied model is read straight
+out of the packed LM head (one copy of the largest tensor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tvm import relax as rx
+from tvm import tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+
+PANEL = 16
+
+
+@dataclasses.dataclass
+class LlamaConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_hidden_layers: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    head_dim: int = 0
+    tie_word_embeddings: bool = True
+    context_window_size: int = 2048
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+
+def padded(n: int) -> int:
+    return -(-n // PANEL) * PANEL
+
+
+class PackedLinear(nn.Module):
+    """y = x @ W with W [K, N] stored packed [ceil(N / 16), K, 16] (zero columns past N).
+
+    Written as matmul(x, unpack(Wp)): the build (edge.kernels.packing.rewrite_packed_dense) turns
+    it into the packed dense kernel after any shape specialization, so the unpacking never runs."""
+
+    def __init__(self, in_features: int, out_features: int):
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter((padded(out_features) // PANEL, in_features, PANEL), "float32")
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = op.reshape(op.permute_dims(self.weight, [1, 0, 2]), (self.in_features, padded(self.out_features)))
+        y = op.matmul(x, w)
+        if padded(self.out_features) != self.out_features:
+            y = op.split(y, [self.out_features], axis=-1)[0]
+        return y
+
+
+def _relax(fn, x: Tensor) -> Tensor:
+    return op.wrap_nested(fn(x._expr), name=fn.__name__)
+
+
+def rope_tables(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin [T, 1, D] of each token's position times each frequency (HF's layout: the
+    D / 2 frequencies twice), computed once per forward for every layer."""
+    t, half = positions.shape[0], inv_freq.shape[0]
+    freqs = op.reshape(positions.astype("float32"), (t, 1)) * op.reshape(inv_freq, (1, half))
+    emb = op.reshape(op.concat([freqs, freqs], dim=-1), (t, 1, 2 * half))
+    return _relax(rx.op.cos, emb), _relax(rx.op.sin, emb)
+
+
+def apply_rope(qkv: Tensor, cos: Tensor, sin: Tensor, rotated_heads: int) -> Tensor:
+    """Rotate-half RoPE on the first `rotated_heads` heads (q and k) of qkv [T, H, D]."""
+    qk, v = op.split(qkv, [rotated_heads], axis=1)
+    x1, x2 = op.split(qk, 2, axis=-1)
+    qk = qk * cos + op.concat([op.negative(x2), x1], dim=-1) * sin
+    return op.concat([qk, v], dim=1)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        self.cfg = cfg
+        d, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.qkv_proj = PackedLinear(cfg.hidden_size, (hq + 2 * hkv) * d)
+        self.o_proj = PackedLinear(hq * d, cfg.hidden_size)
+
+    def forward(self, x: Tensor, kv: PagedKVCache, rope: tuple, layer_id: int) -> Tensor:
+        cfg = self.cfg
+        d, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        b, s, _ = x.shape
+        qkv = op.reshape(self.qkv_proj(x), (b * s, hq + 2 * hkv, d))
+        qkv = op.reshape(apply_rope(qkv, *rope, hq + hkv), (b, s, hq + 2 * hkv, d))
+        out = kv.attention_with_fused_qkv(layer_id, qkv, hq, sm_scale=d**-0.5)
+        return self.o_proj(op.reshape(out, (b, s, hq * d)))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        self.ffn = cfg.intermediate_size
+        self.gate_up_proj = PackedLinear(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down_proj = PackedLinear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(op.silu(gate) * up)
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, kv, rope, layer_id):
+        x = x + self.self_attn(self.input_layernorm(x), kv, rope, layer_id)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        self.cfg = cfg
+        self.layers = nn.ModuleList([LlamaLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.lm_head = PackedLinear(cfg.hidden_size, cfg.vocab_size)
+        if not cfg.tie_word_embeddings:
+            self.embed_tokens = nn.Parameter((cfg.vocab_size, cfg.hidden_size), "float32")
+        self.rope_inv_freq = nn.Parameter((cfg.head_dim // 2,), "float32")
+
+    def _embed(self, ids: Tensor) -> Tensor:
+        if not self.cfg.tie_word_embeddings:
+            return op.take(self.embed_tokens, ids, axis=0)
+
+        # Rows of W^T read from the packed head: fused into one gather, the table is not unpacked.
+        wp = self.lm_head.weight
+        table = op.reshape(op.permute_dims(wp, [0, 2, 1]), (wp.shape[0] * PANEL, wp.shape[1]))
+        return op.take(table, ids, axis=0)
+
+    def _body(self, x: Tensor, kv: PagedKVCache, total: int) -> Tensor:
+        rope = rope_tables(kv.get_query_positions(total), self.rope_inv_freq)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, kv, rope, i)
+        return self.norm(x)
+
+    def prefill(self, input_ids: Tensor, logit_positions: Tensor, kv: PagedKVCache):
+        """A chunk of tokens from one or more sequences back to back (ragged); logits at
+        `logit_positions` (one per sequence: the index of its last token in the chunk)."""
+        n = input_ids.shape[0]
+        x = op.reshape(self._embed(input_ids), (1, n, self.cfg.hidden_size))
+        h = self._body(x, kv, n)
+        h = op.take(op.reshape(h, (n, self.cfg.hidden_size)), logit_positions, axis=0)
+        return self.lm_head(h), kv
+
+    def decode(self, input_ids: Tensor, kv: PagedKVCache):
+        """One new token for each sequence of the batch."""
+        b = input_ids.shape[0]
+        x = op.reshape(self._embed(input_ids), (b, 1, self.cfg.hidden_size))
+        h = self._body(x, kv, b)
+        return self.lm_head(op.reshape(h, (b, self.cfg.hidden_size))), kv
+
+    def create_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var, prefill_chunk_size: tirx.Var,
+                        page_size: tirx.Var, support_sliding_window: tirx.Var) -> PagedKVCache:
+        from tvm.target import Target
+
+        cfg = self.cfg
+        return TIRPagedKVCache(
+            attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=support_sliding_window,
+            layer_partition=rx.ShapeExpr([0, cfg.num_hidden_layers]), num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+            qk_head_dim=cfg.head_dim, v_head_dim=cfg.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NONE, rope_scale=1, rope_theta=cfg.rope_theta, rope_scaling={},
+            rope_ext_factors=rx.prim_value(0), rotary_dim=cfg.head_dim, enable_disaggregation=False,
+            dtype="float32", target=Target.current(),
+        )
+
+    def get_default_spec(self):
+        kv = nn.spec.Object(object_type=PagedKVCache)
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        return nn.spec.ModuleSpec.from_raw({
+            "prefill": {"input_ids": nn.spec.Tensor(["num_tokens"], "int32"),
+                        "logit_positions": nn.spec.Tensor(["num_seqs"], "int32"), "kv": kv, "$": packed},
+            "decode": {"input_ids": nn.spec.Tensor(["num_seqs"], "int32"), "kv": kv, "$": packed},
+            "create_kv_cache": {"max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
+                                "page_size": int, "support_sliding_window": int,
+                                "$": {"param_mode": "none", "effect_mode": "none"}},
+        }, self)

@@ -1,0 +1,126 @@
+"""A compiled decoder with its KV cache: prefill chunks and batched decode steps over TVM's paged
+KV cache, which this object owns (one per engine). Logits come back as fp32 numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge.errors import EdgeJitError
+
+PAGE_SIZE = 16
+
+
+def kv_bytes_per_token(config: dict) -> int:
+    """KV cache bytes one token of context takes (all layers, K and V, fp32)."""
+    return config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * config["head_dim"] * 4
+
+
+class Decoder:
+    def __init__(self, lib, params: list, config: dict, *, context: int, max_batch: int = 4,
+                 prefill_chunk: int = 512, threads: int | None = None):
+        import tvm
+        import tvm_ffi
+        from tvm import relax
+
+        from edge.runtime.module import set_threads
+
+        if threads:
+            set_threads(threads)
+        self.config = config
+        self.vm = relax.VirtualMachine(lib, tvm.cpu())
+        self.params = params
+        self.context = int(context)
+        self.max_batch = int(max_batch)
+        self.prefill_chunk = int(min(prefill_chunk, self.context))
+        # Pages for `context` tokens per sequence slot, plus one spare page per sequence.
+        total = self.context * self.max_batch
+        S = tvm_ffi.Shape
+        self.kv = self.vm["create_kv_cache"](S([self.max_batch]), S([total]), S([self.prefill_chunk]),
+                                            S([PAGE_SIZE]), S([0]))
+        self.kv_bytes = (total + PAGE_SIZE * self.max_batch) * kv_bytes_per_token(config)
+        g = tvm.get_global_func
+        self._add = g("vm.builtin.kv_state_add_sequence")
+        self._remove = g("vm.builtin.kv_state_remove_sequence")
+        self._fork = g("vm.builtin.kv_state_fork_sequence")
+        self._begin = g("vm.builtin.kv_state_begin_forward")
+        self._end = g("vm.builtin.kv_state_end_forward")
+        self._popn = g("vm.builtin.kv_state_popn")
+        self._Shape = S
+        self.lengths: dict[int, int] = {}
+
+    # sequences -------------------------------------------------------------------------------
+    def add_sequence(self, seq_id: int) -> None:
+        if len(self.lengths) >= self.max_batch:
+            raise EdgeJitError(f"the KV cache holds at most {self.max_batch} sequences")
+        self._add(self.kv, int(seq_id))
+        self.lengths[seq_id] = 0
+
+    def remove_sequence(self, seq_id: int) -> None:
+        if seq_id in self.lengths:
+            self._remove(self.kv, int(seq_id))
+            del self.lengths[seq_id]
+
+    def fork_sequence(self, parent: int, child: int, at: int = -1) -> None:
+        """`child` starts as a copy of `parent`'s first `at` tokens (all when -1), sharing pages."""
+        self._fork(self.kv, int(parent), int(child), int(at))
+        self.lengths[child] = self.lengths[parent] if at < 0 else at
+
+    # forward ---------------------------------------------------------------------------------
+    def prefill(self, seq_ids: list[int], chunks: list[list[int]]) -> np.ndarray:
+        """Append each sequence's chunk of tokens (any lengths, ragged in one call) and return the
+        logits after each chunk's last token, [len(seq_ids), vocab]. Longer inputs are split into
+        calls of at most prefill_chunk tokens."""
+        import tvm
+
+        out = [None] * len(seq_ids)
+        pending = [(i, list(c)) for i, c in enumerate(chunks) if c]
+        for i, c in enumerate(chunks):
+            if not c:
+                raise EdgeJitError("empty prompt")
+            if self.lengths[seq_ids[i]] + len(c) > self.context:
+                raise EdgeJitError(
+                    f"the prompt needs {self.lengths[seq_ids[i]] + len(c)} tokens of context; this model is loaded with {self.context}"
+                )
+        while pending:
+            batch, budget, rest = [], self.prefill_chunk, []
+            for i, c in pending:
+                if budget <= 0:
+                    rest.append((i, c))
+                    continue
+                take = c[:budget]
+                batch.append((i, take))
+                budget -= len(take)
+                if len(c) > len(take):
+                    rest.append((i, c[len(take):]))
+            ids = np.concatenate([np.asarray(t, dtype=np.int32) for _, t in batch])
+            lens = [len(t) for _, t in batch]
+            positions = np.cumsum(lens, dtype=np.int32) - 1
+            sids = [int(seq_ids[i]) for i, _ in batch]
+            self._begin(self.kv, self._Shape(sids), self._Shape(lens))
+            try:
+                logits, self.kv = self.vm["prefill"](tvm.runtime.tensor(ids), tvm.runtime.tensor(positions), self.kv, self.params)
+            finally:
+                self._end(self.kv)
+            logits = logits.numpy()
+            for row, ((i, t), sid) in enumerate(zip(batch, sids)):
+                self.lengths[sid] += len(t)
+                out[i] = logits[row]
+            pending = rest
+        return np.stack(out)
+
+    def decode(self, seq_ids: list[int], tokens: list[int]) -> np.ndarray:
+        """One new token for each sequence, together: logits [len(seq_ids), vocab]."""
+        import tvm
+
+        for sid in seq_ids:
+            if self.lengths[sid] + 1 > self.context:
+                raise EdgeJitError(f"sequence {sid} reached the context length ({self.context} tokens)")
+        sids = [int(s) for s in seq_ids]
+        self._begin(self.kv, self._Shape(sids), self._Shape([1] * len(sids)))
+        try:
+            logits, self.kv = self.vm["decode"](tvm.runtime.tensor(np.asarray(tokens, dtype=np.int32)), self.kv, self.params)
+        finally:
+            self._end(self.kv)
+        for sid in sids:
+            self.lengths[sid] += 1
+        return logits.numpy()
