@@ -24,8 +24,8 @@ HELP = "commands: /reset (new conversation), /quit or Ctrl-D (leave); Ctrl-C sto
 def main(args) -> int:
     from edge.generate import Generator
 
-    gen = Generator(args.artifact, context=args.context, threads=args.threads)
     sampling = sampling_from(args)
+    gen = Generator(args.artifact, context=args.context, threads=args.threads)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     print(f"edgejit chat: {gen.model.name} (context {gen.context} tokens). {HELP}", file=sys.stderr)

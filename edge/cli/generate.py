@@ -21,9 +21,14 @@ def add_sampling_arguments(p) -> None:
 
 
 def sampling_from(args) -> dict:
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+    """The sampling options, checked (one-line error for a bad value)."""
+    from edge.generate import SamplingParams
+
+    params = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, stop=tuple(args.stop),
                 ignore_eos=args.ignore_eos)
+    SamplingParams(**params).check()
+    return params
 
 
 def add_model_arguments(p) -> None:
@@ -43,9 +48,14 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     from edge.generate import Generator
+    from edge.generate.generator import check_text
 
+    sampling = sampling_from(args)  # bad options fail before the model loads
+    text = args.prompt if args.prompt is not None else args.raw_prompt
+    check_text(text, "prompt")
+    if not text:
+        raise EdgeJitError("empty prompt")
     gen = Generator(args.artifact, context=args.context, threads=args.threads)
-    sampling = sampling_from(args)
     if args.prompt is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
         pieces = gen.chat(messages, **sampling)

@@ -108,6 +108,24 @@ class Decoder:
             pending = rest
         return np.stack(out)
 
+    def score(self, seq_id: int, tokens: list[int]) -> np.ndarray:
+        """Append `tokens` (at most prefill_chunk) and return the logits after every one of them,
+        [len(tokens), vocab]: teacher-forced scoring (perplexity, top-1 agreement)."""
+        import tvm
+
+        if not 0 < len(tokens) <= self.prefill_chunk:
+            raise EdgeJitError(f"score takes 1..{self.prefill_chunk} tokens")
+        if self.lengths[seq_id] + len(tokens) > self.context:
+            raise EdgeJitError(f"sequence {seq_id} would exceed the context length ({self.context} tokens)")
+        self._begin(self.kv, self._Shape([int(seq_id)]), self._Shape([len(tokens)]))
+        try:
+            logits, self.kv = self.vm["prefill"](tvm.runtime.tensor(np.asarray(tokens, dtype=np.int32)),
+                                                 tvm.runtime.tensor(np.arange(len(tokens), dtype=np.int32)), self.kv, self.params)
+        finally:
+            self._end(self.kv)
+        self.lengths[seq_id] += len(tokens)
+        return logits.numpy()
+
     def decode(self, seq_ids: list[int], tokens: list[int]) -> np.ndarray:
         """One new token for each sequence, together: logits [len(seq_ids), vocab]."""
         import tvm

@@ -34,6 +34,15 @@ class GenerationStats:
         return n / self.decode_s if n > 0 and self.decode_s else 0.0
 
 
+def check_text(text, what: str) -> None:
+    if not isinstance(text, str):
+        raise EdgeJitError(f"the {what} must be text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8 (e.g. from argv)
+        raise EdgeJitError(f"the {what} is not valid UTF-8") from None
+
+
 class _StopMatcher:
     """Holds back text that could still become a stop string; cuts at the first one found."""
 
@@ -84,14 +93,15 @@ class Generator:
         return self.model.decoder.context
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
+        for m in messages:
+            check_text(m.get("content") if isinstance(m, dict) else None, "message content")
         return self.tokenizer.encode(self.template.render(messages, add_generation_prompt=True))
 
     def chat(self, messages: list[dict], **sampling) -> Iterator[str]:
         return self.generate(self.chat_prompt(messages), **sampling)
 
     def complete(self, prompt: str, **sampling) -> Iterator[str]:
-        if not isinstance(prompt, str):
-            raise EdgeJitError("the prompt must be text")
+        check_text(prompt, "prompt")
         return self.generate(self.tokenizer.encode(prompt), **sampling)
 
     def generate(self, prompt_ids: list[int], **sampling) -> Iterator[str]:

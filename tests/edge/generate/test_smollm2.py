@@ -1,0 +1,168 @@
+"""The bundled chat model end to end: SmolLM2-135M-Instruct (Q4_1 GGUF as shipped) compiled once per
+session, against transformers loading the same GGUF (dequantized, fp32): greedy tokens for plain
+text, code and a chat turn; chat template and tokenizer; teacher-forced top-1 agreement on real
+text; the `edgejit generate` command as a user runs it, and its one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.fixtures.hf_reference import greedy, load_gguf_model, load_gguf_tokenizer, teacher_forced_logits
+
+pytestmark = pytest.mark.slow
+
+N_NEW = 32
+CHAT = [{"role": "user", "content": "What is the tallest mountain in the world?"}]
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_gguf):
+    import torch
+
+    torch.set_num_threads(2)
+    return load_gguf_model(smollm2_gguf), load_gguf_tokenizer(smollm2_gguf)
+
+
+@pytest.fixture(scope="module")
+def gen(smollm2_artifact):
+    from edge.generate import Generator
+
+    return Generator(smollm2_artifact, max_batch=1)
+
+
+def _prompts(gen, hf_tok):
+    text = hf_tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    return {
+        "plain": gen.tokenizer.encode("The capital of France is"),
+        "code": gen.tokenizer.encode("def fibonacci(n):"),
+        "chat": gen.chat_prompt(CHAT),
+    }, text
+
+
+def test_chat_template_and_tokens_match_transformers(gen, reference):
+    _, hf_tok = reference
+    prompts, text = _prompts(gen, hf_tok)
+    assert gen.template.render(CHAT) == text
+    assert prompts["chat"] == hf_tok(text, add_special_tokens=False)["input_ids"]
+    for name in ("plain", "code"):
+        assert prompts[name] == hf_tok(gen.tokenizer.decode(prompts[name]))["input_ids"]
+
+
+@pytest.mark.parametrize("prompt", ["plain", "code", "chat"])
+def test_greedy_matches_transformers(gen, reference, prompt):
+    model, hf_tok = reference
+    ids = _prompts(gen, hf_tok)[0][prompt]
+    want, want_logits = greedy(model, ids, N_NEW)
+    dec = gen.model.decoder
+    dec.add_sequence(99)
+    try:
+        logits = [dec.prefill([99], [ids])[0]]
+        toks = [int(np.argmax(logits[-1]))]
+        for _ in range(N_NEW - 1):
+            logits.append(dec.decode([99], [toks[-1]])[0])
+            toks.append(int(np.argmax(logits[-1])))
+    finally:
+        dec.remove_sequence(99)
+    err = np.abs(np.stack(logits) - want_logits).max() / np.abs(want_logits).max()
+    assert err < 2e-3, f"logits differ by {err:.2e} of scale"
+    assert toks == want
+
+
+def test_generator_streams_the_greedy_reply(gen, reference):
+    """The Generator's text pieces join to the decoded greedy tokens; it stops at <|im_end|>."""
+    model, hf_tok = reference
+    ids = gen.chat_prompt(CHAT)
+    want, _ = greedy(model, ids, 64)
+    pieces = list(gen.chat(CHAT, max_tokens=64))
+    st = gen.stats
+    stop = [i for i, t in enumerate(want) if t in gen.model.stop_ids]
+    expect = want[: stop[0]] if stop else want
+    assert st.tokens == expect
+    assert "".join(pieces) == hf_tok.decode(expect)
+    assert st.finish_reason == ("stop" if stop else "length")
+    assert st.prompt_tokens == len(ids) and st.completion_tokens == len(expect)
+
+
+def test_top1_agreement_on_real_text(gen, reference, record_property):
+    """Teacher-forced next-token agreement with transformers over real text (Debian fortunes)."""
+    from deploy.tools.corpus import sentences
+
+    model, _ = reference
+    texts = [t for t in sentences() if 20 <= len(t) <= 400][:24]
+    agree = total = 0
+    dec = gen.model.decoder
+    for i, text in enumerate(texts):
+        ids = gen.tokenizer.encode(text)[:128]
+        dec.add_sequence(1000 + i)
+        try:
+            ours = dec.score(1000 + i, ids)
+        finally:
+            dec.remove_sequence(1000 + i)
+        ref = teacher_forced_logits(model, ids)
+        agree += int((ours.argmax(-1) == ref.argmax(-1)).sum())
+        total += len(ids)
+    rate = agree / total
+    record_property("top1_agreement", rate)
+    print(f"\nSmolLM2 Q4_1 (dequantized) vs transformers fp32: top-1 agreement {rate:.4f} over {total} tokens of {len(texts)} fortunes")
+    assert rate >= 0.99
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "edge.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_generate_streams_text_and_reports_speed(smollm2_artifact):
+    r = _cli("generate", str(smollm2_artifact), "--raw-prompt", "The capital of France is", "--max-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == " Paris.\n\nThe answer is:\n"  # transformers' greedy tokens, decoded
+    last = r.stderr.strip().splitlines()[-1]
+    assert "prompt 5 tokens, generated 8 tokens" in last and "time to first token" in last
+    assert last.count("tok/s") == 2
+
+
+def test_cli_generate_chat_stop_seed(smollm2_artifact):
+    r = _cli("generate", str(smollm2_artifact), "--prompt", CHAT[0]["content"], "--max-tokens", "12")
+    assert r.returncode == 0 and r.stdout.startswith("The tallest mountain in the world is Mount Everest"), r.stderr
+    r = _cli("generate", str(smollm2_artifact), "--raw-prompt", "The capital of France is", "--stop", "answer")
+    assert r.returncode == 0 and r.stdout == " Paris.\n\nThe \n", r.stdout
+    assert "(stop)" in r.stderr
+    sampled = [_cli("generate", str(smollm2_artifact), "--prompt", "Tell me a story.", "--temperature", "0.9",
+                    "--top-p", "0.95", "--seed", str(seed), "--max-tokens", "16").stdout for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--raw-prompt", "hi", "--max-tokens", "0"], "max_tokens must be a positive integer"),
+    (["--raw-prompt", ""], "empty prompt"),
+    (["--raw-prompt", "word " * 40, "--context", "16"], "the context is 16"),
+    (["--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--raw-prompt", "hi", "--context", "100000"], "outside 1..8192"),
+])
+def test_cli_generate_bad_input(smollm2_artifact, args, message):
+    r = _cli("generate", str(smollm2_artifact), *args)
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    _one_line_error(r.stderr, message)
+
+
+def _one_line_error(stderr: str, message: str) -> None:
+    """The error is the last line and the only one (a warning such as 'unsigned artifact' may precede it)."""
+    lines = stderr.strip().splitlines()
+    errors = [l for l in lines if l.startswith("edgejit generate: error:")]
+    assert errors == [lines[-1]] and message in lines[-1] and "Traceback" not in stderr, stderr
+
+
+def test_cli_generate_invalid_utf8(smollm2_artifact):
+    r = subprocess.run([sys.executable, "-m", "edge.cli", "generate", str(smollm2_artifact), "--raw-prompt", b"caf\xe9 \xff"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    _one_line_error(r.stderr, "not valid UTF-8")
+
+
+def test_cli_generate_refuses_an_encoder(tiny_artifact):
+    r = _cli("generate", str(tiny_artifact), "--prompt", "hi")
+    assert r.returncode == 1
+    _one_line_error(r.stderr, "not a text-generation model")
