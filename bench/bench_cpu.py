@@ -6,7 +6,7 @@ sequence length (batch 1) and thread count: latency of ONNX Runtime (CPU provide
 project's generic module (symbolic sequence length) and of a variant specialized to that length,
 as ratios to ORT; achieved GFLOP/s of the variant (matmul FLOPs) against the machine's nominal
 peak; max abs error of both vs ORT; and the compile time of each specialized variant. With
---tune TRIALS, each length is also tuned with MetaSchedule (deploy/tune.py, exactly what
+--tune TRIALS, each length is also tuned with MetaSchedule (deploy/compiler/tuner.py, exactly what
 `edgejit compile --tune` does) and the tuned variant (batch 1 and the length bound, as the device
 JIT builds it) is timed beside the untuned one bound the same way.
 
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
                                f"{ms_tun / mo:.2f}x | {ms_tun / ms_sta:.2f}x | {et:.1e} |")
     if args.tune:
         tuned_text = [
-            f"Tuned variants: MetaSchedule, {args.tune} trials per length and model (deploy/tune.py, as `edgejit compile --tune "
+            f"Tuned variants: MetaSchedule, {args.tune} trials per length and model (deploy/compiler/tuner.py, as `edgejit compile --tune "
             f"{args.tune}` runs it: functions under 2% of the time and the dense kernel are not tuned; a tuned schedule is kept only "
             "when it measures faster than the default one). Tuned variants bind batch = 1 as well as the length (the records "
             "match only that shape), so the untuned variant bound the same way is shown beside them.",

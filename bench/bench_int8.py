@@ -1,7 +1,7 @@
 """Benchmark: int8 modules vs this project's fp32 and ONNX Runtime fp32 / dynamic int8.
 
 Model: the bundled example, all-MiniLM-L6-v2 with its real weights (BERT, 6 layers, hidden 384)
-exported by the torch.onnx TorchScript exporter (deploy/examples.py; random weights of the same
+exported by the torch.onnx TorchScript exporter (deploy/tools/examples.py; random weights of the same
 shape, loudly, if the weights cannot be fetched). For each sequence length and for 1 thread and
 all cores, batch-1 median latency of:
 

@@ -1,5 +1,5 @@
 """Test helpers for fleet telemetry: a real Mosquitto with auth + per-device ACL on a free
-loopback port (deploy/broker.py), device/coordinator settings for it, and polling."""
+loopback port (deploy/fleet/broker.py), device/coordinator settings for it, and polling."""
 
 from __future__ import annotations
 

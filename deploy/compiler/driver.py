@@ -160,7 +160,7 @@ def compile_model(
 
     quant, quant_samples, float_mod, float_params = None, None, mod, params
     if precision == "int8":
-        # int8 options: see deploy/int8_build.py and docs/int8.md
+        # int8 options: see deploy/quantize/int8/build_options.py and docs/int8.md
         quant, quant_samples = int8_build.options(
             mod, params, inputs, model_path=model_path, calibrate_file=calibrate, activations=activations,
             keep_float=keep_float, min_accuracy=min_accuracy, max_seq=max_seq, log=log,

@@ -14,7 +14,7 @@ def prepare(mod, params, target, *, precision: str = "fp32", quant=None):
     if precision not in ("fp32", "int8"):
         raise EdgeJitError(f"precision '{precision}' is not supported (use fp32 or int8)")
     if precision == "int8":
-        # int8 matmuls against weights (deploy/quantize.py; `quant` is its QuantOptions); the
+        # int8 matmuls against weights (deploy/quantize/int8/scheme.py; `quant` is its QuantOptions); the
         # matmuls it leaves in float are packed below like any fp32 model's.
         from deploy.quantize.int8 import scheme as quantize
 

@@ -7,7 +7,7 @@ search can improve are tuned: the register-tiled dense kernel runs near the core
 left alone, and integer-input functions (gathers, masks) are skipped. After the search, each
 function's best schedule is timed against the default one by the same harness and kept only if
 it is faster (KEEP_BELOW). Finally the tuned variant is built and checked against the untuned
-one. Records go to the artifact's tuning.json (edge/tuning.py) and are applied by every later
+one. Records go to the artifact's tuning.json (edge/runtime/tuning_records.py) and are applied by every later
 build of the same shape for the same target: the host's check and the device's JIT variants.
 
 The search state lives in a MetaSchedule JSON database per length under the tuning directory

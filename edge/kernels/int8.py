@@ -1,6 +1,6 @@
 """int8 x int8 -> int32 kernels: per-row activation quantization and the quantized dense.
 
-The host rewrite (deploy/quantize.py) turns `x @ W` (W a weight) into two calls:
+The host rewrite (deploy/quantize/int8/scheme.py) turns `x @ W` (W a weight) into two calls:
 
     q, xs = quantize_rows(x)                      # per row: xs = max|x| / 127, q = round(x / xs)
     y     = qdense(q, xs, Wp, wcomp, ws, bias)   # y = (q @ Wq - wcomp) * xs * ws + bias

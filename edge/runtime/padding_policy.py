@@ -1,4 +1,4 @@
-"""Right-padding of inputs to a bucket length and slicing of the outputs back (see deploy/padding.py
+"""Right-padding of inputs to a bucket length and slicing of the outputs back (see deploy/compiler/padding_check.py
 for how the host decides that a model's results survive it)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Tuning records shipped in an artifact (tuning.json), applied when a module is built.
 
-`edgejit compile --tune` (deploy/tune.py) runs MetaSchedule on the host for static shapes: each
+`edgejit compile --tune` (deploy/compiler/tuner.py) runs MetaSchedule on the host for static shapes: each
 tuned sequence length L with every other symbolic dim (batch) bound to 1. A record is matched to a
 PrimFunc by the function's structure alone, and the same structure exists on every target, so the
 file names the target (and the CPU features it requires) it was tuned for and is refused for any

@@ -14,5 +14,5 @@ def arm_report(request, tmp_path_factory):
 
 def pytest_terminal_summary(terminalreporter):
     for text in emulation_run.summaries:
-        terminalreporter.section("ARM under emulation (deploy/arm_emulation.py)")
+        terminalreporter.section("ARM under emulation (deploy/tools/arm_emulation.py)")
         terminalreporter.write_line(text)

@@ -37,7 +37,7 @@ def test_arm_outputs_match_x86_and_reference(arm_report, target, precision):
 
 def test_feature_check_sees_the_emulated_cpu(arm_report):
     """The +dotprod artifact is refused on a CPU without dotprod, accepted with it; the generic one
-    runs everywhere. edge/host.py reads the aarch64 HWCAP bits, which qemu sets from -cpu."""
+    runs everywhere. edge/machine.py reads the aarch64 HWCAP bits, which qemu sets from -cpu."""
     gates = {(g["preset"], g["cpu"]): g for g in arm_report.gates}
     assert gates["aarch64", "cortex-a53"]["accepted"]
     assert gates["aarch64", "cortex-a76"]["accepted"]

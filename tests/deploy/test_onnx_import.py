@@ -112,7 +112,7 @@ def test_fixture_graphs_use_the_exporter_patterns(bert_onnx, bert_dynamo_onnx, g
 
 
 def test_stock_frontend_still_needs_our_converters(bert_onnx):
-    """If a TVM upgrade fixes the stock converters, deploy/onnx_converters.py can shrink."""
+    """If a TVM upgrade fixes the stock converters, deploy/frontends/onnx/converters.py can shrink."""
     from tvm.relax.frontend.onnx import from_onnx
 
     model = onnx_import.load(bert_onnx)

@@ -1,8 +1,8 @@
 """Read an ONNX model from disk and import it into Relax with the sequence dimension symbolic.
 
-`load` reads, checks and normalizes (deploy/onnx_normalize.py) the model; `to_relax` checks every
+`load` reads, checks and normalizes (deploy/frontends/onnx/normalize.py) the model; `to_relax` checks every
 operator is convertible, then imports it with TVM's frontend plus our converter fixes
-(deploy/onnx_converters.py). Every failure is a one-line ModelError.
+(deploy/frontends/onnx/converters.py). Every failure is a one-line ModelError.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Graph normalization before the Relax import: put exporter output into the form our importer
-(TVM's frontend plus deploy/onnx_converters.py) handles.
+(TVM's frontend plus deploy/frontends/onnx/converters.py) handles.
 
 - Model-local functions (the dynamo exporter can emit them) are inlined with onnx's inliner.
 - Symbolic input dims are unified: language-model inputs are all [batch, seq]; exporters that

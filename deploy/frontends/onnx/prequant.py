@@ -9,7 +9,7 @@ matmuls: no int8 speed. Here, at the ONNX level, before the import:
 - QDQ activation pairs `QuantizeLinear -> DequantizeLinear` are removed (the int8 module quantizes
   activations itself, per token).
 
-The model is then an ordinary float graph for deploy/quantize.py, and `exact` gives, per new
+The model is then an ordinary float graph for deploy/quantize/int8/scheme.py, and `exact` gives, per new
 weight name, the model's own int8 values and per-column scales, which quantize.py uses as they are
 instead of re-quantizing W (when they fit its symmetric [-127, 127] scheme with zero point 0).
 """

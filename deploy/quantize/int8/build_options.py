@@ -1,11 +1,12 @@
 """The int8 steps of `edgejit compile`: quantization options and samples before the rewrite, the
-accuracy report after the build (deploy/quantize.py, calibrate.py, accuracy.py do the work)."""
+accuracy report after the build (scheme.py, calibrate.py, accuracy.py do the work)."""
 
 from __future__ import annotations
 
 import time
 
 from edge.artifact.targets import host_preset
+from edge.runtime.module import flatten_outputs
 
 from deploy.quantize.int8 import accuracy, calibrate
 from deploy.quantize.int8.scheme import DEFAULT_KEEP_FLOAT, QuantOptions, QuantizeError
@@ -64,7 +65,7 @@ def accuracy_report(model, inputs, outputs, samples, *, executable, runs_here: b
         dev_params = [tvm.runtime.tensor(p) for p in params]
 
         def run(arrays):
-            return accuracy._flatten(vm["main"](*[tvm.runtime.tensor(a) for a in arrays], *dev_params))
+            return flatten_outputs(vm["main"](*[tvm.runtime.tensor(a) for a in arrays], *dev_params))
         measured_on = "target module"
     else:
         hmod, hparams, htarget = prepare_for_host()
