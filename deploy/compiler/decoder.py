@@ -28,6 +28,7 @@ from deploy.models import registry
 
 DEFAULT_CONTEXT = 4096  # what the runtime allocates unless told otherwise (llama.cpp's default too)
 PREFILL_CHUNK = 512  # most prompt tokens per prefill call: bounds activation memory
+MAX_DECODE_BATCH = 64  # most sequences one decode step takes
 
 
 @dataclasses.dataclass
@@ -134,8 +135,9 @@ def compile_decoder(
             model=ModelInfo(name or model_path.stem, sha256_file(model_path), model_path.name),
             inputs=[TensorSpec("input_ids", "int32", ("num_tokens",), (0, cfg.vocab_size - 1))],
             outputs=[TensorSpec("logits", "float32", ("num_seqs", cfg.vocab_size))],
-            seq_dim="num_tokens",
-            dims={"num_tokens": DimRange(1, trained), "num_seqs": DimRange(1, None)},
+            # The JIT specializes decode steps by the number of sequences decoded together.
+            seq_dim="num_seqs",
+            dims={"num_seqs": DimRange(1, MAX_DECODE_BATCH), "num_tokens": DimRange(1, trained)},
             precision="fp32",
             target=TargetInfo(preset.name, preset.arch, list(preset.requires), json.loads(json.dumps(preset.target))),
             tvm=Versions(**tvm_versions()),

@@ -7,11 +7,11 @@ import sys
 
 from edge.errors import EdgeJitError
 
-from edge.cli.generate import add_model_arguments, add_sampling_arguments, format_stats, sampling_from
+from edge.cli.generate import add_model_arguments, add_sampling_arguments, format_stats, open_generator, sampling_from
 
 
 def add_arguments(p) -> None:
-    add_model_arguments(p)
+    add_model_arguments(p, jit_default=True)
     p.add_argument("--system", help="system message at the start of every conversation")
     p.add_argument("--stats", action="store_true", help="print token counts and speed after each reply")
     add_sampling_arguments(p)
@@ -22,10 +22,12 @@ HELP = "commands: /reset (new conversation), /quit or Ctrl-D (leave); Ctrl-C sto
 
 
 def main(args) -> int:
-    from edge.generate import Generator
-
     sampling = sampling_from(args)
-    gen = Generator(args.artifact, context=args.context, threads=args.threads)
+    with open_generator(args) as gen:
+        return _session(gen, args, sampling)
+
+
+def _session(gen, args, sampling) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     print(f"edgejit chat: {gen.model.name} (context {gen.context} tokens). {HELP}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from edge.errors import EdgeJitError
@@ -31,14 +32,29 @@ def sampling_from(args) -> dict:
     return params
 
 
-def add_model_arguments(p) -> None:
+def add_model_arguments(p, *, jit_default: bool) -> None:
     p.add_argument("artifact", help="decoder artifact directory (edgejit compile MODEL.gguf ...)")
-    p.add_argument("--context", type=int, help="context length in tokens (default: the model's, at most 4096)")
+    p.add_argument("--context", type=int, help="context length in tokens (default: the artifact's, at most 4096)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
+    p.add_argument("--jit", action=argparse.BooleanOptionalAction, default=jit_default,
+                   help="specialize decode steps in the background and reuse cached variants (docs/jit.md; "
+                        f"default: {'on' if jit_default else 'off'})")
+    p.add_argument("--jit-policy", metavar="FILE", help="JIT policy file (default: jit-policy.toml, see docs/jit.md)")
+
+
+def open_generator(args):
+    from edge.generate import Generator
+
+    jit = None
+    if args.jit:
+        from edge.jit.policy import JitPolicy
+
+        jit = JitPolicy.load(args.jit_policy)
+    return Generator(args.artifact, context=args.context, threads=args.threads, jit=jit)
 
 
 def add_arguments(p) -> None:
-    add_model_arguments(p)
+    add_model_arguments(p, jit_default=False)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="a user message, sent through the model's chat template")
     src.add_argument("--raw-prompt", help="text given to the model as it is (no chat template)")
@@ -47,7 +63,6 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from edge.generate import Generator
     from edge.generate.generator import check_text
 
     sampling = sampling_from(args)  # bad options fail before the model loads
@@ -55,7 +70,12 @@ def main(args) -> int:
     check_text(text, "prompt")
     if not text:
         raise EdgeJitError("empty prompt")
-    gen = Generator(args.artifact, context=args.context, threads=args.threads)
+    with open_generator(args) as gen:
+        _generate(gen, args, sampling)
+    return 0
+
+
+def _generate(gen, args, sampling) -> None:
     if args.prompt is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
         pieces = gen.chat(messages, **sampling)
@@ -66,7 +86,6 @@ def main(args) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     print(format_stats(gen.stats), file=sys.stderr)
-    return 0
 
 
 def format_stats(st) -> str:

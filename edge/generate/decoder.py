@@ -3,6 +3,8 @@ KV cache, which this object owns (one per engine). Logits come back as fp32 nump
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from edge.errors import EdgeJitError
@@ -47,6 +49,9 @@ class Decoder:
         self._popn = g("vm.builtin.kv_state_popn")
         self._Shape = S
         self.lengths: dict[int, int] = {}
+        self.specializer = None  # edge.jit.Specializer over decode batch sizes (attach_jit)
+        self.listeners: list = []  # on_request(model, batch, kind, seconds) per decode step
+        self.name = ""
 
     # sequences -------------------------------------------------------------------------------
     def add_sequence(self, seq_id: int) -> None:
@@ -134,11 +139,34 @@ class Decoder:
             if self.lengths[sid] + 1 > self.context:
                 raise EdgeJitError(f"sequence {sid} reached the context length ({self.context} tokens)")
         sids = [int(s) for s in seq_ids]
-        self._begin(self.kv, self._Shape(sids), self._Shape([1] * len(sids)))
+        batch = len(sids)
+        fn, kind = self._decode_fn(batch)
+        self._begin(self.kv, self._Shape(sids), self._Shape([1] * batch))
+        start = time.perf_counter()
         try:
-            logits, self.kv = self.vm["decode"](tvm.runtime.tensor(np.asarray(tokens, dtype=np.int32)), self.kv, self.params)
+            logits, self.kv = fn(tvm.runtime.tensor(np.asarray(tokens, dtype=np.int32)), self.kv, self.params)
         finally:
             self._end(self.kv)
+        out = logits.numpy()
+        latency = time.perf_counter() - start
         for sid in sids:
             self.lengths[sid] += 1
-        return logits.numpy()
+        if self.specializer is not None:
+            self.specializer.record(batch, kind)
+        for listener in self.listeners:
+            listener.on_request(self.name, batch, kind, latency)
+        return out
+
+    # JIT ------------------------------------------------------------------------------------
+    def attach_jit(self, specializer) -> None:
+        """Serve decode steps of a batch size the JIT has specialized from its variant (a module
+        with the batch size static: the kernels' register tiles fit the rows); the generic
+        module serves every other size and every prefill."""
+        self.specializer = specializer
+
+    def _decode_fn(self, batch: int):
+        if self.specializer is not None:
+            route = self.specializer.route(batch, {"num_seqs": batch})
+            if route is not None:
+                return route.module.vm()["decode"], "variant"
+        return self.vm["decode"], "generic"

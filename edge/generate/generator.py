@@ -79,14 +79,27 @@ class Generator:
     """Generation from a decoder artifact. Not thread-safe: one generation at a time (the
     serving engine batches many callers over the same pieces)."""
 
-    def __init__(self, artifact, *, context: int | None = None, threads: int | None = None, max_batch: int = 1, trust=None):
+    def __init__(self, artifact, *, context: int | None = None, threads: int | None = None, max_batch: int = 1, trust=None,
+                 jit=None, cache_dir=None, state_dir=None, listeners=()):
         from edge.generate.loader import load_decoder
 
-        self.model = load_decoder(artifact, context=context, threads=threads, max_batch=max_batch, trust=trust)
+        self.model = load_decoder(artifact, context=context, threads=threads, max_batch=max_batch, trust=trust,
+                                  jit=jit, cache_dir=cache_dir, state_dir=state_dir, listeners=listeners)
         self.tokenizer = self.model.tokenizer
         self.template = self.model.template
         self.stats = GenerationStats()
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the JIT (if any) and save its shape profile."""
+        if self.model.decoder.specializer is not None:
+            self.model.decoder.specializer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     @property
     def context(self) -> int:

@@ -44,8 +44,17 @@ def open_decoder_artifact(artifact, *, trust=None) -> Artifact:
     return art
 
 
+class _JitHost:
+    """What edge.jit.Specializer reads of the runtime it specializes for."""
+
+    def __init__(self, artifact, params, threads, listeners):
+        self.artifact, self._params, self.threads, self.listeners = artifact, params, threads, listeners
+
+
 def load_decoder(artifact, *, context: int | None = None, threads: int | None = None, max_batch: int = 1,
-                 trust=None) -> LoadedDecoder:
+                 trust=None, jit=None, cache_dir=None, state_dir=None, listeners=()) -> LoadedDecoder:
+    """Load a decoder artifact. With `jit` (a JitPolicy, a policy file, or "default"), decode steps
+    are specialized by batch size in the background (edge/jit, docs/jit.md)."""
     import tvm
 
     from edge import machine
@@ -62,8 +71,15 @@ def load_decoder(artifact, *, context: int | None = None, threads: int | None = 
     params = [tvm.runtime.tensor(p) for p in art.load_params()]
     if len(params) != len(info.param_names):
         raise ArtifactError(f"{art.path}: params.npz has {len(params)} weights, the manifest names {len(info.param_names)}")
+    threads = threads or machine.cores()
     decoder = Decoder(lib, params, info.config, context=context, max_batch=max_batch,
-                      prefill_chunk=info.prefill_chunk, threads=threads or machine.cores())
+                      prefill_chunk=info.prefill_chunk, threads=threads)
+    decoder.name = art.name
+    decoder.listeners = list(listeners)
+    if jit is not None:
+        from edge.jit import Specializer
+
+        decoder.attach_jit(Specializer(_JitHost(art, params, threads, decoder.listeners), jit, cache_dir=cache_dir, state_dir=state_dir))
     tok_info = info.tokenizer
     tokenizer = Tokenizer(art.file(tok_info.file), bos_id=tok_info.bos_id, add_bos=tok_info.add_bos)
     template_src = art.file(info.chat_template).read_text() if info.chat_template else None

@@ -34,7 +34,8 @@ class CompiledModule:
 
         return cls(tvm.runtime.load_module(str(so_path)), params, **kw)
 
-    def _vm(self):
+    def vm(self):
+        """This thread's VirtualMachine over the library (created on first use)."""
         vm = getattr(self._local, "vm", None)
         if vm is None:
             import tvm
@@ -50,7 +51,7 @@ class CompiledModule:
         import tvm
 
         args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
-        out = self._vm()["main"](*args, *self.params)
+        out = self.vm()["main"](*args, *self.params)
         return flatten_outputs(out)
 
 
