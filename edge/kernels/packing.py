@@ -149,8 +149,16 @@ def gather_compute(wp, ids):
     """Rows `ids` of W^T [N, K] read straight from the packed Wp [N / n, K, n]."""
     from tvm import te
 
+    from tvm import tirx
+
     n = wp.shape[2]
-    return te.compute((*ids.shape, wp.shape[1]), lambda *i: wp[ids[i[:-1]] // n, i[-1], ids[i[:-1]] % n], name="edgejit_gather_packed")
+    rows = wp.shape[0] * n
+
+    def body(*i):
+        t = tirx.max(tirx.min(ids[i[:-1]], (rows - 1).astype(ids.dtype)), tirx.const(0, ids.dtype))  # clamped, as gathers are
+        return wp[t // n, i[-1], t % n]
+
+    return te.compute((*ids.shape, wp.shape[1]), body, name="edgejit_gather_packed")
 
 
 def rewrite_packed_gather(mod):

@@ -64,6 +64,11 @@ def _relax(fn, x: Tensor) -> Tensor:
     return op.wrap_nested(fn(x._expr), name=fn.__name__)
 
 
+def _take_rows(table: Tensor, idx: Tensor) -> Tensor:
+    """table[idx] with out-of-range indices clamped (the runtime checks them; this is the second guard)."""
+    return op.wrap_nested(rx.op.take(table._expr, idx._expr, axis=0, mode="clip"), name="take")
+
+
 def rope_tables(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
     """cos and sin [T, 1, D] of each token's position times each frequency (HF's layout: the
     D / 2 frequencies twice), computed once per forward for every layer."""
@@ -133,12 +138,12 @@ class LlamaForCausalLM(nn.Module):
 
     def _embed(self, ids: Tensor) -> Tensor:
         if not self.cfg.tie_word_embeddings:
-            return op.take(self.embed_tokens, ids, axis=0)
+            return _take_rows(self.embed_tokens, ids)
 
         # Rows of W^T read from the packed head: fused into one gather, the table is not unpacked.
         wp = self.lm_head.weight
         table = op.reshape(op.permute_dims(wp, [0, 2, 1]), (wp.shape[0] * PANEL, wp.shape[1]))
-        return op.take(table, ids, axis=0)
+        return _take_rows(table, ids)
 
     def _body(self, x: Tensor, kv: PagedKVCache, total: int) -> Tensor:
         rope = rope_tables(kv.get_query_positions(total), self.rope_inv_freq)
@@ -152,7 +157,7 @@ class LlamaForCausalLM(nn.Module):
         n = input_ids.shape[0]
         x = op.reshape(self._embed(input_ids), (1, n, self.cfg.hidden_size))
         h = self._body(x, kv, n)
-        h = op.take(op.reshape(h, (n, self.cfg.hidden_size)), logit_positions, axis=0)
+        h = _take_rows(op.reshape(h, (n, self.cfg.hidden_size)), logit_positions)
         return self.lm_head(h), kv
 
     def decode(self, input_ids: Tensor, kv: PagedKVCache):
