@@ -5,13 +5,17 @@ Host side (x86 build machine):
   arm64 python3.11 and C/C++ runtime (apt-get with a private state directory, so the machine's apt
   setup is untouched) plus the manylinux aarch64 wheels of edge's dependencies at the host's exact
   versions (pip download for another platform). It is cached under $XDG_CACHE_HOME/edgejit/arm,
-  keyed by what it contains.
+  keyed by what it contains (one per version set: checkouts at other versions share the cache; one
+  unused for a day is deleted).
 - `verify()` compiles models for the host and the ARM presets, runs each ARM artifact with the real
   `edge` runtime under `qemu-aarch64 -cpu <model>` (a CPU with exactly the preset's features), and
   compares outputs with the x86 artifact's and with ONNX Runtime on the same file at several lengths.
   It also runs one JIT specialization on the emulated device and checks the cache it writes, and,
   as a negative control, forces a dot-product artifact onto a CPU model without dotprod (qemu must
   kill it with SIGILL, so a clean run means the code fits the emulated CPU's instruction set).
+  Given GGUF files (`decoders=`), it compiles decoder artifacts for the host and the generation
+  targets, and checks that greedy generation (edge.generate) on the emulated CPU gives the host's
+  tokens, with logits close at every step.
 
 Device side: `python -m deploy.tools.arm_emulation device JOB.json`, run by the emulated python; imports
 only edge, numpy and tvm. One process per emulated CPU does every check, because importing TVM under
@@ -46,16 +50,27 @@ REPO = Path(__file__).resolve().parents[2]
 DEBIAN_PACKAGES = ("python3.11-minimal", "libpython3.11-stdlib", "libstdc++6")
 PYTHON = "usr/bin/python3.11"
 # The wheels edge needs on the device, at the versions installed on this host (artifacts record the
-# TVM and ffi versions and refuse to load under others).
-WHEELS = ("apache-tvm", "apache-tvm-ffi", "numpy", "ml_dtypes", "typing_extensions", "paho-mqtt")
+# TVM and ffi versions and refuse to load under others). Installed without their dependencies, so
+# every wheel is here at the host's version: tokenizers' only dependency, huggingface_hub (with
+# httpx, hf-xet, pyyaml, ...), serves Tokenizer.from_pretrained's download, which edge never calls.
+WHEELS = ("apache-tvm", "apache-tvm-ffi", "numpy", "ml_dtypes", "typing_extensions", "paho-mqtt", "platformdirs",
+          "tokenizers", "jinja2", "markupsafe")  # the last three: text generation (edge/generate)
 WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64")
 # qemu CPU model per preset mcpu: a CPU with the preset's features; generic gets the ARMv8.0 baseline.
 QEMU_CPUS = {"generic": "cortex-a53", "cortex-a72": "cortex-a72", "cortex-a76": "cortex-a76", "cortex-a78ae": "neoverse-n1"}
 EM_AARCH64 = 183
 DEVICE_TIMEOUT_S = 1800
+# User spaces for other versions are deleted (~400 MB each) once unused this long: another checkout
+# at other versions may be running its emulated processes from one right now.
+PRUNE_UNUSED_S = 24 * 3600
 
 TOLERANCE = {"fp32": 1e-4, "int8": 1e-3}  # |arm - x86|, relative to max(1, max|x86|)
 REFERENCE_TOLERANCE = {"fp32": 1e-4, "int8": 2e-2}  # |arm - onnxruntime fp32|, same scaling (int8 measured 2.2e-3)
+GENERATION_TOLERANCE = 1e-4  # decoder logits, |arm - x86| at every greedy step, same scaling
+# Prompts (token ids) for generation checks when none are given: plain text and a ChatML turn in
+# SmolLM2's vocabulary (any ids below a model's vocabulary size do).
+DEFAULT_PROMPTS = ((504, 3575, 282, 4649, 314),
+                   (1, 4093, 198, 1780, 314, 260, 31469, 6740, 281, 260, 905, 47, 2, 198, 1, 520, 9531, 198))
 
 
 class EmulationError(EdgeJitError):
@@ -102,7 +117,7 @@ def _host_pins() -> list[str]:
 
 
 def _spec() -> dict:
-    return {"format": 1, "debian": list(DEBIAN_PACKAGES), "suite": "bookworm", "wheels": _host_pins(),
+    return {"format": 2, "debian": list(DEBIAN_PACKAGES), "suite": "bookworm", "wheels": _host_pins(),
             "platforms": list(WHEEL_PLATFORMS), "python": "3.11"}
 
 
@@ -118,6 +133,7 @@ def userspace(cache_dir: str | Path | None = None, *, log=print) -> Userspace:
     spec = _spec()
     root = cache / hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     if (root / "ready.json").is_file():
+        _mark_used(root)
         return Userspace(root)
     _need("apt-get", "apt")
     _need("dpkg-deb", "dpkg")
@@ -125,6 +141,7 @@ def userspace(cache_dir: str | Path | None = None, *, log=print) -> Userspace:
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be assembling the same thing
         if (root / "ready.json").is_file():
+            _mark_used(root)
             return Userspace(root)
         for stale in cache.glob(".assembling-*"):  # left by a killed run (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
@@ -135,11 +152,25 @@ def userspace(cache_dir: str | Path | None = None, *, log=print) -> Userspace:
             _wheels(tmp / "site", spec["wheels"], log)
             seconds = time.perf_counter() - start
             (tmp / "ready.json").write_text(json.dumps({**spec, "assembled_s": round(seconds, 1)}, indent=2) + "\n")
-            for old in cache.iterdir():  # user spaces for other versions: ~400 MB each
-                if old.is_dir() and old.name != root.name and not old.name.startswith("."):
+            for old in cache.iterdir():  # user spaces for other versions, unused for a day
+                if old.is_dir() and old.name != root.name and not old.name.startswith(".") and _unused(old):
                     shutil.rmtree(old, ignore_errors=True)
     log(f"assembled the aarch64 user space in {seconds:.0f}s")
     return Userspace(root, assembled_s=seconds)
+
+
+def _mark_used(root: Path) -> None:
+    try:
+        os.utime(root / "ready.json")
+    except OSError:  # a read-only cache: it is just never pruned
+        pass
+
+
+def _unused(root: Path) -> bool:
+    try:
+        return time.time() - (root / "ready.json").stat().st_mtime > PRUNE_UNUSED_S
+    except OSError:
+        return True  # no ready.json: not a finished user space
 
 
 def _run(cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
@@ -190,7 +221,7 @@ def _wheels(site: Path, pins: list[str], log) -> None:
     platforms = [a for p in WHEEL_PLATFORMS for a in ("--platform", p)]
     _run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target", str(site),
           *platforms, "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
-          "--only-binary=:all:", *pins], "pip download of the aarch64 wheels")  # .pyc made natively: same format for any 3.11
+          "--only-binary=:all:", "--no-deps", *pins], "pip download of the aarch64 wheels")  # .pyc made natively: same format for any 3.11
     log(f"  aarch64 wheels: {', '.join(pins)} ({time.perf_counter() - t:.0f}s)")
 
 
@@ -216,6 +247,33 @@ class Comparison:
 
 
 @dataclass
+class GenerationCheck:
+    """Greedy generation from one prompt on the emulated CPU against the host (x86) artifact."""
+
+    model: str
+    target: str
+    cpu: str
+    prompt: int  # index in the prompt list
+    tokens: list[int]  # generated on the emulated CPU
+    expected: list[int]  # generated on the host
+    error: float  # max |arm - x86| logits / max(1, max |x86|), over the steps up to the first differing token
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.tokens == self.expected and self.error <= self.tolerance
+
+    def describe(self) -> str:
+        where = f"generation target {self.target} on {self.cpu} ({self.model}, prompt {self.prompt})"
+        if self.tokens != self.expected:
+            at = next((i for i, (a, b) in enumerate(zip(self.tokens, self.expected)) if a != b),
+                      min(len(self.tokens), len(self.expected)))
+            return (f"{where}: tokens differ from step {at}: arm {self.tokens[at:at + 4]} x86 {self.expected[at:at + 4]} "
+                    f"({len(self.tokens)} vs {len(self.expected)} tokens)")
+        return f"{where}: {len(self.tokens)} tokens equal, max |arm - x86| logits = {self.error:.2e} (tolerance {self.tolerance:.0e})"
+
+
+@dataclass
 class Report:
     comparisons: list[Comparison] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # errors on the device, wrong refusals, JIT faults
@@ -224,10 +282,12 @@ class Report:
     jit: dict | None = None
     instructions: dict = field(default_factory=dict)  # artifact -> counts of int8 dot-product instructions
     probes: list[dict] = field(default_factory=list)  # negative controls: {artifact, cpu, returncode}
+    generation: list[GenerationCheck] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
 
     def failures(self) -> list[str]:
-        return [c.describe() for c in self.comparisons if not c.ok] + self.problems
+        return ([c.describe() for c in self.comparisons if not c.ok] + [g.describe() for g in self.generation if not g.ok]
+                + self.problems)
 
     def summary(self) -> str:
         lines = []
@@ -245,6 +305,15 @@ class Report:
         lines += [f"skipped: {s}" for s in self.skipped]
         for g in self.gates:
             lines.append(f"feature gate: {g['preset']} artifact on {g['cpu']}: {'accepted' if g['accepted'] else 'refused'}")
+        runs: dict[tuple, list[GenerationCheck]] = {}
+        for g in self.generation:
+            runs.setdefault((g.model, g.target, g.cpu), []).append(g)
+        for (model, target, cpu), checks in sorted(runs.items()):
+            same = sum(g.tokens == g.expected for g in checks)
+            lengths = sorted({len(g.expected) for g in checks})
+            lines.append(f"generation {model} {target} on {cpu}: {same}/{len(checks)} prompts x "
+                         f"{'/'.join(map(str, lengths))} greedy tokens equal to x86, worst logit error "
+                         f"{max(g.error for g in checks):.1e}")
         for pr in self.probes:
             outcome = "killed by SIGILL" if pr["returncode"] == -4 else f"exit {pr['returncode']}"
             lines.append(f"negative control: {pr['artifact']} forced onto {pr['cpu']}: {outcome}")
@@ -290,13 +359,23 @@ def verify(
     lengths=(1, 5, 16, 37, 64),
     jit_target: str | None = "rpi5",
     jit_seq: int = 24,
+    decoders: dict[str, Path] | None = None,
+    prompts=DEFAULT_PROMPTS,
+    new_tokens: int = 16,
+    generation_targets=("rpi5",),
     cache_dir: str | Path | None = None,
     log=print,
 ) -> Report:
     """Compile, run on the host and under emulation, compare. Never raises for a wrong answer: every
-    difference is a line in report.failures() naming target, precision, length and error size."""
+    difference is a line in report.failures() naming target, precision, length and error size.
+
+    decoders: GGUF files ({name: path}) compiled for the host and each of generation_targets; the
+    emulated process for each target's CPU (the same one that runs the ONNX checks) generates
+    new_tokens greedy tokens from each prompt (token ids), which must be the host's, with logits
+    within GENERATION_TOLERANCE at every step."""
     import numpy as np
 
+    from deploy.compiler.decoder import compile_decoder
     from deploy.compiler.driver import compile_model
     from edge.artifact.reader import Artifact
     from edge.runtime.runtime import Runtime
@@ -308,7 +387,8 @@ def verify(
     us = userspace(cache_dir, log=log)
     report.timings["userspace (assembled)" if us.assembled_s is not None else "userspace (cached)"] = time.perf_counter() - t
 
-    presets = {name: get_preset(name) for name in targets}
+    generation_targets = tuple(generation_targets) if decoders else ()
+    presets = {name: get_preset(name) for name in dict.fromkeys((*targets, *generation_targets))}
     for name, p in presets.items():
         if p.arch != "aarch64":
             raise EmulationError(f"target {name} is not an aarch64 preset")
@@ -334,6 +414,30 @@ def verify(
                     continue
                 built[model, precision, name] = out
     report.timings["host compiles"] = time.perf_counter() - t
+
+    # Decoder artifacts (GGUF) for the host and the generation targets, and the host's tokens.
+    decoder_artifacts: dict[tuple, Path] = {}  # (model, preset name or "x86") -> decoder artifact
+    expected_generation: dict[str, list] = {}  # model -> [(tokens, logits [new_tokens, vocab]) per prompt]
+    context = max(len(p) for p in prompts) + new_tokens if decoders else 0
+    if decoders:
+        t = time.perf_counter()
+        for model, path in decoders.items():
+            for name in ("x86", *generation_targets):
+                out = workdir / "artifacts" / f"{model}-decoder-{name}"
+                try:
+                    compile_decoder(path, "host" if name == "x86" else name, out, context=context, force=True, log=quiet)
+                except EdgeJitError as e:
+                    report.problems.append(f"generation target {name} ({model}): compile failed: {e}")
+                    if name == "x86":
+                        break
+                    continue
+                decoder_artifacts[model, name] = out
+        report.timings["decoder compiles"] = time.perf_counter() - t
+        t = time.perf_counter()
+        for (model, name), art in decoder_artifacts.items():
+            if name == "x86":
+                expected_generation[model] = generate(art, prompts, new_tokens, context=context)[0]
+        report.timings["host generation"] = time.perf_counter() - t
 
     # Inputs, ONNX Runtime reference (fp32 model) and the x86 artifact's outputs.
     t = time.perf_counter()
@@ -381,6 +485,11 @@ def verify(
             "gates": {n: str(a) for (m, prec, n), a in arm_artifacts.items()
                       if (m, prec) == next(iter(arm_artifacts))[:2]},
             "jit": None,
+            "generate": [
+                {"key": [m, n], "artifact": str(a), "prompts": [list(map(int, p)) for p in prompts],
+                 "new_tokens": new_tokens, "context": context, "out": str(job_dir / f"{m}-decoder-{n}")}
+                for (m, n), a in decoder_artifacts.items() if n in names and m in expected_generation
+            ],
         }
         if jit_target in names:
             m, prec = next(((m, prec) for (m, prec, n) in arm_artifacts if n == jit_target), (None, None))
@@ -395,6 +504,7 @@ def verify(
         result = _finish_device(job["cpu"], job_dir, started, report, log)
         if result is not None:
             _check_device(result, job, presets, expected, lengths, report)
+            _check_generation(result, job, expected_generation, report)
     for probe in probes:
         probe["returncode"] = probe.pop("proc").wait(timeout=DEVICE_TIMEOUT_S)
         report.probes.append(probe)
@@ -403,6 +513,22 @@ def verify(
                 f"negative control: {probe['artifact']} forced past the feature check on {probe['cpu']} did not die "
                 f"of SIGILL (exit {probe['returncode']}): the emulator ran instructions that CPU lacks")
     return report
+
+
+def verify_generation(
+    decoders: dict[str, Path],
+    workdir: str | Path,
+    *,
+    targets=("rpi5",),
+    prompts=DEFAULT_PROMPTS,
+    new_tokens: int = 16,
+    cache_dir: str | Path | None = None,
+    log=print,
+) -> Report:
+    """Generation alone: GGUF files compiled for the host and each target, greedy tokens on the
+    target's emulated CPU against the host's (verify() with no ONNX models)."""
+    return verify({}, workdir, targets=targets, jit_target=None, decoders=decoders, prompts=prompts,
+                  new_tokens=new_tokens, generation_targets=targets, cache_dir=cache_dir, log=log)
 
 
 def _no_core_dump() -> None:
@@ -520,6 +646,30 @@ def _check_device(result: dict, job: dict, presets, expected, lengths, report: R
                  Path(spec["out"]) / "variant.npz")
 
 
+def _check_generation(result: dict, job: dict, expected: dict, report: Report) -> None:
+    """The emulated CPU's greedy tokens and logits against the host's, prompt by prompt."""
+    import numpy as np
+
+    cpu = job["cpu"]
+    entries = {tuple(e["key"]): e for e in result.get("generate", [])}
+    for spec in job["generate"]:
+        model, target = spec["key"]
+        entry = entries.get((model, target))
+        if entry is None or entry.get("error"):
+            report.problems.append(f"generation target {target} ({model}) on {cpu}: "
+                                   f"{entry['error'] if entry else 'no result from the device'}")
+            continue
+        report.timings[f"generation on {cpu}"] = report.timings.get(f"generation on {cpu}", 0.0) + entry["load_s"] + entry["run_s"]
+        with np.load(Path(spec["out"]) / "logits.npz") as z:
+            logits = [z[f"p{i}"] for i in range(len(spec["prompts"]))]
+        for i, ((want_tokens, want_logits), tokens, got) in enumerate(zip(expected[model], entry["tokens"], logits)):
+            # Logits are comparable up to the first differing token (the inputs agree until then).
+            steps = next((k for k, (a, b) in enumerate(zip(tokens, want_tokens)) if a != b), len(want_tokens) - 1) + 1
+            error = _error(got[:steps], want_logits[:steps])
+            report.generation.append(GenerationCheck(model, target, cpu, i, list(tokens), list(want_tokens), error,
+                                                     GENERATION_TOLERANCE))
+
+
 def _compare(report: Report, expected: dict, model: str, target: str, precision: str, seq: int, npz: Path) -> None:
     """Outputs saved by the device against the x86 artifact's and ONNX Runtime's."""
     import numpy as np
@@ -572,8 +722,46 @@ def device_main(job_path: Path) -> int:
             result["jit"] = _device_jit(job["jit"], job["python_wrapper"])
         except Exception as e:
             result["jit"] = {"error": f"{type(e).__name__}: {e}"}
+    result["generate"] = []
+    for spec in job.get("generate", []):  # last: the decoder sizes this thread's TVM pool to one worker
+        entry = {"key": spec["key"]}
+        try:
+            runs, entry["load_s"], entry["run_s"] = generate(spec["artifact"], spec["prompts"], spec["new_tokens"],
+                                                             context=spec["context"], threads=1)
+            entry["tokens"] = [tokens for tokens, _ in runs]
+            Path(spec["out"]).mkdir(parents=True, exist_ok=True)
+            _npz_save(Path(spec["out"]) / "logits.npz", {f"p{i}": logits for i, (_, logits) in enumerate(runs)})
+        except Exception as e:
+            entry["error"] = f"{type(e).__name__}: {e}"
+        result["generate"].append(entry)
     write_atomic(Path(job_path).with_name("result.json"), json.dumps(result, indent=2).encode(), 0o644)
     return 0
+
+
+def generate(artifact, prompts, new_tokens: int, *, context: int, threads: int | None = None):
+    """Greedy generation with edge.generate, on the host and on the device alike: for each prompt
+    (token ids), new_tokens tokens and the logits they were picked from, [new_tokens, vocab].
+    -> ([(tokens, logits) per prompt], load seconds, generation seconds)."""
+    import numpy as np
+
+    from edge.generate.loader import load_decoder
+
+    t = time.perf_counter()
+    dec = load_decoder(artifact, context=context, threads=threads).decoder
+    load_s = time.perf_counter() - t
+    runs = []
+    for prompt in prompts:
+        dec.add_sequence(0)
+        try:
+            logits = [dec.prefill([0], [list(prompt)])[0]]
+            tokens = [int(np.argmax(logits[-1]))]
+            while len(tokens) < new_tokens:
+                logits.append(dec.decode([0], [tokens[-1]])[0])
+                tokens.append(int(np.argmax(logits[-1])))
+        finally:
+            dec.remove_sequence(0)
+        runs.append((tokens, np.stack(logits)))
+    return runs, load_s, time.perf_counter() - t - load_s
 
 
 def force_run(artifact: Path, inputs: Path) -> int:
@@ -653,11 +841,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("setup", help="assemble (or find) the cached aarch64 user space and print its path")
     v = sub.add_parser("verify", help="compile models for ARM presets and check them under emulation")
-    v.add_argument("models", nargs="+", help="ONNX files")
+    v.add_argument("models", nargs="+", help="ONNX files, and GGUF files for the generation check")
     v.add_argument("-t", "--target", action="append", help="aarch64 preset (repeatable; default aarch64 and rpi5)")
     v.add_argument("--precision", action="append", choices=["fp32", "int8"], help="repeatable; default fp32")
     v.add_argument("--lengths", default="1,5,16,37,64", help="comma-separated sequence lengths")
     v.add_argument("--jit-seq", type=int, default=24)
+    v.add_argument("--prompt", action="append", help="token ids, comma-separated, for GGUF models (repeatable)")
+    v.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per prompt for GGUF models")
     v.add_argument("--workdir", required=True)
     d = sub.add_parser("device", help=argparse.SUPPRESS)
     d.add_argument("job")
@@ -675,9 +865,13 @@ def main(argv: list[str] | None = None) -> int:
             print(us.root)
             return 0
         models = {Path(m).stem if Path(m).stem != "model" else Path(m).parent.name: Path(m) for m in args.models}
-        report = verify(models, args.workdir, targets=tuple(args.target or ("aarch64", "rpi5")),
+        decoders = {k: v for k, v in models.items() if v.suffix == ".gguf"}
+        targets = tuple(args.target or ("aarch64", "rpi5"))
+        prompts = tuple(tuple(int(x) for x in p.split(",")) for p in args.prompt) if args.prompt else DEFAULT_PROMPTS
+        report = verify({k: v for k, v in models.items() if k not in decoders}, args.workdir, targets=targets,
                         precisions=tuple(args.precision or ("fp32",)),
-                        lengths=tuple(int(x) for x in args.lengths.split(",")), jit_seq=args.jit_seq)
+                        lengths=tuple(int(x) for x in args.lengths.split(",")), jit_seq=args.jit_seq,
+                        decoders=decoders, prompts=prompts, new_tokens=args.new_tokens, generation_targets=targets)
         print(report.summary())
         return 1 if report.failures() else 0
     except EdgeJitError as e:

@@ -1,5 +1,6 @@
 """What tests/arm runs under emulation, and the run itself (once per test session: it costs minutes,
-compiling for three targets and then one emulated aarch64 process per CPU model)."""
+compiling for three targets and then one emulated aarch64 process per CPU model; the same processes
+run the generation check, so it adds the decoder compiles and a few seconds of emulated decoding)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,26 @@ TARGETS = ("aarch64", "rpi5")  # generic ARMv8.0 (run on a Cortex-A53 model) and
 PRECISIONS = ("fp32", "int8")
 LENGTHS = (1, 7, 16, 45)
 JIT_TARGET, JIT_SEQ = "rpi5", 24
+# Text generation: a tiny random-weight llama GGUF (tests/fixtures/gguf_llama.py, 2 layers, hidden 64,
+# SmolLM2's vocabulary) compiled for the host and rpi5; greedy tokens on the Cortex-A76 model.
+DECODER = "tiny_llama"
+GENERATION_TARGETS = ("rpi5",)
+PROMPTS = arm_emulation.DEFAULT_PROMPTS  # plain text and a ChatML turn, SmolLM2 token ids
+NEW_TOKENS = 16
 
 summaries: list[str] = []  # printed at the end of the pytest run (tests/arm/conftest.py)
 
 
 def run(request, tmp_path_factory) -> arm_emulation.Report:
+    from tests.fixtures.gguf_llama import write_llama_gguf
+
     models = {name.removesuffix("_onnx"): request.getfixturevalue(name) for name in MODELS}
+    gguf = write_llama_gguf(tmp_path_factory.mktemp("arm_gguf") / f"{DECODER}.gguf", request.getfixturevalue("smollm2_gguf"))
     start = time.perf_counter()
     report = arm_emulation.verify(
         models, tmp_path_factory.mktemp("arm"), targets=TARGETS, precisions=PRECISIONS, lengths=LENGTHS,
-        jit_target=JIT_TARGET, jit_seq=JIT_SEQ, log=lambda *a, **k: None,
+        jit_target=JIT_TARGET, jit_seq=JIT_SEQ, decoders={DECODER: gguf["path"]}, prompts=PROMPTS,
+        new_tokens=NEW_TOKENS, generation_targets=GENERATION_TARGETS, log=lambda *a, **k: None,
     )
     report.timings["total"] = time.perf_counter() - start
     summaries.append(report.summary())

@@ -33,3 +33,26 @@ def test_a_matching_answer_passes_and_a_missing_output_fails(tmp_path):
     arm_emulation._compare(report, expected, "m", "aarch64", "fp32", 5, tmp_path / "5.npz")
     assert [c.ok for c in report.comparisons] == [True, False, True, False]
     assert "output 1): max |arm - x86| = inf" in report.failures()[0]
+
+
+def test_a_generation_mismatch_names_the_step_and_compares_logits_up_to_it(tmp_path):
+    """Tokens that part at step 2: a failure line naming the step and both tokens; the logits error
+    covers steps 0..2 only (after that the two runs saw different inputs)."""
+    want = np.zeros((4, 10), np.float32)
+    want[:, 3] = 2.0
+    got = want.copy()
+    got[1, 5] += 1e-3  # 1e-3 / 2 = 5e-4: over tolerance
+    got[3] += 100.0  # after the parting step: not compared
+    (tmp_path / "out").mkdir()
+    np.savez(tmp_path / "out" / "logits.npz", p0=got)
+    job = {"cpu": "cortex-a76", "generate": [{"key": ["m", "rpi5"], "prompts": [[1, 2]], "out": str(tmp_path / "out")}]}
+    result = {"generate": [{"key": ["m", "rpi5"], "tokens": [[3, 3, 7, 3]], "load_s": 1.0, "run_s": 0.5}]}
+    report = arm_emulation.Report()
+    arm_emulation._check_generation(result, job, {"m": [([3, 3, 3, 3], want)]}, report)
+    (check,) = report.generation
+    assert check.error == pytest.approx(5e-4) and not check.ok
+    assert report.failures() == [
+        "generation target rpi5 on cortex-a76 (m, prompt 0): tokens differ from step 2: arm [7, 3] x86 [3, 3] (4 vs 4 tokens)"
+    ]
+    assert report.timings["generation on cortex-a76"] == 1.5
+    assert "generation m rpi5 on cortex-a76: 0/1 prompts x 4 greedy tokens equal to x86, worst logit error 5.0e-04" in report.summary()
