@@ -29,6 +29,7 @@ class Decoder:
         if threads:
             set_threads(threads)
         self.config = config
+        self.threads = threads
         self.vm = relax.VirtualMachine(lib, tvm.cpu())
         self.params = params
         self.context = int(context)
