@@ -39,11 +39,14 @@ ONNX_ONLY = ("max_seq", "seq_dim", "calibrate", "keep_float", "min_accuracy", "t
 
 
 def _is_gguf(path: str) -> bool:
+    """GGUF magic, or a .gguf name (the GGUF reader then says what is wrong with the file)."""
+    if path.lower().endswith(".gguf"):
+        return True
     try:
         with open(path, "rb") as f:
             return f.read(4) == b"GGUF"
     except OSError:
-        return path.lower().endswith(".gguf")  # let the reader say what is wrong with it
+        return False
 
 
 def main(args) -> int:

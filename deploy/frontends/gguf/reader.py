@@ -14,6 +14,45 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
 MAGIC = b"GGUF"
 
 
+class _Truncated(Exception):
+    def __init__(self, need: int | None):
+        self.need = need  # bytes the tensors need; None: the header itself is cut short
+
+
+_READER = None
+
+
+def _reader_class():
+    """llama.cpp's GGUFReader, checking its reads against the end of the file: a short file fails
+    as truncated (with the size the tensor list asks for) rather than as a numpy shape error."""
+    global _READER
+    if _READER is None:
+        import gguf
+
+        class Reader(gguf.GGUFReader):
+            def _get(self, offset, dtype, count=1, override_order=None):
+                if int(offset) + np.dtype(dtype).itemsize * int(count) > len(self.data):
+                    raise _Truncated(None)
+                return super()._get(offset, dtype, count, override_order)
+
+            def _build_tensors(self, start_offs, fields):
+                need = 0
+                for field in fields:
+                    dims, raw_dtype, offset_tensor = field.parts[3], field.parts[4], field.parts[5]
+                    try:
+                        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_dtype[0]))]
+                    except (ValueError, KeyError):
+                        continue  # an unknown type id: the reader names it
+                    n = int(np.prod(dims.astype(np.int64)))
+                    need = max(need, int(start_offs) + int(offset_tensor[0]) + n * size // block)
+                if need > len(self.data):
+                    raise _Truncated(need)
+                super()._build_tensors(start_offs, fields)
+
+        _READER = Reader
+    return _READER
+
+
 class GGUFFile:
     """Metadata and tensors of one GGUF file (tensors are read lazily, memory-mapped)."""
 
@@ -29,9 +68,16 @@ class GGUFFile:
         if head != MAGIC:
             raise ModelError(f"{self.path.name} is not a GGUF file (no GGUF magic)")
         try:
-            self._reader = gguf.GGUFReader(str(self.path))
-        except (ValueError, IndexError, OSError, KeyError) as e:  # short reads surface as these
-            raise ModelError(f"{self.path.name} is truncated or damaged: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            self._reader = _reader_class()(str(self.path))
+        except _Truncated as e:
+            size = self.path.stat().st_size
+            if e.need is None:
+                raise ModelError(f"{self.path.name} is truncated: the GGUF header (metadata and tensor list) runs past "
+                                 f"the end of the file at byte {size}") from None
+            raise ModelError(f"{self.path.name} is truncated: {size} bytes, but its tensors need {e.need} "
+                             "(an incomplete download or copy?)") from None
+        except (ValueError, IndexError, OSError, KeyError) as e:  # other damage surfaces as these
+            raise ModelError(f"{self.path.name} is damaged: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         self.metadata = {}
         for key, field in self._reader.fields.items():
             if key.startswith("GGUF."):
