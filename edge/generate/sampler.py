@@ -25,7 +25,7 @@ class SamplingParams:
     def check(self) -> "SamplingParams":
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise EdgeJitError(f"max_tokens must be a positive integer (got {self.max_tokens})")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # (NaN fails too)
             raise EdgeJitError(f"temperature must be >= 0 (got {self.temperature})")
         if self.top_k < 0:
             raise EdgeJitError(f"top_k must be >= 0 (got {self.top_k})")
@@ -33,12 +33,24 @@ class SamplingParams:
             raise EdgeJitError(f"top_p must be in (0, 1] (got {self.top_p})")
         if not 0 <= self.min_p < 1:
             raise EdgeJitError(f"min_p must be in [0, 1) (got {self.min_p})")
-        if self.repetition_penalty <= 0:
-            raise EdgeJitError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise EdgeJitError(f"repetition_penalty must be > 0 and finite (got {self.repetition_penalty})")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(s for s in self.stop if s)
         return self
+
+
+def apply_repetition_penalty(logits: np.ndarray, history: list[int], penalty: float) -> np.ndarray:
+    """A copy of `logits` with every token of `history` made less likely, as transformers does
+    (RepetitionPenaltyLogitsProcessor): a positive logit is divided by the penalty, a negative
+    one multiplied."""
+    x = np.array(logits, dtype=np.float32)
+    seen = np.unique(np.asarray(history, dtype=np.int64))
+    seen = seen[(seen >= 0) & (seen < x.shape[0])]
+    vals = x[seen]
+    x[seen] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return x
 
 
 class Sampler:
@@ -50,11 +62,7 @@ class Sampler:
         p = self.p
         x = np.asarray(logits, dtype=np.float32)
         if p.repetition_penalty != 1.0 and history:
-            x = x.copy()
-            seen = np.unique(np.asarray(history, dtype=np.int64))
-            seen = seen[seen < x.shape[0]]
-            vals = x[seen]
-            x[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            x = apply_repetition_penalty(x, history, p.repetition_penalty)
         if p.temperature == 0:
             return int(np.argmax(x))
         x = x.astype(np.float64) / p.temperature
