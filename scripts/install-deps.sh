@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what edgejit needs on a fresh Debian/Ubuntu machine (idempotent, quick when done):
-# system packages (Mosquitto broker, aarch64 cross linker, qemu-user, real text for the demo)
+# system packages (Mosquitto broker, aarch64 cross linker, qemu-user, real text for the demo,
+# tmux for the terminal chat test)
 # and the Python package with its host and test extras into the current Python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,7 @@ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitt
 command -v aarch64-linux-gnu-gcc >/dev/null || need+=(gcc-aarch64-linux-gnu)
 command -v qemu-aarch64 >/dev/null || need+=(qemu-user)
 [ -d /usr/share/games/fortunes ] || need+=(fortunes-min)
+command -v tmux >/dev/null || need+=(tmux)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   echo "installing system packages: ${need[*]}"

@@ -62,6 +62,9 @@ def _session(gen, args, sampling) -> int:
             print()
         except KeyboardInterrupt:
             print(" [stopped]")
+            if not reply:  # stopped before the first word (e.g. during a long prompt): forget the message
+                history.pop()
+                continue
         except EdgeJitError as e:
             print(f"\nedgejit chat: {e}", file=sys.stderr)
             history.pop()

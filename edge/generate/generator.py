@@ -21,7 +21,7 @@ class GenerationStats:
     ttft_s: float = 0.0  # prompt in -> first token out
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    finish_reason: str = ""  # "stop" (EOS or a stop string), "length" (max_tokens or context)
+    finish_reason: str = ""  # "stop" (EOS or a stop string), "length" (max_tokens or context), "cancelled"
     tokens: list[int] = field(default_factory=list)
 
     @property
@@ -136,11 +136,16 @@ class Generator:
         stream = StreamDecoder(self.tokenizer, prompt_ids)
         stops = _StopMatcher(params.stop)
         st = self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        # A generation whose cleanup was itself interrupted (a second Ctrl-C) left its sequence
+        # in the KV cache: generations here run one at a time, so whatever is left is stale.
+        for old in list(dec.lengths):
+            dec.remove_sequence(old)
         sid = next(self._ids)
-        dec.add_sequence(sid)
         history = list(prompt_ids)
         stopped = False  # by a stop string
+        t1 = None
         try:
+            dec.add_sequence(sid)
             t0 = time.perf_counter()
             logits = dec.prefill([sid], [prompt_ids])[0]
             token = sampler(logits, history)
@@ -172,4 +177,8 @@ class Generator:
                 if tail:
                     yield tail
         finally:
+            if not st.finish_reason:  # Ctrl-C, or the caller closed the stream
+                st.finish_reason = "cancelled"
+                if t1 is not None:
+                    st.decode_s = time.perf_counter() - t1
             dec.remove_sequence(sid)
