@@ -39,10 +39,22 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class GenerationConfig:
+    """Text generation (decoder artifacts; the OpenAI-compatible API), per model."""
+
+    max_seqs: int = 4  # sequences decoded together (continuous batching); KV cache for this many
+    max_queue: int = 32  # requests waiting for a sequence slot; beyond that, 429 with Retry-After
+    request_timeout_s: float = 300.0  # waiting + generating; then the request ends (KV freed)
+    context: int = 0  # KV context per sequence in tokens; 0: the artifact's default context
+    prefill_chunk: int = 0  # most prompt tokens per prefill step; 0: the artifact's
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     path: Path | None
     models: tuple[ModelConfig, ...]
     server: ServerConfig = ServerConfig()
+    generation: GenerationConfig = GenerationConfig()
     telemetry: dict | None = None  # edge.telemetry settings (docs/telemetry.md); None: off
     jit: object = None  # None (no JIT), a mode/path string, or a dict of policy settings
     threads: int = 0  # TVM threads per inference; 0: cores / workers
@@ -53,7 +65,7 @@ class DaemonConfig:
     log_level: str = "info"
 
 
-_SECTIONS = {"server", "models", "jit", "telemetry", "runtime", "paths", "log"}
+_SECTIONS = {"server", "models", "generation", "jit", "telemetry", "runtime", "paths", "log"}
 
 
 def load_config(path: str | Path) -> DaemonConfig:
@@ -100,6 +112,13 @@ def parse_config(data: dict, *, base: Path, path: Path | None = None) -> DaemonC
     if server.queue < 0 or server.max_body_mb <= 0:
         raise ConfigError(f"{where}: [server] queue must be >= 0 and max_body_mb > 0")
 
+    generation = _section(data, "generation", GenerationConfig, where)
+    for key in ("max_seqs", "max_queue"):
+        if getattr(generation, key) < 1:
+            raise ConfigError(f"{where}: [generation] {key} must be >= 1")
+    if generation.request_timeout_s <= 0 or generation.context < 0 or generation.prefill_chunk < 0:
+        raise ConfigError(f"{where}: [generation] request_timeout_s must be > 0, context and prefill_chunk >= 0")
+
     telemetry = _telemetry(data.get("telemetry"), resolve, where)
 
     jit = data.get("jit")
@@ -135,6 +154,7 @@ def parse_config(data: dict, *, base: Path, path: Path | None = None) -> DaemonC
         path=path,
         models=tuple(models),
         server=server,
+        generation=generation,
         telemetry=telemetry,
         jit=jit,
         threads=threads,

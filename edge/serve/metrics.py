@@ -11,6 +11,9 @@ import threading
 import time
 from collections import defaultdict
 
+# Time to first token, seconds: a short prompt on a small model to a long prompt behind a queue.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
 # Seconds: from sub-millisecond (tiny models, variants) to the generic module on a long input.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -57,6 +60,9 @@ class Metrics:
         self.jit = defaultdict(int)  # (model, event) -> count
         self.reloads = defaultdict(int)  # (model, result) -> count
         self.rejected = defaultdict(int)  # reason -> count
+        self.gen_tokens = defaultdict(int)  # (model, "prompt" | "completion") -> tokens
+        self.gen_requests = defaultdict(int)  # (model, finish_reason) -> generation requests
+        self.ttft = defaultdict(lambda: Histogram(TTFT_BUCKETS))  # model -> seconds to the first token
         self.gauges = []  # callables returning [(name, help, [(labels, value)])]
 
     def count_http(self, model: str, endpoint: str, code: int) -> None:
@@ -83,6 +89,16 @@ class Metrics:
         with self._lock:
             self.rejected[reason] += 1
 
+    def on_generation(self, model: str, prompt_tokens: int, completion_tokens: int, finish_reason: str,
+                      ttft_s: float | None) -> None:
+        """One generation request ended (finish_reason: stop, length, cancelled, timeout, error)."""
+        with self._lock:
+            self.gen_tokens[(model, "prompt")] += prompt_tokens
+            self.gen_tokens[(model, "completion")] += completion_tokens
+            self.gen_requests[(model, finish_reason)] += 1
+            if ttft_s is not None:
+                self.ttft[model].observe(ttft_s)
+
     def render(self) -> str:
         lines: list[str] = []
 
@@ -106,6 +122,20 @@ class Metrics:
             family("edgejit_jit_events_total", "counter", "JIT events (compile_started, compile_finished, compile_failed, cache_hit, swapped_in, ...)")
             for (model, event), n in sorted(self.jit.items()):
                 lines.append(f"edgejit_jit_events_total{_labels((('model', model), ('event', event)))} {n}")
+            family("edgejit_generation_prompt_tokens_total", "counter", "prompt tokens of finished generation requests")
+            for (model, kind), n in sorted(self.gen_tokens.items()):
+                if kind == "prompt":
+                    lines.append(f"edgejit_generation_prompt_tokens_total{_labels((('model', model),))} {n}")
+            family("edgejit_generation_completion_tokens_total", "counter", "tokens generated")
+            for (model, kind), n in sorted(self.gen_tokens.items()):
+                if kind == "completion":
+                    lines.append(f"edgejit_generation_completion_tokens_total{_labels((('model', model),))} {n}")
+            family("edgejit_generation_requests_total", "counter", "generation requests by finish reason (stop, length, cancelled, timeout, error)")
+            for (model, reason), n in sorted(self.gen_requests.items()):
+                lines.append(f"edgejit_generation_requests_total{_labels((('model', model), ('finish_reason', reason)))} {n}")
+            family("edgejit_generation_ttft_seconds", "histogram", "time to first token (request received -> first token), by model")
+            for model, h in sorted(self.ttft.items()):
+                lines.extend(h.lines("edgejit_generation_ttft_seconds", (("model", model),)))
             family("edgejit_reloads_total", "counter", "artifact reloads by result (swapped, rolled_back)")
             for (model, result), n in sorted(self.reloads.items()):
                 lines.append(f"edgejit_reloads_total{_labels((('model', model), ('result', result)))} {n}")

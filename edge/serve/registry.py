@@ -149,6 +149,9 @@ class Registry:
         version = manifest_version(resolved)
         runtime = self._make_runtime(slot.name, resolved)
         try:
+            if getattr(runtime, "is_generation", False):  # a decoder: one token through its engine
+                runtime.smoke_check()
+                return Version(runtime, Path(path), version, time.time(), time.monotonic() - start, resolved=resolved)
             # The generic module directly: a load check is not traffic (no JIT hits, no metrics).
             arrays, _ = bind_inputs(runtime.inputs, smoke_inputs(runtime), runtime.artifact.manifest.dims)
             outs = runtime.generic(arrays)

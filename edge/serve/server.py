@@ -6,9 +6,13 @@
     POST /v1/models/<name>/infer        run it: JSON {"inputs": {...}} or an .npz body
     POST /v1/models/<name>/reload       swap in the artifact again / a new version, with rollback
     GET  /metrics                       Prometheus text format
+    POST /v1/chat/completions           OpenAI-compatible chat (decoder artifacts), streamed as SSE or not
+    POST /v1/completions                OpenAI-compatible text completion
 
 Bounds: connections (beyond: 503 and close), body size (413 before reading it), requests waiting
-for an inference worker (beyond: 503 with Retry-After). Every error is JSON {"error": "..."}.
+for an inference worker (beyond: 503 with Retry-After), generation requests waiting for a
+sequence slot (beyond: 429 with Retry-After). Every error is JSON {"error": "...", "status": N};
+on the OpenAI endpoints it is OpenAI's {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from urllib.parse import unquote, urlsplit
 
 from edge.errors import ArtifactError, EdgeJitError, InputError
 from edge.serve import codec
+from edge.serve.generation import ApiError, Reply, error_doc, sampling_params, stream_options
 from edge.serve.metrics import CONTENT_TYPE as METRICS_TYPE
 from edge.serve.registry import ModelNotFound, ModelUnavailable
 
@@ -32,6 +37,7 @@ log = logging.getLogger("edgejit.daemon")
 access_log = logging.getLogger("edgejit.daemon.access")
 
 MODEL_PATH = re.compile(r"^/v1/models/([^/]+)(?:/(infer|reload))?/?$")
+OPENAI_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 
 
 class HttpError(EdgeJitError):
@@ -145,9 +151,16 @@ class Handler(BaseHTTPRequestHandler):
         start = time.perf_counter()
         path = urlsplit(self.path).path
         model, endpoint, status = "", path, 500
+        self._openai = path.rstrip("/") in OPENAI_PATHS
         try:
             m = MODEL_PATH.match(path)
-            if m:
+            if self._openai:
+                endpoint = path.rstrip("/")
+                if method != "POST":
+                    self._drain_body()
+                    raise HttpError(405, f"{path}: use POST", {"Allow": "POST"})
+                model, status = self._generate(OPENAI_PATHS[endpoint])
+            elif m:
                 model, action = unquote(m.group(1)), m.group(2) or "info"
                 endpoint = action
                 allowed = "POST" if action in ("infer", "reload") else "GET"
@@ -165,6 +178,8 @@ class Handler(BaseHTTPRequestHandler):
                 endpoint = "other"  # never a label per client-chosen path
                 self._drain_body()
                 raise HttpError(404, f"no endpoint {path} (see /v1/models, /health, /metrics)")
+        except ApiError as e:
+            status = self._error(e.status, str(e), e.headers, param=e.param, code=e.code)
         except HttpError as e:
             status = self._error(e.status, str(e), e.headers)
         except codec.BadRequest as e:
@@ -172,9 +187,9 @@ class Handler(BaseHTTPRequestHandler):
         except InputError as e:
             status = self._error(400, str(e))
         except ModelNotFound as e:
-            status = self._error(404, str(e))
+            status = self._error(404, str(e), code="model_not_found")
         except ModelUnavailable as e:
-            status = self._error(503, str(e), {"Retry-After": "5"})
+            status = self._error(503, str(e), {"Retry-After": "5"}, code="model_unavailable")
         except ArtifactError as e:
             status = self._error(422, str(e))
         except (BrokenPipeError, ConnectionResetError):
@@ -236,11 +251,15 @@ class Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, doc, headers: dict | None = None) -> int:
         return self._send(status, (json.dumps(doc, indent=1) + "\n").encode(), codec.JSON, headers)
 
-    def _error(self, status: int, message: str, headers: dict | None = None) -> int:
+    def _error(self, status: int, message: str, headers: dict | None = None, *, param=None, code=None) -> int:
         if status >= 500 and status != 503:
             log.warning("%s %s -> %d: %s", self.command, self.path, status, message)
         else:
             access_log.info("%s %s -> %d: %s", self.command, self.path, status, message)
+        if getattr(self, "_openai", False):
+            if code is None and status == 413:
+                code = "request_too_large"
+            return self._json(status, error_doc(status, message, param, code), headers)
         return self._json(status, {"error": message, "status": status}, headers)
 
     # -- endpoints -------------------------------------------------------------------------
@@ -252,7 +271,8 @@ class Handler(BaseHTTPRequestHandler):
         return self._send(200, self.service.metrics.render().encode(), METRICS_TYPE)
 
     def _models(self) -> int:
-        return self._json(200, {"models": [self.service.describe(n) for n in self.service.registry.names()]})
+        models = [self.service.describe(n) for n in self.service.registry.names()]
+        return self._json(200, {"object": "list", "data": models, "models": models})
 
     def _model_info(self, name: str) -> int:
         self.service.registry.slot(name)  # 404 for unknown names
@@ -267,6 +287,8 @@ class Handler(BaseHTTPRequestHandler):
         body = self._read_body(svc.max_body)
         start = time.perf_counter()
         slot = svc.registry.slot(name)  # 404 before any work
+        if slot.current is not None and getattr(slot.current.runtime, "is_generation", False):
+            raise HttpError(400, f"model '{name}' is a text-generation model: use POST /v1/chat/completions or /v1/completions")
         content_type = self.headers.get("Content-Type")
         accept = self.headers.get("Accept", "")
         if not any(t in accept for t in (codec.JSON, codec.NPZ)):
@@ -321,3 +343,120 @@ class Handler(BaseHTTPRequestHandler):
             current = slot.current.describe() if slot.current else None
             return self._json(422, {"error": str(e), "status": 422, "result": "rolled_back" if current else "failed", "current": current})
         return self._json(200, result)
+
+    # -- OpenAI-compatible generation ---------------------------------------------------------
+    def _generate(self, kind: str) -> tuple[str, int]:
+        """POST /v1/chat/completions (kind "chat") or /v1/completions: returns (model, status)."""
+        svc = self.service
+        if svc.draining:
+            self._drain_body()
+            svc.metrics.count_rejected("draining")
+            raise ApiError(503, "the daemon is shutting down", headers={"Retry-After": "5"})
+        body = self._read_body(svc.max_body)
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError) as e:
+            raise ApiError(400, f"malformed JSON body: {e}") from None
+        if not isinstance(doc, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        name = doc.get("model")
+        if name is None or name == "":
+            gen = [s.name for s in svc.registry.slots() if s.current is not None and getattr(s.current.runtime, "is_generation", False)]
+            if len(gen) != 1:
+                raise ApiError(400, "'model' is required (GET /v1/models lists them)", param="model")
+            name = gen[0]  # one text-generation model: the default
+        if not isinstance(name, str):
+            raise ApiError(400, "'model' must be a string", param="model")
+        version = svc.registry.acquire(name)  # 404 unknown, 503 loading/failed
+        try:
+            gm = version.runtime
+            if not getattr(gm, "is_generation", False):
+                raise ApiError(400, f"model '{name}' is not a text-generation model (use /v1/models/{name}/infer)", param="model")
+            chat = kind == "chat"
+            stream, include_usage = stream_options(doc)
+            prompt = gm.chat_prompt(doc) if chat else gm.completion_prompt(doc)
+            gm.check_length(prompt, "messages" if chat else "prompt")
+            params = sampling_params(doc, len(prompt), gm.context, chat=chat)
+            from edge.generate.engine import QueueFull
+
+            svc.hold()
+            try:
+                try:
+                    handle = gm.engine.submit(prompt, params)
+                except QueueFull as e:
+                    svc.metrics.count_rejected("generation_queue_full")
+                    raise ApiError(429, str(e), code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
+                except EdgeJitError as e:  # the engine closed under a reload: the client retries
+                    raise ApiError(503, str(e), headers={"Retry-After": "1"}) from None
+                reply = Reply(chat, name, version.version)
+                if stream:
+                    status = self._stream_reply(name, handle, reply, include_usage)
+                else:
+                    status = self._final_reply(name, handle, reply)
+            finally:
+                svc._done()
+            return name, status
+        finally:
+            svc.registry.release(name, version)
+
+    def _account(self, name: str, handle, reason: str | None = None) -> None:
+        st = handle.stats
+        reason = reason or st.finish_reason or "cancelled"
+        self.service.metrics.on_generation(name, st.prompt_tokens, st.completion_tokens, reason,
+                                           st.ttft_s if st.completion_tokens else None)
+
+    def _final_reply(self, name: str, handle, reply: Reply) -> int:
+        try:
+            text = "".join(handle)
+        except EdgeJitError as e:
+            self._account(name, handle)
+            timeout = handle.stats.finish_reason == "timeout"
+            raise ApiError(503 if timeout else 500, str(e), code="timeout" if timeout else None,
+                           headers={"Retry-After": "5"} if timeout else None) from None
+        self._account(name, handle)
+        return self._json(200, reply.final(text, handle.stats.finish_reason, handle.stats))
+
+    def _stream_reply(self, name: str, handle, reply: Reply, include_usage: bool) -> int:
+        """Server-Sent Events as OpenAI sends them, over a chunked HTTP/1.1 response. A write that
+        fails (the client went away) cancels the request: its KV is freed at the engine's next step."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("X-Accel-Buffering", "no")  # a proxy in front must not buffer the stream
+        if self.service.draining:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+
+        def event(doc) -> None:
+            data = b"data: " + (doc if isinstance(doc, bytes) else json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()) + b"\n\n"
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+        try:
+            self.end_headers()
+            if reply.chat:  # the first chunk carries the role (and sends the headers' worth of news early)
+                event(reply.chunk(content="", role=True, include_usage=include_usage))
+            try:
+                for piece in handle:
+                    event(reply.chunk(content=piece, include_usage=include_usage))
+            except EdgeJitError as e:  # timed out or failed mid-stream: OpenAI's error event, then the end
+                self._account(name, handle)
+                code = "timeout" if handle.stats.finish_reason == "timeout" else None
+                event(error_doc(503 if code else 500, str(e), None, code))
+                event(b"[DONE]")
+                self.wfile.write(b"0\r\n\r\n")
+                return 200
+            st = handle.stats
+            event(reply.chunk(finish_reason=st.finish_reason, include_usage=include_usage))
+            if include_usage:
+                event(reply.usage_chunk(st))
+            event(b"[DONE]")
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:  # BrokenPipe, ConnectionReset, a timed-out slow client
+            handle.cancel()
+            self.close_connection = True
+            self._account(name, handle, "cancelled")
+            access_log.info("%s went away mid-stream: request cancelled", self.client_address[0])
+            return 499
+        self._account(name, handle)
+        return 200

@@ -120,6 +120,10 @@ class ModelListener:
             self.daemon.telemetry.on_jit(model_name, event)
 
 
+def _generation(version) -> bool:
+    return getattr(version.runtime, "is_generation", False)
+
+
 class Daemon:
     def __init__(self, cfg: DaemonConfig):
         if not cfg.models:
@@ -161,7 +165,10 @@ class Daemon:
 
     def _make_runtime(self, name: str, path: Path):
         from edge.runtime.runtime import Runtime
+        from edge.serve.generation import is_decoder_artifact
 
+        if is_decoder_artifact(path):
+            return self._make_generation(name, path)
         kwargs = dict(threads=self.threads, listeners=[ModelListener(name, self)])
         if self._jit is not None:
             kwargs.update(jit=self._jit, cache_dir=self.cfg.cache_dir, state_dir=self.cfg.state_dir)
@@ -170,6 +177,23 @@ class Daemon:
         self.progress.begin(task)
         try:
             return Runtime(path, **kwargs)
+        finally:
+            self.progress.end(task)
+
+    def _make_generation(self, name: str, path: Path):
+        """A decoder artifact: the loaded model and its generation engine ([generation] settings)."""
+        from edge.serve.generation import GenerationModel
+
+        g = self.cfg.generation
+        kwargs = dict(listeners=[ModelListener(name, self)])
+        if self._jit is not None:  # decode steps specialized by batch size
+            kwargs.update(jit=self._jit, cache_dir=self.cfg.cache_dir, state_dir=self.cfg.state_dir)
+        task = f"loading '{name}'"
+        self.progress.begin(task)
+        try:
+            return GenerationModel.load(path, context=g.context, max_seqs=g.max_seqs, max_queue=g.max_queue,
+                                        timeout_s=g.request_timeout_s, prefill_chunk=g.prefill_chunk,
+                                        threads=self.cfg.threads or machine.cores(), trust=self._trust, **kwargs)
         finally:
             self.progress.end(task)
 
@@ -194,6 +218,11 @@ class Daemon:
             ticket.release()
             ticket.release()
             raise Saturated("the daemon is shutting down") from None
+
+    def hold(self) -> None:
+        """A generation request in flight (the engine bounds them): shutdown waits for it; pair with _done()."""
+        with self._pending_lock:
+            self._pending += 1
 
     def _done(self) -> None:
         with self._pending_lock:
@@ -268,7 +297,7 @@ class Daemon:
 
     def _announce(self, name: str) -> None:
         slot = self.registry.slot(name)
-        if self.telemetry is not None and slot.current is not None:
+        if self.telemetry is not None and slot.current is not None and not _generation(slot.current):
             self.telemetry.add_model(slot.current.runtime)
 
     def reload_all(self) -> None:
@@ -355,7 +384,7 @@ class Daemon:
         """The coordinator's hot lengths for a model (by artifact name): compile them ahead."""
         for slot in self.registry.slots():
             v = slot.current
-            if v is not None and v.runtime.name == model and v.runtime.specializer is not None:
+            if v is not None and not _generation(v) and v.runtime.name == model and v.runtime.specializer is not None:
                 spec, art = v.runtime.specializer, v.runtime.artifact
                 targets = sorted({spec.policy.target_length(int(n), art.max_seq, spec.padding_safe)
                                   for n in lengths if 1 <= int(n) <= art.max_seq})
@@ -392,7 +421,16 @@ class Daemon:
         if slot.error:
             doc["error"] = slot.error
         v = slot.current
-        if v is not None:
+        doc.update({"id": name, "object": "model", "created": int(v.loaded_at if v else self.metrics.started),
+                    "owned_by": "edgejit", "kind": "decoder" if v is not None and _generation(v) else "tensor"})
+        if v is not None and _generation(v):
+            doc.update(v.describe())
+            doc["context"] = v.runtime.context
+            doc["generation"] = v.runtime.stats()
+            spec = v.runtime.specializer
+            if spec is not None:
+                doc["jit"] = {"mode": spec.stats()["policy"]["mode"], "ready_batch_sizes": spec.ready_lengths()}
+        elif v is not None:
             art = v.runtime.artifact
             doc.update(v.describe())
             doc["inputs"] = [s.to_json() for s in art.inputs]
@@ -417,7 +455,12 @@ class Daemon:
             v = s.current
             if v is not None and v.runtime.specializer is not None:
                 ready.append(((("model", s.name),), len(v.runtime.specializer.ready_lengths())))
+        gen = [(s.name, s.current.runtime.stats()) for s in slots if s.current is not None and _generation(s.current)]
         return [
+            ("edgejit_generation_sequences_running", "sequences being generated (continuous batch)", [((("model", n),), st["running"]) for n, st in gen]),
+            ("edgejit_generation_sequences_queued", "generation requests waiting for a sequence slot", [((("model", n),), st["queued"]) for n, st in gen]),
+            ("edgejit_generation_kv_tokens_in_use", "tokens held in the KV cache by running sequences", [((("model", n),), st["kv_tokens_in_use"]) for n, st in gen]),
+            ("edgejit_generation_kv_bytes", "KV cache memory allocated (max_seqs x context)", [((("model", n),), st["kv_bytes_total"]) for n, st in gen]),
             ("edgejit_requests_in_flight", "inference requests admitted and not finished (queued or running)", [((), self._pending)]),
             ("edgejit_connections", "open client connections", [((), self.server.connections if self.server else 0)]),
             ("edgejit_model_ready", "1 if the model is serving", [((("model", s.name),), int(s.state == "ready")) for s in slots]),

@@ -30,12 +30,12 @@ def toml_value(v) -> str:
 
 
 def write_config(path: Path, models: dict, *, server=None, jit=None, paths=None, telemetry=None, log="info",
-                 runtime=None) -> Path:
+                 runtime=None, generation=None) -> Path:
     lines = []
     for name, art in models.items():
         lines += ["[[models]]", f"name = {toml_value(name)}", f"artifact = {toml_value(art)}", ""]
     runtime = {"allow_unsigned": True} if runtime is None else runtime  # test artifacts are unsigned
-    for section, values in (("server", server), ("jit", jit), ("paths", paths), ("telemetry", telemetry), ("runtime", runtime)):
+    for section, values in (("server", server), ("generation", generation), ("jit", jit), ("paths", paths), ("telemetry", telemetry), ("runtime", runtime)):
         if values is not None:
             lines.append(f"[{section}]")
             lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
