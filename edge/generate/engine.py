@@ -183,7 +183,10 @@ class Engine:
         with self._cv:
             if self._closed:
                 raise EdgeJitError("the engine is closed")
-            if len(self._queued) >= self.max_queue:
+            # Requests the loop has not admitted yet wait for free sequence slots first: only
+            # those beyond the free slots count against the queue.
+            free = max(0, self.max_seqs - len(self._running))
+            if len(self._queued) >= self.max_queue + free:
                 self.counters["rejected"] += 1
                 raise QueueFull(f"too many requests waiting ({self.max_queue}); try again shortly")
             self._queued.append(req)

@@ -125,3 +125,17 @@ def test_queue_limit_and_bad_requests(model):
             h.cancel()
     finally:
         engine.close()
+
+
+def test_a_burst_fills_the_free_slots_before_the_queue(model):
+    """Requests submitted faster than the loop admits them take the free sequence slots first:
+    max_seqs + max_queue are accepted at once, the next one is QueueFull."""
+    engine = Engine(model, max_queue=1)
+    try:
+        handles = [engine.submit(PROMPTS[i % 3], SamplingParams(max_tokens=200, ignore_eos=True)) for i in range(5)]
+        with pytest.raises(QueueFull):
+            engine.submit(PROMPTS[0], SamplingParams(max_tokens=200, ignore_eos=True))
+        for h in handles:
+            h.cancel()
+    finally:
+        engine.close()
