@@ -90,6 +90,17 @@ class Server(ThreadingHTTPServer):
             with self._conn_lock:
                 self._connections -= 1
 
+    def handle_error(self, request, client_address):
+        """A client that resets its connection (e.g. one that walked away from a stream) is not a
+        server error: one debug line instead of socketserver's traceback on stderr."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            access_log.debug("%s: connection closed by the client (%s)", client_address[0], type(exc).__name__)
+            return
+        log.error("error while handling a request from %s", client_address[0], exc_info=True)
+
     @property
     def connections(self) -> int:
         return self._connections
@@ -152,6 +163,7 @@ class Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         model, endpoint, status = "", path, 500
         self._openai = path.rstrip("/") in OPENAI_PATHS
+        self._gen_model = ""  # the (known) model an OpenAI request named, for the metrics label
         try:
             m = MODEL_PATH.match(path)
             if self._openai:
@@ -187,7 +199,7 @@ class Handler(BaseHTTPRequestHandler):
         except InputError as e:
             status = self._error(400, str(e))
         except ModelNotFound as e:
-            status = self._error(404, str(e), code="model_not_found")
+            status = self._error(404, str(e), param="model", code="model_not_found")
         except ModelUnavailable as e:
             status = self._error(503, str(e), {"Retry-After": "5"}, code="model_unavailable")
         except ArtifactError as e:
@@ -199,6 +211,7 @@ class Handler(BaseHTTPRequestHandler):
             log.exception("internal error on %s %s", method, path)
             status = self._error(500, f"internal error: {type(e).__name__}: {e}")
         elapsed = time.perf_counter() - start
+        model = model or self._gen_model
         if model and model not in self.service.registry.names():
             model = "?"  # never a label per client-chosen name
         self.service.metrics.count_http(model, endpoint, status)
@@ -271,12 +284,13 @@ class Handler(BaseHTTPRequestHandler):
         return self._send(200, self.service.metrics.render().encode(), METRICS_TYPE)
 
     def _models(self) -> int:
-        models = [self.service.describe(n) for n in self.service.registry.names()]
-        return self._json(200, {"object": "list", "data": models, "models": models})
+        names = self.service.registry.names()
+        return self._json(200, {"object": "list", "data": [self.service.openai_model(n) for n in names],
+                                "models": [self.service.describe(n) for n in names]})
 
     def _model_info(self, name: str) -> int:
         self.service.registry.slot(name)  # 404 for unknown names
-        return self._json(200, self.service.describe(name))
+        return self._json(200, {"id": name, "object": "model", "owned_by": "edgejit", **self.service.describe(name)})
 
     def _infer(self, name: str) -> int:
         svc = self.service
@@ -368,6 +382,7 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(name, str):
             raise ApiError(400, "'model' must be a string", param="model")
         version = svc.registry.acquire(name)  # 404 unknown, 503 loading/failed
+        self._gen_model = name
         try:
             gm = version.runtime
             if not getattr(gm, "is_generation", False):
@@ -389,6 +404,7 @@ class Handler(BaseHTTPRequestHandler):
                 except EdgeJitError as e:  # the engine closed under a reload: the client retries
                     raise ApiError(503, str(e), headers={"Retry-After": "1"}) from None
                 reply = Reply(chat, name, version.version)
+                self._watch_disconnect(handle)
                 if stream:
                     status = self._stream_reply(name, handle, reply, include_usage)
                 else:
@@ -398,6 +414,36 @@ class Handler(BaseHTTPRequestHandler):
             return name, status
         finally:
             svc.registry.release(name, version)
+
+    def _watch_disconnect(self, handle) -> None:
+        """Cancel the request if the client closes its connection while it waits or generates
+        (a stream also notices at its next write; this catches non-streaming requests and the
+        time before the first token)."""
+        import select
+        import socket as _socket
+
+        sock = self.connection
+
+        def watch():
+            while not handle.done:
+                try:
+                    readable, _, _ = select.select([sock], [], [], 0.25)
+                    if not readable:
+                        continue
+                    if sock.recv(1, _socket.MSG_PEEK) == b"":
+                        handle.cancel()
+                        access_log.info("%s closed the connection: request cancelled", self.client_address[0])
+                    return  # EOF, or the next pipelined request's bytes: nothing more to watch
+                except (OSError, ValueError):
+                    handle.cancel()
+                    return
+
+        threading.Thread(target=watch, name="edgejit-watch", daemon=True).start()
+
+    def _gone(self, name: str, handle) -> int:
+        self._account(name, handle, "cancelled")
+        self.close_connection = True
+        return 499
 
     def _account(self, name: str, handle, reason: str | None = None) -> None:
         st = handle.stats
@@ -413,6 +459,8 @@ class Handler(BaseHTTPRequestHandler):
             timeout = handle.stats.finish_reason == "timeout"
             raise ApiError(503 if timeout else 500, str(e), code="timeout" if timeout else None,
                            headers={"Retry-After": "5"} if timeout else None) from None
+        if handle.stats.finish_reason == "cancelled":  # the client went away
+            return self._gone(name, handle)
         self._account(name, handle)
         return self._json(200, reply.final(text, handle.stats.finish_reason, handle.stats))
 
@@ -447,6 +495,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"0\r\n\r\n")
                 return 200
             st = handle.stats
+            if st.finish_reason == "cancelled":  # the client went away
+                return self._gone(name, handle)
             event(reply.chunk(finish_reason=st.finish_reason, include_usage=include_usage))
             if include_usage:
                 event(reply.usage_chunk(st))
@@ -454,9 +504,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
         except OSError:  # BrokenPipe, ConnectionReset, a timed-out slow client
             handle.cancel()
-            self.close_connection = True
-            self._account(name, handle, "cancelled")
             access_log.info("%s went away mid-stream: request cancelled", self.client_address[0])
-            return 499
+            return self._gone(name, handle)
         self._account(name, handle)
         return 200

@@ -421,8 +421,7 @@ class Daemon:
         if slot.error:
             doc["error"] = slot.error
         v = slot.current
-        doc.update({"id": name, "object": "model", "created": int(v.loaded_at if v else self.metrics.started),
-                    "owned_by": "edgejit", "kind": "decoder" if v is not None and _generation(v) else "tensor"})
+        doc["kind"] = "decoder" if v is not None and _generation(v) else "tensor"
         if v is not None and _generation(v):
             doc.update(v.describe())
             doc["context"] = v.runtime.context
@@ -447,6 +446,18 @@ class Daemon:
         if slot.previous:
             doc["previous"] = slot.previous
         return doc
+
+    def openai_model(self, name: str) -> dict:
+        """describe() in the shape of OpenAI's model object (id, object, created as a Unix time,
+        owned_by); the artifact's creation date moves to `artifact_created`."""
+        doc = self.describe(name)
+        v = self.registry.slot(name).current
+        created = doc.pop("created", None)
+        out = {"id": name, "object": "model", "created": int(v.loaded_at if v is not None else self.metrics.started),
+               "owned_by": "edgejit", **doc}
+        if created is not None:
+            out["artifact_created"] = created
+        return out
 
     def _gauges(self):
         slots = self.registry.slots()

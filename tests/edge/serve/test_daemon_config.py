@@ -23,6 +23,9 @@ def test_shipped_example_config_parses():
     assert [m.name for m in cfg.models] == ["minilm"]
     assert cfg.server.host == "127.0.0.1" and cfg.server.port == 8765
     assert cfg.jit == {} and cfg.telemetry is None  # JIT on with the default policy, telemetry off
+    from edge.serve.config import GenerationConfig
+
+    assert cfg.generation == GenerationConfig()  # the example shows the defaults
     from edge.serve.service import Daemon
 
     assert Daemon._check_jit(cfg.jit).mode == "on"
@@ -37,6 +40,10 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ('[server]\nprot = 1\n', "unknown key 'prot'"),
+    ('[generation]\nmax_sequences = 4\n', "unknown key 'max_sequences'"),
+    ('[generation]\nmax_seqs = 0\n', "max_seqs must be >= 1"),
+    ('[generation]\nmax_queue = 0\n', "max_queue must be >= 1"),
+    ('[generation]\nrequest_timeout_s = 0\n', "request_timeout_s must be > 0"),
     ('[server]\nport = "80"\n', "'port' should be a int"),
     ('[server]\nport = 70000\n', "not a TCP port"),
     ('[server]\nworkers = 0\n', "workers must be >= 1"),

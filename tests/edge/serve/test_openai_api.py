@@ -88,6 +88,7 @@ def wait_idle(daemon, model, timeout=30.0):
 def test_models_in_openai_shape_and_the_old_one(client, daemon):
     ids = {m.id: m for m in client.models.list()}
     assert set(ids) == {"smol", "tiny"} and ids["smol"].owned_by == "edgejit" and ids["smol"].object == "model"
+    assert isinstance(ids["smol"].created, int) and ids["smol"].created > 1.7e9
     assert client.models.retrieve("smol").id == "smol"
     status, doc = daemon.get("/v1/models")
     assert status == 200 and doc["object"] == "list"
@@ -292,6 +293,25 @@ def test_client_that_disconnects_frees_its_kv(daemon):
     assert time.monotonic() - t0 < 10  # cancelled at once, not after 900 tokens
     after = sum_samples(daemon.metrics(), "edgejit_generation_requests_total", model="smol", finish_reason="cancelled")
     assert after == before + 1
+
+
+def test_client_that_disconnects_before_a_non_streamed_reply_frees_its_kv(daemon):
+    before = sum_samples(daemon.metrics(), "edgejit_generation_requests_total", model="smol", finish_reason="cancelled")
+    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=120)
+    body = json.dumps({"model": "smol", "prompt": "Once upon a time", "max_tokens": 900, "ignore_eos": True}).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    deadline = time.monotonic() + 30
+    while gen_metrics(daemon, "smol")["kv_tokens_in_use"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gen_metrics(daemon, "smol")["sequences_running"] == 1
+    sock.close()
+    t0 = time.monotonic()
+    wait_idle(daemon, "smol", timeout=20)
+    assert time.monotonic() - t0 < 10
+    deadline = time.monotonic() + 5
+    while sum_samples(daemon.metrics(), "edgejit_generation_requests_total", model="smol", finish_reason="cancelled") == before:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 def test_queue_full_is_429_with_retry_after(client, daemon):
