@@ -370,3 +370,26 @@ def test_reload_and_rollback_of_a_decoder(client, daemon, models_dir):
     doc = json.loads(data)
     assert status == 422 and doc["result"] == "rolled_back" and doc["current"]["artifact"].endswith("tiny_v2"), doc
     assert client.completions.create(**ask).choices[0].text == want
+
+
+def test_signed_decoders_only_when_keys_are_trusted(tiny_llamas, tmp_path):
+    """The trust rules of every artifact: with trusted_keys (and no allow_unsigned) a signed
+    decoder serves, an unsigned one is refused (a reload to it rolls back)."""
+    from deploy.compiler.signing import generate_keypair, load_private_key, sign_artifact
+
+    private, public, _ = generate_keypair(tmp_path / "keys" / "build.key")
+    models = tmp_path / "models"
+    shutil.copytree(tiny_llamas["gqa_tied"][1], models / "signed")
+    sign_artifact(models / "signed", load_private_key(private))
+    shutil.copytree(tiny_llamas["gqa_tied"][1], models / "unsigned")
+    port = free_port()
+    cfg = write_config(tmp_path / "daemon.toml", {"tiny": models / "signed"}, server={"port": port},
+                       runtime={"trusted_keys": [str(public)]})
+    with DaemonProcess(cfg, port, tmp_path / "daemon.log") as d:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        r = c.completions.create(model="tiny", prompt="Hello", max_tokens=3, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 3
+        status, _, data = d.request("POST", "/v1/models/tiny/reload", json.dumps({"artifact": str(models / "unsigned")}).encode())
+        doc = json.loads(data)
+        assert status == 422 and doc["result"] == "rolled_back" and "sign" in doc["error"].lower(), doc
+        assert c.completions.create(model="tiny", prompt="Hello", max_tokens=3).usage.prompt_tokens > 0
