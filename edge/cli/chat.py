@@ -30,7 +30,7 @@ def main(args) -> int:
 def _session(gen, args, sampling) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
-    print(f"edgejit chat: {gen.model.name} (context {gen.context} tokens). {HELP}", file=sys.stderr)
+    print(f"edgejit chat: {gen.model.name} (context {gen.context} tokens, KV cache {gen.model.decoder.kv_bytes / 2**20:.0f} MiB). {HELP}", file=sys.stderr)
     while True:
         try:
             line = input(">>> ")

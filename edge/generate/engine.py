@@ -117,6 +117,7 @@ class Handle:
         finally:
             if not self._req.finished.is_set():  # the caller stopped reading: free the sequence
                 self.cancel()
+                self._req.stats.finish_reason = "cancelled"  # the engine confirms at its next step
 
 
 @dataclass(eq=False)

@@ -84,6 +84,7 @@ class Specializer:
         self._closed = False
         self._relax_mod = None
         self._scratch = Path(tempfile.mkdtemp(prefix="edgejit-jit-"))
+        self._workers: set = set()  # compile worker processes running now
         self.tuning = self._load_tuning()
         self._load_profile()
         if self.policy.mode != "off" and self.policy.preload == "startup":
@@ -242,7 +243,7 @@ class Specializer:
             from edge.jit.worker import compile_in_worker
 
             result = compile_in_worker(
-                self.artifact, fields["bind"], out, tuned=self.tuned(length),
+                self.artifact, fields["bind"], out, tuned=self.tuned(length), running=self._workers,
                 timeout_s=self.policy.compile_timeout_s, memory_mb=self.policy.compile_memory_mb,
                 nice=self.policy.compile_nice,
             )
@@ -355,11 +356,16 @@ class Specializer:
 
     def close(self) -> None:
         """Stop specializing: queued compiles are dropped; a running one is abandoned (its worker
-        process dies with this process) and cleans up after itself."""
+        process is killed) and cleans up after itself."""
         with self._lock:
             self._closed = True
             busy = any(s.state == "compiling" for s in self._states.values())
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if busy and self.policy.isolate:
+            # Kill the running compile: the process would otherwise wait for it at exit.
+            from edge.jit.worker import abandon
+
+            abandon(self._workers)
         self.persist()
         if not busy:
             shutil.rmtree(self._scratch, ignore_errors=True)

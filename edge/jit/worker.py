@@ -72,12 +72,14 @@ def compile_in_worker(
     timeout_s: float,
     memory_mb: int | None,
     nice: int = 10,
+    running: set | None = None,
 ) -> WorkerResult:
     """Compile the artifact's module with `bind` into the shared library `out_path`, in a worker.
 
     `artifact` is an edge.artifact.Artifact (preferred: its manifest was verified when opened) or
     an artifact directory. `tuned`: apply the artifact's tuning records (`bind` is then one of
-    their shapes). Returns a WorkerResult; worker failures (error, crash, timeout,
+    their shapes). `running`: a set the worker's Popen is kept in while it runs (so its owner can
+    kill it: `abandon(running)`). Returns a WorkerResult; worker failures (error, crash, timeout,
     out-of-memory) never raise here.
     """
     out_path = Path(out_path)
@@ -123,6 +125,8 @@ def compile_in_worker(
             )
         except OSError as e:
             return WorkerResult(False, time.monotonic() - start, f"cannot start the compile worker: {e}")
+        if running is not None:
+            running.add(proc)
         try:
             output, _ = proc.communicate(json.dumps(request).encode(), timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -134,6 +138,8 @@ def compile_in_worker(
             _collect(proc)
             raise
     finally:
+        if running is not None:
+            running.discard(locals().get("proc"))
         shutil.rmtree(scratch, ignore_errors=True)
     duration = time.monotonic() - start
     text = output.decode("utf-8", "replace") if output else ""
@@ -146,6 +152,12 @@ def _manifest_of(artifact) -> tuple[Manifest, Path]:
         return manifest, Path(artifact.path)
     artifact_dir = Path(artifact)
     return Manifest.from_json(json.loads((artifact_dir / MANIFEST).read_bytes())), artifact_dir
+
+
+def abandon(running: set) -> None:
+    """Kill the compile workers in `running` (their callers get a failed WorkerResult)."""
+    for proc in list(running):
+        _kill_group(proc)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -57,8 +57,6 @@ class GGUFFile:
     """Metadata and tensors of one GGUF file (tensors are read lazily, memory-mapped)."""
 
     def __init__(self, path: str | Path):
-        import gguf
-
         self.path = Path(path)
         try:
             with open(self.path, "rb") as f:

@@ -1,4 +1,4 @@
-"""Choosing tokens (edge/generate/sampler.py) and cutting at stop strings (generator._StopMatcher),
+"""Choosing tokens (edge/generate/sampler.py) and cutting at stop strings (engine.StopMatcher),
 without a model: greedy, seeds, top-k / top-p / min-p supports (against transformers' warpers),
 temperature on frequencies, repetition penalty (against transformers' processor), bad values."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edge.errors import EdgeJitError
-from edge.generate.generator import _StopMatcher
+from edge.generate.engine import StopMatcher as _StopMatcher
 from edge.generate.sampler import Sampler, SamplingParams, apply_repetition_penalty
 
 # token -> probability, shuffled so that no filter can get away with looking at ids in order
