@@ -767,13 +767,12 @@ def generate(artifact, prompts, new_tokens: int, *, context: int, threads: int |
 def force_run(artifact: Path, inputs: Path) -> int:
     """Run an artifact's generic module skipping the CPU feature check (the negative control only)."""
     import numpy as np
-    import tvm
 
     from edge.artifact.reader import Artifact
     from edge.runtime.module import CompiledModule
 
     art = Artifact.open(artifact, check_host=False)
-    module = CompiledModule.load(art.file("generic.so"), [tvm.runtime.tensor(p) for p in art.load_params()],
+    module = CompiledModule.load(art.file("generic.so"), art.device_params(),
                                  kind="generic", threads=1)
     with np.load(inputs) as z:
         module([z[s.name] for s in art.inputs])

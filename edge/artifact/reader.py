@@ -91,6 +91,14 @@ class Artifact:
         with np.load(self.file("params.npz"), allow_pickle=False) as z:
             return [z[f"p{i}"] for i in range(len(z.files))]
 
+    def device_params(self) -> list:
+        """The weights as TVM tensors, read one at a time (peak memory: the weights once, plus
+        the largest single array)."""
+        import tvm
+
+        with np.load(self.file("params.npz"), allow_pickle=False) as z:
+            return [tvm.runtime.tensor(z[f"p{i}"]) for i in range(len(z.files))]
+
     # -- loading and checks --------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, *, check_host: bool = True, trust: Trust | None = None) -> "Artifact":

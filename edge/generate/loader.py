@@ -68,7 +68,7 @@ def load_decoder(artifact, *, context: int | None = None, threads: int | None = 
         if name and name not in art.manifest.files:
             raise ArtifactError(f"{art.path}: {name} is not listed (with its checksum) in the manifest")
     lib = tvm.runtime.load_module(str(art.file("generic.so")))
-    params = [tvm.runtime.tensor(p) for p in art.load_params()]
+    params = art.device_params()
     if len(params) != len(info.param_names):
         raise ArtifactError(f"{art.path}: params.npz has {len(params)} weights, the manifest names {len(info.param_names)}")
     threads = threads or machine.cores()

@@ -44,8 +44,6 @@ class Runtime:
         listeners=(),
         trust: Trust | str | Path | list | None = None,
     ):
-        import tvm
-
         if trust is not None and not isinstance(trust, Trust):
             trust = Trust.load(trust)  # key files/directories: signed artifacts only
         self.artifact = Artifact.open(artifact, trust=trust)
@@ -53,7 +51,7 @@ class Runtime:
             raise ArtifactError(f"{self.artifact.path}: a text-generation model: use `edgejit generate` / `edgejit chat` or edge.Generator")
         self.threads = threads or machine.cores()
         self.listeners = list(listeners)
-        params = [tvm.runtime.tensor(p) for p in self.artifact.load_params()]
+        params = self.artifact.device_params()
         self.generic = CompiledModule.load(
             self.artifact.file("generic.so"), params, kind="generic", threads=self.threads
         )
