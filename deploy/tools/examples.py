@@ -8,8 +8,6 @@ The test fixtures (tests/fixtures/models.py) use the same export functions with 
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,7 +17,7 @@ from pathlib import Path
 from edge import machine
 from edge.errors import EdgeJitError, ModelError
 from edge.artifact.reader import sha256_file
-from edge.files import atomic_dir, copy_atomic, write_atomic
+from edge.files import atomic_dir, atomic_file, copy_atomic, write_atomic
 
 BERT_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 BERT_OUTPUTS = ["last_hidden_state", "pooler_output"]
@@ -55,23 +53,38 @@ def quiet_export(fn):
 
 
 def _save(model_proto, path: Path, external_data: bool) -> None:
-    """Atomic save of an ONNX model, weights in `<name>.data` next to it when external_data."""
+    """Atomic save of an ONNX model (consumes model_proto), weights in `<name>.data` next to it
+    when external_data. The data file is published before the model that points at it."""
     import onnx
+    from onnx.external_data_helper import convert_model_to_external_data, uses_external_data, write_external_data_tensors
 
+    data = path.parent / (path.name + ".data")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        data_name = path.name + ".data"
+    with atomic_file(path, 0o644) as tmp_model:
         if external_data:
-            onnx.save_model(model_proto, str(tmp / path.name), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=0)
-            os.replace(tmp / data_name, path.parent / data_name)
-        else:
-            onnx.save_model(model_proto, str(tmp / path.name))
-            (path.parent / data_name).unlink(missing_ok=True)
-        os.replace(tmp / path.name, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            with atomic_file(data, 0o644) as tmp_data:
+                # the tensors' bytes go to the data file's temporary name, then the model names its final one
+                convert_model_to_external_data(model_proto, all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=0)
+                write_external_data_tensors(model_proto, str(path.parent))
+            for tensor in _initializers(model_proto.graph):
+                if uses_external_data(tensor):
+                    for entry in tensor.external_data:
+                        if entry.key == "location":
+                            entry.value = data.name
+        onnx.save_model(model_proto, str(tmp_model))
+    if not external_data:
+        data.unlink(missing_ok=True)
+
+
+def _initializers(graph):
+    """The graph's initializers and its subgraphs' (If/Loop bodies), the tensors made external."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _initializers(attr.g)
+            for g in attr.graphs:
+                yield from _initializers(g)
 
 
 def _export(module, args: tuple, path: Path, *, input_names, output_names, exporter: str,
