@@ -30,8 +30,10 @@ STATS = re.compile(r"prompt (\d+) tokens, generated (\d+) tokens \((\w*)\)")  # 
 
 class Terminal:
     """One `edgejit chat` in a detached 200x50 tmux session on a private tmux server (-L), so
-    nothing here touches the user's tmux. The command is exec'd: the pane's process is the chat,
-    and `remain-on-exit` keeps the pane (and its exit status) after it ends."""
+    nothing here touches the user's tmux. A shell runs it and writes `EXIT=<status>` when it ends
+    (the shell reaps the chat: tmux's own pane_dead_status was seen to stay empty under load, the
+    chat left a zombie); its `trap : INT` lets Ctrl-C reach the chat without ending the shell,
+    and `remain-on-exit` keeps the screen."""
 
     def __init__(self, artifact, *args: str, tmp_path: Path):
         self.socket = f"edgejit-test-{os.getpid()}-{next(_sessions)}"
@@ -41,7 +43,8 @@ class Terminal:
             "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
             "TERM": "xterm-256color",
         }
-        cmd = "exec " + shlex.join([sys.executable, "-m", "edge.cli", "chat", str(artifact), *args])
+        cmd = ("trap : INT; " + shlex.join([sys.executable, "-m", "edge.cli", "chat", str(artifact), *args])
+               + '; echo "EXIT=$?"')
         self.tmux("new-session", "-d", "-s", "chat", "-x", "200", "-y", "50", "-c", str(ROOT),
                   *itertools.chain.from_iterable(("-e", f"{k}={v}") for k, v in env.items()), cmd,
                   ";", "set-option", "-t", "chat", "remain-on-exit", "on",
@@ -75,20 +78,53 @@ class Terminal:
         lines = self.lines()
         return bool(lines) and lines[-1] == ">>>"
 
-    def pane(self) -> tuple[bool, int | str | None]:
-        """(dead, exit status or 'signal N')."""
-        dead, status, signal = (self.tmux("display-message", "-p", "-t", "chat", "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}")
-                                .strip().split(":"))
-        return dead == "1", int(status) if status else f"signal {signal}" if signal else None
+    def exit_status(self) -> int | None:
+        found = [int(m.group(1)) for l in self.lines() if (m := re.fullmatch(r"EXIT=(\d+)", l))]
+        return found[-1] if found else None
+
+    def alive(self) -> bool:
+        """The chat process runs (not gone, not a zombie) and has not ended."""
+        try:
+            state = Path(f"/proc/{self.pid()}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, RuntimeError):
+            return False
+        return state != "Z" and self.exit_status() is None
+
+    def process(self) -> str:
+        """The chat process's state and its threads' (for a timeout's message)."""
+        try:
+            pid = self.pid()
+        except RuntimeError as e:
+            return str(e)
+        try:
+            status = dict(l.split(":\t", 1) for l in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in l)
+            threads = sorted(f"{(t / 'comm').read_text().strip()}@{(t / 'wchan').read_text().strip()}"
+                             for t in Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            return f"process {pid} is gone"
+        ppid = status.get("PPid", "?").strip()
+        try:
+            pst = dict(l.split(":\t", 1) for l in Path(f"/proc/{ppid}/status").read_text().splitlines() if ":\t" in l)
+            parent = {k: pst.get(k, "").strip() for k in ("Name", "State", "SigBlk", "SigIgn", "SigCgt")}
+        except OSError:
+            parent = {}
+        return f"process {pid}: {status.get('State', '?').strip()}, threads {threads}, parent {ppid} {parent}"
 
     def pid(self) -> int:
-        return int(self.tmux("display-message", "-p", "-t", "chat", "#{pane_pid}").strip())
+        """The chat's process id (the child of the pane's shell)."""
+        if getattr(self, "_pid", None) is None:
+            shell = int(self.tmux("display-message", "-p", "-t", "chat", "#{pane_pid}").strip())
+            children = Path(f"/proc/{shell}/task/{shell}/children").read_text().split()
+            if not children:
+                raise RuntimeError("the chat has not started yet")
+            self._pid = int(children[0])
+        return self._pid
 
     def wait(self, condition, what: str, timeout: float = WAIT) -> None:
         end = time.monotonic() + timeout
         while not condition():
             if time.monotonic() > end:
-                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; the screen:\n{self.screen()}")
+                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; {self.process()}; the screen:\n{self.screen()}")
             time.sleep(0.2)
 
     # typing ---------------------------------------------------------------------------------
@@ -121,10 +157,8 @@ class Terminal:
 
     def exits(self) -> int | str:
         """Wait for the chat to end: its exit status (or 'signal N')."""
-        # tmux marks the pane dead when its terminal closes, and fills the status in once it has
-        # reaped the process: wait for both
-        self.wait(lambda: self.pane()[1] is not None, "the chat to exit")
-        return self.pane()[1]
+        self.wait(lambda: self.exit_status() is not None, "the chat to exit")
+        return self.exit_status()
 
 
 @pytest.fixture
@@ -153,7 +187,7 @@ def test_chat_answers_follows_up_resets_and_quits(terminal):
     t.wait(lambda: "(new conversation)" in t.screen() and t.idle(), "(new conversation)")
     without_history = t.ask("And of Italy?")
     assert without_history and "Rome" not in without_history  # the conversation is really gone
-    assert not t.pane()[0]
+    assert t.alive()
     t.key("C-d")
     assert t.exits() == 0, t.screen()
     assert "Traceback" not in t.screen()
@@ -172,12 +206,12 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(terminal):
     stopped = t.reply_to(story)
     assert stopped.endswith("^C [stopped]") and len(stopped) > len("^C [stopped]") + 10, stopped
     assert STATS.match(t.stats()[-1]).group(3) == "cancelled", t.stats()
-    assert not t.pane()[0], "Ctrl-C during a reply ended the chat"
+    assert t.alive(), "Ctrl-C during a reply ended the chat"
 
     # Ctrl-C at an idle prompt says how to leave and keeps going
     t.key("C-c")
     t.wait(lambda: "(Ctrl-D or /quit to leave)" in t.screen() and t.idle(), "the Ctrl-C hint")
-    assert not t.pane()[0]
+    assert t.alive()
 
     # Ctrl-C during a long prompt's prefill (~850 tokens: seconds on a small CPU): stopped, and
     # the message that got no reply is forgotten (the next prompt is short)
@@ -205,6 +239,7 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(terminal):
 def test_ctrl_c_while_the_model_loads(terminal):
     """Interrupted while loading (TVM imported, weights being read): one line, exit status 130."""
     t = terminal("--max-tokens", "24")
+    t.wait(lambda: _started(t), "the chat to start", timeout=30)
     pid = t.pid()
 
     def loading():
@@ -223,28 +258,12 @@ def test_ctrl_c_while_the_model_loads(terminal):
     assert "edgejit chat: interrupted" in screen and "Traceback" not in screen, screen
 
 
-def test_generator_recovers_when_cleanup_was_interrupted(smollm2_artifact, monkeypatch):
-    """A second Ctrl-C during a stopped reply's cleanup leaves its sequence in the KV cache (which
-    holds one); the next reply must still work rather than fail with 'at most 1 sequences'."""
-    from edge.generate import Generator
-
-    gen = Generator(smollm2_artifact)
-    dec = gen.model.decoder
-    it = gen.chat([{"role": "user", "content": "Write a long story about a dragon."}], max_tokens=50)
-    next(it)
-    real_remove = dec.remove_sequence
-
-    def interrupted(seq_id):
-        monkeypatch.setattr(dec, "remove_sequence", real_remove)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(dec, "remove_sequence", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        it.close()
-    assert len(dec.lengths) == 1  # left behind
-    reply = "".join(gen.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=24))
-    assert reply == "The capital of France is Paris."
-    assert dec.lengths == {}
+def _started(t: Terminal) -> bool:
+    try:
+        t.pid()
+        return True
+    except RuntimeError:
+        return False
 
 
 def _after(lines: list[str], marker: str) -> str:
