@@ -58,6 +58,7 @@ class Terminal:
 
     def close(self) -> None:
         subprocess.run(["tmux", "-f", "/dev/null", "-L", self.socket, "kill-server"], capture_output=True, timeout=30)
+        (Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}" / self.socket).unlink(missing_ok=True)
 
     # what is on the screen ------------------------------------------------------------------
     def lines(self) -> list[str]:
