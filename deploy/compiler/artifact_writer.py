@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.artifact.manifest import MANIFEST, Manifest
-from edge.artifact.reader import sha256_file
+from edge.artifact.manifest import MANIFEST, Manifest, TargetInfo, Versions
+from edge.artifact.reader import edgejit_version, sha256_file, tvm_versions
 from edge.errors import EdgeJitError
 from edge.files import atomic_dir
 
@@ -27,6 +27,21 @@ from edge.files import atomic_dir
 def now_utc() -> str:
     """The manifest's `created` stamp."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def build_fields(preset) -> dict:
+    """The manifest fields every compile driver fills the same way: the target preset, the TVM
+    versions, the build pipeline, the edgejit version and the `created` stamp.
+    `Manifest(**build_fields(preset), model=..., ...)`."""
+    from edge.runtime.pipeline import PIPELINE_VERSION
+
+    return {
+        "target": TargetInfo(preset.name, preset.arch, list(preset.requires), json.loads(json.dumps(preset.target))),
+        "tvm": Versions(**tvm_versions()),
+        "pipeline": PIPELINE_VERSION,
+        "edgejit": edgejit_version(),
+        "created": now_utc(),
+    }
 
 
 class ArtifactWriter:

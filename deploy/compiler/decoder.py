@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import time
 from pathlib import Path
 
-from edge.artifact.manifest import DecoderInfo, DimRange, Manifest, ModelInfo, TargetInfo, TensorSpec, TokenizerInfo, Versions
-from edge.artifact.reader import edgejit_version, sha256_file, tvm_versions
+from edge.artifact.manifest import DecoderInfo, DimRange, Manifest, ModelInfo, TensorSpec, TokenizerInfo
+from edge.artifact.reader import sha256_file
 from edge.artifact.targets import Preset, get_preset
 from edge.errors import EdgeJitError
 from edge.generate.decoder import kv_bytes_per_token
 from edge.runtime import pipeline
 
 from deploy.compiler import signing
-from deploy.compiler.artifact_writer import ArtifactWriter, now_utc
+from deploy.compiler.artifact_writer import ArtifactWriter, build_fields
 from deploy.frontends.gguf import tokenizer as gguf_tokenizer
 from deploy.frontends.gguf.reader import GGUFFile
 from deploy.models import registry
@@ -139,11 +138,7 @@ def compile_decoder(
             seq_dim="num_seqs",
             dims={"num_seqs": DimRange(1, MAX_DECODE_BATCH), "num_tokens": DimRange(1, trained)},
             precision="fp32",
-            target=TargetInfo(preset.name, preset.arch, list(preset.requires), json.loads(json.dumps(preset.target))),
-            tvm=Versions(**tvm_versions()),
-            pipeline=pipeline.PIPELINE_VERSION,
-            edgejit=edgejit_version(),
-            created=now_utc(),
+            **build_fields(preset),
         )
         w.commit(manifest, signing_key=signing_key, log=log)
     kv_mib = decoder.kv_bytes_per_token * default_context / 2**20

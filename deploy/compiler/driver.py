@@ -9,15 +9,15 @@ import shutil
 import time
 from pathlib import Path
 
-from edge.artifact.manifest import DimRange, Manifest, ModelInfo, TargetInfo, TensorSpec, TuningInfo, Versions
-from edge.artifact.reader import edgejit_version, sha256_file, tvm_versions
+from edge.artifact.manifest import DimRange, Manifest, ModelInfo, TensorSpec, TuningInfo
+from edge.artifact.reader import sha256_file
 from edge.artifact.targets import Preset, get_preset
 from edge.errors import EdgeJitError, ModelError
 from edge.runtime import pipeline as edge_build
 from edge.runtime import tuning_records as edge_tuning
 
 from deploy.compiler import signing, tuner
-from deploy.compiler.artifact_writer import ArtifactWriter, now_utc
+from deploy.compiler.artifact_writer import ArtifactWriter, build_fields
 from deploy.compiler.padding_check import check_padding
 from deploy.compiler.prepare import prepare
 from deploy.frontends.onnx import importer as onnx_import, prequant
@@ -222,11 +222,7 @@ def compile_model(
             accuracy=accuracy_report,
             tuning=TuningInfo(edge_tuning.FILE, tune, [int(n) for n in tuning_doc["lengths"]], len(tuning_doc["records"]))
             if tuning_doc is not None else None,
-            target=TargetInfo(preset.name, preset.arch, list(preset.requires), json.loads(json.dumps(preset.target))),
-            tvm=Versions(**tvm_versions()),
-            pipeline=edge_build.PIPELINE_VERSION,
-            edgejit=edgejit_version(),
-            created=now_utc(),
+            **build_fields(preset),
         )
         writer.commit(manifest, signing_key=signing_key, log=log)
     log(f"wrote {out} ({time.perf_counter() - t0:.1f}s in all)")
