@@ -29,15 +29,63 @@ def compute(x, wp, rows: int):
     read the last row again), then laid out as [..., N]: the tile stays a fixed-size register
     block even when M is symbolic, and the tail needs no predicate inside the K loop.
     """
+    panels, k_dim, n = wp.shape
+    return _tiled(x, panels, k_dim, n, rows, lambda jo, k, ji: wp[jo, k, ji])
+
+
+def compute_quant(x, wq, scale, zero, rows: int):
+    """The packed dense on weight-only quantized weights, dequantized in the inner loop:
+    w[k, j] = q * scale + zero, per group of `K / groups` consecutive k. int8 `wq` [N / n, K, n]
+    holds 8-bit codes; uint8 `wq` [N / n, K / 2, n] 4-bit ones, element 2i in the low nibble of
+    byte i and 2i + 1 in the high one. `scale`, `zero`: float32 [N / n, groups, n]."""
+    panels, kq, n = wq.shape
+    k_dim = kq * 2 if _bits(wq) == 4 else kq
+    return _tiled(x, panels, k_dim, n, rows, _quant_weight(wq, scale, zero))
+
+
+def dequant(wq, scale, zero):
+    """The packed float weight [N / n, K, n] from quantized codes (the layouts of compute_quant).
+    Models write their quantized matmuls as matmul(x, unpack(dequant(...))); the build turns that
+    into compute_quant (edge.kernels.packing), so this only runs if that rewrite does not apply."""
+    from tvm import te
+
+    weight = _quant_weight(wq, scale, zero)
+    panels, kq, n = wq.shape
+    k_dim = kq * 2 if _bits(wq) == 4 else kq
+    return te.compute((panels, k_dim, n), weight, name="edgejit_dequant")
+
+
+def _bits(wq) -> int:
+    return 4 if str(wq.dtype) == "uint8" else 8
+
+
+def _quant_weight(wq, scale, zero):
+    from tvm import tirx
+
+    bits = _bits(wq)
+    k_dim = wq.shape[1] * 2 if bits == 4 else wq.shape[1]
+    group = k_dim // scale.shape[1]
+
+    def weight(jo, k, ji):
+        if bits == 4:
+            q = (wq[jo, k // 2, ji] >> ((k % 2) * 4).astype("uint8")) & tirx.const(15, "uint8")
+        else:
+            q = wq[jo, k, ji]
+        return q.astype("float32") * scale[jo, k // group, ji] + zero[jo, k // group, ji]
+
+    return weight
+
+
+def _tiled(x, panels, k_dim, n, rows: int, weight):
     from tvm import te, tirx
 
-    panels, k_dim, n = wp.shape
     lead = list(x.shape[:-1])
     m = lead[0]
     for d in lead[1:]:
         m = m * d
     idx_t = str(m.ty.dtype)
     rows_c = tirx.const(rows, idx_t)
+    k_dim = k_dim if hasattr(k_dim, "ty") else tirx.const(int(k_dim), "int64")
     k = te.reduce_axis((tirx.const(0, str(k_dim.ty.dtype)), k_dim), name="k")
 
     def unflatten(r):
@@ -49,7 +97,7 @@ def compute(x, wp, rows: int):
 
     def tile_body(q, jo, mi, ji):
         r = tirx.min(q * rows_c + mi, m - tirx.const(1, idx_t))
-        return te.sum(x[(*unflatten(r), k)] * wp[jo, k, ji], axis=k)
+        return te.sum(x[(*unflatten(r), k)] * weight(jo, k, ji), axis=k)
 
     tile = te.compute(
         [(m + rows_c - tirx.const(1, idx_t)) // rows_c, panels, rows_c, n], tile_body, name=BLOCK_NAME

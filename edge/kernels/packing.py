@@ -109,6 +109,9 @@ def rewrite_packed_dense(mod, rows: int):
             for d in x.ty.shape.values[:-1]:
                 m = m * int(d.value) if m is not None and hasattr(d, "value") else None
             tile = min(rows, m) if m else rows  # a static batch of fewer rows: no wasted rows
+            quant = dequant_args(self, wp)
+            if quant is not None:  # weight-only quantized: dequantized in the kernel's inner loop
+                return self.builder_.call_te(dense.compute_quant, x, *quant, tile, primfunc_name_hint="dense_quant")
             return self.builder_.call_te(dense.compute, x, wp, tile, primfunc_name_hint="dense_packed")
 
         def _packed_weight(self, call):
@@ -140,7 +143,7 @@ def rewrite_packed_dense(mod, rows: int):
     # Output-elementwise-fusable (a matmul): FuseOps then folds bias/activation/residual into it.
     # Left to AnnotateTIROpPattern, the min/% row indexing makes it opaque when rows are symbolic.
     for gv, func in list(mod.functions_items()):
-        if isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint.startswith("dense_packed"):
+        if isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint.startswith(("dense_packed", "dense_quant")):
             mod[gv] = func.with_attr("op_pattern", 4)
     return relax.transform.DeadCodeElimination()(mod)
 
@@ -159,6 +162,39 @@ def gather_compute(wp, ids):
         return wp[t // n, i[-1], t % n]
 
     return te.compute((*ids.shape, wp.shape[1]), body, name="edgejit_gather_packed")
+
+
+def gather_quant_compute(wq, scale, zero, ids):
+    """Rows `ids` of W^T read from quantized packed codes (dequantized on the fly)."""
+    from tvm import te, tirx
+
+    weight = dense._quant_weight(wq, scale, zero)
+    n = wq.shape[2]
+    rows = wq.shape[0] * n
+
+    def body(*i):
+        t = tirx.max(tirx.min(ids[i[:-1]], (rows - 1).astype(ids.dtype)), tirx.const(0, ids.dtype))
+        return weight(t // n, i[-1], t % n)
+
+    k_dim = wq.shape[1] * 2 if dense._bits(wq) == 4 else wq.shape[1]
+    return te.compute((*ids.shape, k_dim), body, name="edgejit_gather_quant")
+
+
+def dequant_args(mutator, var):
+    """(codes, scale, zero) when `var` is bound to the model's dequantize call, else None."""
+    import tvm
+    from tvm import relax
+
+    if not isinstance(var, relax.Var):
+        return None
+    call = mutator.lookup_binding(var)
+    if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
+        return None
+    gv = call.args[0]
+    if not (isinstance(gv, tvm.ir.GlobalVar) and gv.name_hint.startswith("dequant_q")):
+        return None
+    args = list(call.args[1].fields)
+    return tuple(args) if len(args) == 3 else None
 
 
 def rewrite_packed_gather(mod):
@@ -185,6 +221,9 @@ def rewrite_packed_gather(mod):
                 return call
             if [int(a) for a in perm.attrs.axes] != [0, 2, 1] or not isinstance(perm.args[0], relax.Var):
                 return call
+            quant = dequant_args(self, perm.args[0])
+            if quant is not None:
+                return self.builder_.call_te(gather_quant_compute, *quant, call.args[1], primfunc_name_hint="gather_quant")
             return self.builder_.call_te(gather_compute, perm.args[0], call.args[1], primfunc_name_hint="gather_packed")
 
     rewriter = _Rewriter(mod)

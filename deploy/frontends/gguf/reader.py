@@ -113,6 +113,24 @@ class GGUFFile:
     def tensor_type(self, name: str) -> str:
         return self.tensors[name].tensor_type.name
 
+    def matrix(self, name: str):
+        """A weight matrix as stored, in Hugging Face layout: Q8_0, Q4_0 and Q4_1 blocks become a
+        QWeight exactly (deploy/quantize/weight_only); the other quantized types are requantized
+        from their values (Q4_K to 4 bits, Q5_*/Q6_K to 8 bits, group 32); float types -> fp32."""
+        from deploy.quantize.weight_only.layout import from_gguf, quantize
+
+        kind = self.tensor_type(name)
+        if kind in ("F32", "F16", "BF16"):
+            return self.tensor(name)
+        t = self.tensors[name]
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if len(shape) == 2 and shape[1] % 32 == 0:
+            exact = from_gguf(kind, np.asarray(t.data), shape)
+            if exact is not None:
+                return exact
+            return quantize(self.tensor(name), 4 if kind == "Q4_K" else 8, f"requantized from {kind}")
+        return self.tensor(name)
+
     def tensor(self, name: str) -> np.ndarray:
         """The tensor as fp32 in numpy (= Hugging Face) layout: [out_features, in_features]."""
         import gguf

@@ -1,0 +1,117 @@
+"""Group-quantized weights on the host: the QWeight form (integer codes + scale and zero per group
+of 32 inputs: w = q * scale + zero), how GGUF blocks become one, how fp32 weights are quantized,
+and how the result is packed for the kernel.
+
+Kernel layout (edge/kernels/dense.compute_quant), for a weight W [K, N] (in x out):
+- 8 bits: int8 codes [N / 16, K, 16];
+- 4 bits: uint8 [N / 16, K / 2, 16], code of input 2i in the low nibble of byte i, 2i + 1 high;
+- scale, zero: float32 [N / 16, K / 32, 16].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+GROUP = 32
+PANEL = 16
+
+
+@dataclass
+class QWeight:
+    """A matrix in Hugging Face layout [out, in], group-quantized along `in`."""
+
+    q: np.ndarray  # codes [out, in]: uint8 0..15 (bits 4) or int8 (bits 8)
+    scale: np.ndarray  # float32 [out, in / 32]
+    zero: np.ndarray  # float32 [out, in / 32]
+    bits: int
+    source: str  # what it was made from, e.g. "Q4_1" or "requantized from Q6_K"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape
+
+    def dequantize(self) -> np.ndarray:
+        s = np.repeat(self.scale, GROUP, axis=1)
+        z = np.repeat(self.zero, GROUP, axis=1)
+        return self.q.astype(np.float32) * s + z
+
+    def rows(self, index) -> "QWeight":
+        return QWeight(self.q[index], self.scale[index], self.zero[index], self.bits, self.source)
+
+    def as_bits(self, bits: int) -> "QWeight":
+        """Widen 4-bit codes to 8-bit storage (exact: same codes, scale and zero)."""
+        if bits == self.bits:
+            return self
+        if bits == 8 and self.bits == 4:
+            return QWeight(self.q.astype(np.int8), self.scale, self.zero, 8, self.source)
+        raise ValueError(f"cannot narrow {self.bits}-bit codes to {bits} bits")
+
+
+def concat_rows(parts: list[QWeight]) -> QWeight:
+    """Stack matrices along `out` (fused q/k/v, gate/up): the widest storage wins (exactly)."""
+    bits = max(p.bits for p in parts)
+    parts = [p.as_bits(bits) for p in parts]
+    return QWeight(np.concatenate([p.q for p in parts]), np.concatenate([p.scale for p in parts]),
+                   np.concatenate([p.zero for p in parts]), bits, "+".join(sorted({p.source for p in parts})))
+
+
+# -- from GGUF blocks --------------------------------------------------------------------------
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
+
+
+def from_gguf(kind: str, raw: np.ndarray, shape: tuple[int, int]) -> QWeight | None:
+    """GGUF blocks (uint8 [rows, bytes per row]) of a [rows, cols] matrix -> QWeight, exactly
+    for Q8_0, Q4_0 and Q4_1; None for types that are not group-of-32 affine codes."""
+    rows, cols = shape
+    nb = cols // GROUP
+    if kind == "Q8_0":  # per block: d (f16), 32 x int8; w = d * q
+        b = raw.reshape(rows, nb, 34)
+        d = _f16(b[:, :, :2]).reshape(rows, nb)
+        q = b[:, :, 2:].copy().view(np.int8).reshape(rows, cols)
+        return QWeight(q, d, np.zeros_like(d), 8, kind)
+    if kind in ("Q4_0", "Q4_1"):  # d (f16) [m (f16)], 16 bytes: element j low nibble, j + 16 high
+        size = 18 if kind == "Q4_0" else 20
+        b = raw.reshape(rows, nb, size)
+        d = _f16(b[:, :, :2]).reshape(rows, nb)
+        m = _f16(b[:, :, 2:4]).reshape(rows, nb) if kind == "Q4_1" else -8.0 * d
+        nib = b[:, :, size - 16:]
+        q = np.concatenate([nib & 0x0F, nib >> 4], axis=2).reshape(rows, cols)
+        return QWeight(q.astype(np.uint8), d, m.astype(np.float32), 4, kind)
+    return None
+
+
+def quantize(w: np.ndarray, bits: int, source: str) -> QWeight:
+    """fp32 [out, in] -> QWeight: 8 bits symmetric (absmax), 4 bits affine (min/max) per group."""
+    out, cols = w.shape
+    g = w.reshape(out, cols // GROUP, GROUP).astype(np.float32)
+    if bits == 8:
+        amax = np.abs(g).max(axis=2)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        q = np.clip(np.rint(g / scale[..., None]), -127, 127).astype(np.int8)
+        return QWeight(q.reshape(out, cols), scale, np.zeros_like(scale), 8, source)
+    lo, hi = g.min(axis=2), g.max(axis=2)
+    scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint((g - lo[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
+    return QWeight(q.reshape(out, cols), scale, lo.astype(np.float32), 4, source)
+
+
+# -- for the kernel ----------------------------------------------------------------------------
+def pack(w: QWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """HF-layout QWeight [N, K] -> (codes, scale, zero) in the kernel layout (N padded to 16)."""
+    q, s, z = w.q, w.scale, w.zero
+    n = q.shape[0]
+    pad = (-n) % PANEL
+    if pad:
+        q = np.pad(q, ((0, pad), (0, 0)))
+        s = np.pad(s, ((0, pad), (0, 0)), constant_values=1.0)
+        z = np.pad(z, ((0, pad), (0, 0)))
+    npan = q.shape[0] // PANEL
+    qp = q.reshape(npan, PANEL, -1).transpose(0, 2, 1)  # [P, K, 16]
+    if w.bits == 4:
+        qp = (qp[:, 0::2, :] | (qp[:, 1::2, :] << 4)).astype(np.uint8)
+    sp = s.reshape(npan, PANEL, -1).transpose(0, 2, 1)
+    zp = z.reshape(npan, PANEL, -1).transpose(0, 2, 1)
+    return np.ascontiguousarray(qp), np.ascontiguousarray(sp, dtype=np.float32), np.ascontiguousarray(zp, dtype=np.float32)
