@@ -167,13 +167,13 @@ def tune(mod, params, preset, *, dims: list[str], seq_dim: str, lengths: list[in
 
 def _check_extras() -> None:
     missing = []
-    for name in ("xgboost", "psutil", "cloudpickle"):
+    for name in ("xgboost", "psutil", "cloudpickle", "tqdm"):
         try:
             __import__(name)
         except ImportError:
             missing.append(name)
     if missing:
-        raise EdgeJitError(f"--tune needs MetaSchedule's extras {', '.join(missing)}: pip install 'edgejit[host]'")
+        raise EdgeJitError(f"--tune needs {', '.join(missing)} (MetaSchedule's extras and the progress bar): pip install 'edgejit[host]'")
 
 
 # -- tasks ----------------------------------------------------------------------------------
@@ -385,7 +385,7 @@ def _progress_callback(tasks: list[Task], done: int, trials: int, label: str, st
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
-    tty = sys.stderr.isatty()
+    from deploy.tools.progress import Progress as Bar
 
     @derived_object
     class Progress(ms.measure_callback.PyMeasureCallback):
@@ -393,6 +393,7 @@ def _progress_callback(tasks: list[Task], done: int, trials: int, label: str, st
             self.done = done
             self.best = [None] * len(tasks)
             self.start = time.monotonic()
+            self.bar = Bar(trials, label, unit="trial", initial=done)
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
             if runner_results:  # empty when the search found no new candidate this round
@@ -409,15 +410,15 @@ def _progress_callback(tasks: list[Task], done: int, trials: int, label: str, st
                         self.best[task_id] = t
             task = tasks[task_id]
             best = self.best[task_id]
+            status = (f"{task.name} best {best:.4f} ms (default {task.default_ms:.4f})" if best is not None else
+                      f"{task.name}: no valid candidate yet")
             rate = (time.monotonic() - self.start) / max(1, self.done - done)
-            line = (f"{label}: {min(self.done, trials)}/{trials} trials, ~{rate * max(0, trials - self.done):.0f} s left; "
-                    f"{task.name} best {best:.4f} ms (default {task.default_ms:.4f})" if best is not None else
-                    f"{label}: {min(self.done, trials)}/{trials} trials; {task.name}: no valid candidate yet")
-            print(("\r\033[K" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+            line = (f"{label}: {min(self.done, trials)}/{trials} trials, ~{rate * max(0, trials - self.done):.0f} s left; {status}"
+                    if best is not None else f"{label}: {min(self.done, trials)}/{trials} trials; {status}")
+            self.bar.update(len(runner_results), status, line)
 
         def finish(self):
-            if tty:
-                print(file=sys.stderr)
+            self.bar.close()
 
     return Progress()
 

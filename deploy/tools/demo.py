@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deploy.tools import progress
 from deploy.tools.processes import stop_process
 from edge.errors import EdgeJitError
 
@@ -69,7 +70,7 @@ class Children:
 
 
 def say(msg: str = "") -> None:
-    print(msg, flush=True)
+    progress.write(msg)  # a line on stdout, above the traffic's progress bar if one is shown
 
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -212,6 +213,7 @@ def drive(port: int, sequences: list[list[int]], input_names: list[str], *, rate
     every = max(10, len(sequences) // 10)
     done = [0]
     start = time.monotonic()
+    bar = progress.Progress(len(sequences), "  requests", unit="req", plain_file=sys.stdout)
 
     def client():
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
@@ -239,14 +241,17 @@ def drive(port: int, sequences: list[list[int]], input_names: list[str], *, rate
                           "ms": float(resp.getheader("X-Edgejit-Inference-Ms")), "wall_ms": wall * 1e3}
             with lock:
                 done[0] += 1
-                if done[0] % every == 0 or done[0] == len(sequences):
+                report = done[0] % every == 0 or done[0] == len(sequences)
+                if report or bar.tty:  # the bar moves on every request, the plain line every 10%
                     window = [r for r in records[max(0, i - every): i + 1] if r]
                     kinds = defaultdict(int)
                     for r in window:
                         kinds[r["kind"]] += 1
                     share = ", ".join(f"{k} {100 * v / len(window):.0f}%" for k, v in sorted(kinds.items()))
-                    say(f"  {done[0]:>5}/{len(sequences)} requests  {time.monotonic() - start:6.1f}s  "
-                        f"recent p50 {np.median([r['ms'] for r in window]):8.2f} ms  served by: {share}")
+                    p50 = np.median([r["ms"] for r in window])
+                    bar.update(1, f"recent p50 {p50:.2f} ms, served by: {share}",
+                               f"  {done[0]:>5}/{len(sequences)} requests  {time.monotonic() - start:6.1f}s  "
+                               f"recent p50 {p50:8.2f} ms  served by: {share}" if report else None)
         conn.close()
 
     errors = []
@@ -262,6 +267,7 @@ def drive(port: int, sequences: list[list[int]], input_names: list[str], *, rate
         t.start()
     for t in threads:
         t.join()
+    bar.close()
     if errors:
         raise errors[0] if isinstance(errors[0], EdgeJitError) else EdgeJitError(f"request failed: {errors[0]}")
     return records
