@@ -1,4 +1,5 @@
-"""`edgejit compile`: command-line front of deploy.compiler.driver (ONNX) and deploy.compiler.decoder (GGUF)."""
+"""`edgejit compile`: command-line front of deploy.compiler.driver (ONNX) and deploy.compiler.decoder
+(GGUF files and Hugging Face checkpoint directories)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from deploy.compiler.driver import compile_model
 
 
 def add_arguments(p) -> None:
-    p.add_argument("model", help="ONNX model file (external data next to it is read too), or a GGUF file (text generation)")
+    p.add_argument("model", help="ONNX model file (external data next to it is read too), or a GGUF file or a Hugging Face "
+                   "checkpoint directory (text generation)")
     p.add_argument("--target", "-t", default="host", help="target preset (see `edgejit targets`; default: host)")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--name", help="model name in the manifest (default: the file's stem)")
     p.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
-    p.add_argument("--context", type=int, help="GGUF: context the runtime allocates by default (default: the model's, at most 4096)")
+    p.add_argument("--context", type=int, help="GGUF / Hugging Face directory: context the runtime allocates by default "
+                   "(default: the model's, at most 4096)")
     p.add_argument("--max-seq", type=int, help="longest sequence the artifact accepts (default: the model's position-embedding rows, at most 512)")
     p.add_argument("--seq-dim", help="name of the symbolic sequence dim (default: dim 1 of the first input)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact")
@@ -50,17 +53,20 @@ def _is_gguf(path: str) -> bool:
 
 
 def main(args) -> int:
-    if _is_gguf(args.model):
+    import os
+
+    if os.path.isdir(args.model) or _is_gguf(args.model):
         from deploy.compiler.decoder import compile_decoder
 
         given = [o for o in ONNX_ONLY if getattr(args, o) is not None] + (["precision"] if args.precision != "fp32" else [])
         if given:
-            raise EdgeJitError(f"--{given[0].replace('_', '-')} applies to ONNX models, not to GGUF files")
+            what = "Hugging Face checkpoints" if os.path.isdir(args.model) else "GGUF files"
+            raise EdgeJitError(f"--{given[0].replace('_', '-')} applies to ONNX models, not to {what}")
         compile_decoder(args.model, args.target, args.output, name=args.name, context=args.context,
                         force=args.force, sign=args.sign)
         return 0
     if args.context is not None:
-        raise EdgeJitError("--context applies to GGUF models (text generation)")
+        raise EdgeJitError("--context applies to GGUF models and Hugging Face checkpoint directories (text generation)")
     compile_model(
         args.model, args.target, args.output, name=args.name, precision=args.precision,
         max_seq=args.max_seq, seq_dim=args.seq_dim, force=args.force, sign=args.sign,

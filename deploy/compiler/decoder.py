@@ -1,6 +1,6 @@
-"""`edgejit compile MODEL.gguf`: a text-generation model -> decoder artifact for a target preset.
+"""`edgejit compile MODEL.gguf|CHECKPOINT_DIR`: a text-generation model -> decoder artifact for a target preset.
 
-file -> frontend (deploy/frontends/gguf: metadata, tensors, tokenizer) -> model definition
+file -> frontend (deploy/frontends/gguf or deploy/frontends/hf: config, tensors, tokenizer) -> model definition
 (deploy/models/<arch>: relax.frontend.nn over TVM's paged KV cache, weights mapped onto it)
 -> build (edge/runtime/pipeline: the same pipeline the device JIT uses) -> artifact.
 """
@@ -40,11 +40,12 @@ class LoadedModel:
     tokenizer: object  # tokenizers.Tokenizer
     tokenizer_info: dict
     source: dict
+    sha256: str = ""  # of the source (a directory: of its config and weight files)
 
 
 def load_gguf(path: Path, log=print) -> LoadedModel:
     f = GGUFFile(path)
-    model = registry.get(f.architecture, source=path.name)
+    model = registry.get(registry.gguf_arch(f.architecture, source=path.name))
     cfg = model.config_from_gguf(f)
     t0 = time.perf_counter()
     weights = model.weights_from_gguf(f, cfg)
@@ -56,7 +57,31 @@ def load_gguf(path: Path, log=print) -> LoadedModel:
     tok, info = gguf_tokenizer.build(f)
     if tok.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
         raise EdgeJitError(f"{path.name}: the tokenizer has more tokens ({tok.get_vocab_size()}) than the model's vocabulary ({cfg.vocab_size})")
-    return LoadedModel(f.architecture, cfg, weights, tok, info, {"format": "gguf", "tensor_types": types})
+    return LoadedModel(f.architecture, cfg, weights, tok, info, {"format": "gguf", "tensor_types": types}, sha256_file(path))
+
+
+def load_hf(path: Path, log=print) -> LoadedModel:
+    """A Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json, ...)."""
+    from deploy.frontends.hf import tokenizer as hf_tokenizer
+    from deploy.frontends.hf.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(path)
+    arch = registry.hf_arch(ckpt.config.get("architectures"), source=str(path / "config.json"))
+    model = registry.get(arch)
+    cfg = model.config_from_hf(ckpt.config, str(path / "config.json"))
+    tok, info = hf_tokenizer.load(path, ckpt.config)
+    t0 = time.perf_counter()
+    weights = model.weights_from_hf(ckpt, cfg)
+    types = ckpt.tensor_types()
+    log(f"read {path.name}: {ckpt.config['architectures'][0]} ({arch}), {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+        f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}; {len(ckpt.files)} safetensors file(s), "
+        + ", ".join(f"{n} {t}" for t, n in sorted(types.items(), key=lambda kv: -kv[1]))
+        + f", converted to fp32 ({time.perf_counter() - t0:.1f}s)")
+    if tok.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
+        raise EdgeJitError(f"{path / 'tokenizer.json'}: the tokenizer has more tokens ({tok.get_vocab_size(with_added_tokens=True)}) "
+                           f"than the model's vocabulary ({cfg.vocab_size})")
+    return LoadedModel(arch, cfg, weights, tok, info, {"format": "hf", "tensor_types": types,
+                                                       "architectures": ckpt.config["architectures"]}, ckpt.sha256())
 
 
 def export_module(arch: str, cfg, target: dict):
@@ -85,7 +110,7 @@ def compile_decoder(
     sign: str | Path | None = None,
     log=print,
 ) -> Path:
-    """Compile a GGUF model into the decoder artifact `out`."""
+    """Compile a GGUF model or a Hugging Face checkpoint directory into the decoder artifact `out`."""
     import tvm
 
     preset = get_preset(target) if isinstance(target, str) else target
@@ -94,9 +119,12 @@ def compile_decoder(
     preset.check_linker()
     model_path = Path(model_path)
     t0 = time.perf_counter()
-    m = load_gguf(model_path, log=log)
+    m = load_hf(model_path, log=log) if model_path.is_dir() else load_gguf(model_path, log=log)
     cfg = m.config
     trained = int(cfg.context_window_size)
+    if context is not None and context > trained and getattr(cfg, "sliding_window", 0):
+        raise EdgeJitError(f"--context {context} is longer than the model's sliding attention window ({cfg.sliding_window}): "
+                           "edgejit does not implement sliding-window attention, so contexts stay within the window")
     if context is not None and not 1 <= context <= trained:
         raise EdgeJitError(f"--context {context} is outside 1..{trained} (the model's trained context)")
     default_context = context or min(trained, DEFAULT_CONTEXT)
@@ -131,7 +159,7 @@ def compile_decoder(
         manifest = Manifest(
             kind="decoder",
             decoder=decoder,
-            model=ModelInfo(name or model_path.stem, sha256_file(model_path), model_path.name),
+            model=ModelInfo(name or (model_path.name if model_path.is_dir() else model_path.stem), m.sha256, model_path.name),
             inputs=[TensorSpec("input_ids", "int32", ("num_tokens",), (0, cfg.vocab_size - 1))],
             outputs=[TensorSpec("logits", "float32", ("num_seqs", cfg.vocab_size))],
             # The JIT specializes decode steps by the number of sequences decoded together.

@@ -1,6 +1,8 @@
-"""Llama weights from a GGUF file onto the model definition (llama_model.py)."""
+"""Llama weights from a GGUF file or a Hugging Face checkpoint onto the model definition (model.py)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -38,6 +40,111 @@ def config_from_gguf(f: GGUFFile, arch: str = "llama") -> LlamaConfig:
     )
 
 
+def _hf_rope(config: dict, source: str) -> tuple[float, dict | None]:
+    """(rope_theta, llama3 scaling parameters or None) from config.json: transformers 4 writes
+    rope_theta / rope_scaling, transformers 5 rope_parameters."""
+    rp = config.get("rope_parameters") or {}
+    theta = float(rp.get("rope_theta", config.get("rope_theta", 10000.0)))
+    scaling = config.get("rope_scaling") or rp
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in (None, "default"):
+        return theta, None
+    if kind != "llama3":
+        raise ModelError(f"{source}: RoPE scaling '{kind}' is not supported (supported: llama3)")
+    return theta, scaling
+
+
+def llama3_rope_factors(cfg: LlamaConfig, scaling: dict) -> np.ndarray:
+    """Per-frequency divisors of inv_freq for llama3 RoPE scaling: what llama.cpp's converter
+    writes as rope_freqs.weight (transformers' _compute_llama3_parameters, as factors)."""
+    factor = float(scaling.get("factor", 8.0))
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    old = float(scaling.get("original_max_position_embeddings", 8192))
+    d = cfg.head_dim
+    freqs = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))).astype(np.float32)
+    wavelen = np.float32(2 * math.pi) / freqs
+    smooth = (np.float32(old) / wavelen - np.float32(low)) / np.float32(high - low)
+    out = np.where(wavelen < old / high, np.float32(1.0),
+                   np.where(wavelen > old / low, np.float32(factor), 1.0 / ((1.0 - smooth) / np.float32(factor) + smooth)))
+    return out.astype(np.float32)
+
+
+def config_from_hf(config: dict, source: str = "config.json", *, qkv_bias: bool = False) -> LlamaConfig:
+    """A Llama-family config.json (LlamaForCausalLM, MistralForCausalLM; Qwen2ForCausalLM with
+    qkv_bias) -> LlamaConfig. What the definition does not implement is refused in one line."""
+
+    def req(k):
+        if k not in config:
+            raise ModelError(f"{source}: no '{k}'")
+        return config[k]
+
+    act = config.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ModelError(f"{source}: hidden_act '{act}' is not supported (supported: silu)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if config.get(flag):
+            raise ModelError(f"{source}: {flag}=true is not supported for this architecture")
+    if float(config.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ModelError(f"{source}: partial rotary embeddings (partial_rotary_factor "
+                         f"{config['partial_rotary_factor']}) are not supported")
+    heads, hidden = int(req("num_attention_heads")), int(req("hidden_size"))
+    theta, _ = _hf_rope(config, source)
+    context = int(config.get("max_position_embeddings", 2048))
+    # A sliding window applies when the config uses it: Mistral's sliding_window, Qwen2's with
+    # use_sliding_window (transformers 5 lists the layers in layer_types).
+    window = config.get("sliding_window")
+    if "use_sliding_window" in config and not config["use_sliding_window"]:
+        window = None
+    if "layer_types" in config and "sliding_attention" not in (config["layer_types"] or []):
+        window = None
+    window = int(window) if window and int(window) < context else 0
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=int(req("intermediate_size")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+        num_hidden_layers=int(req("num_hidden_layers")),
+        vocab_size=int(req("vocab_size")),
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        head_dim=int(config.get("head_dim") or hidden // heads),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        context_window_size=min(context, window) if window else context,
+        qkv_bias=qkv_bias,
+        sliding_window=window,
+    )
+
+
+def weights_from_hf(ckpt, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+    """The checkpoint's tensors (Hugging Face names and layout already), shapes checked against
+    the config; llama3 RoPE scaling in config.json becomes the per-frequency factors."""
+    d, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    h, ffn = cfg.hidden_size, cfg.intermediate_size
+    want = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        want["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_hidden_layers):
+        L = f"model.layers.{i}."
+        want |= {L + "input_layernorm.weight": (h,), L + "post_attention_layernorm.weight": (h,),
+                 L + "self_attn.q_proj.weight": (hq * d, h), L + "self_attn.k_proj.weight": (hkv * d, h),
+                 L + "self_attn.v_proj.weight": (hkv * d, h), L + "self_attn.o_proj.weight": (h, hq * d),
+                 L + "mlp.gate_proj.weight": (ffn, h), L + "mlp.up_proj.weight": (ffn, h),
+                 L + "mlp.down_proj.weight": (h, ffn)}
+        if cfg.qkv_bias:
+            want |= {L + "self_attn.q_proj.bias": (hq * d,), L + "self_attn.k_proj.bias": (hkv * d,),
+                     L + "self_attn.v_proj.bias": (hkv * d,)}
+    out = {}
+    for name, shape in want.items():
+        got = ckpt.shape(name)
+        if got != shape:
+            raise ModelError(f"{ckpt.path.name}: tensor {name} has shape {list(got)}, but config.json implies {list(shape)}")
+        out[name] = ckpt.tensor(name)
+    _, scaling = _hf_rope(ckpt.config, "config.json")
+    if scaling is not None:
+        out["rope_freqs"] = llama3_rope_factors(cfg, scaling)
+    return out
+
+
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's converter, which interleaves each head's Q/K rows for its RoPE layout."""
     rows = w.shape[0]
@@ -62,8 +169,9 @@ def pack(w_out_in: np.ndarray) -> np.ndarray:
     return dense.pack_weight(w, PANEL)
 
 
-def weights_from_gguf(f: GGUFFile, cfg: LlamaConfig) -> dict[str, np.ndarray]:
-    """The checkpoint in Hugging Face names and layout (Q/K rows un-permuted)."""
+def weights_from_gguf(f: GGUFFile, cfg: LlamaConfig, *, permuted: bool = True) -> dict[str, np.ndarray]:
+    """The checkpoint in Hugging Face names and layout (Q/K rows un-permuted: llama.cpp permutes
+    them for llama, not for qwen2); q/k/v biases when the config has them."""
     out = {"model.embed_tokens.weight": f.tensor("token_embd.weight"), "model.norm.weight": f.tensor("output_norm.weight")}
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = f.tensor("output.weight")
@@ -73,11 +181,13 @@ def weights_from_gguf(f: GGUFFile, cfg: LlamaConfig) -> dict[str, np.ndarray]:
     for i in range(cfg.num_hidden_layers):
         for g, h in names.items():
             w = f.tensor(f"blk.{i}.{g}.weight")
-            if g == "attn_q":
+            if permuted and g == "attn_q":
                 w = _unpermute(w, cfg.num_attention_heads)
-            elif g == "attn_k":
+            elif permuted and g == "attn_k":
                 w = _unpermute(w, cfg.num_key_value_heads)
             out[f"model.layers.{i}.{h}.weight"] = w
+            if cfg.qkv_bias and g in ("attn_q", "attn_k", "attn_v"):
+                out[f"model.layers.{i}.{h}.bias"] = f.tensor(f"blk.{i}.{g}.bias")
     if f.has("rope_freqs.weight"):
         out["rope_freqs"] = f.tensor("rope_freqs.weight")
     return out
@@ -96,6 +206,8 @@ def params(hf: dict[str, np.ndarray], cfg: LlamaConfig) -> dict[str, np.ndarray]
         L = f"model.layers.{i}."
         q, k, v = (hf[L + f"self_attn.{n}_proj.weight"] for n in "qkv")
         p[f"layers.{i}.self_attn.qkv_proj.weight"] = pack(np.concatenate([q, k, v], axis=0))
+        if cfg.qkv_bias:
+            p[f"layers.{i}.self_attn.qkv_proj.bias"] = np.concatenate([hf[L + f"self_attn.{n}_proj.bias"] for n in "qkv"])
         p[f"layers.{i}.self_attn.o_proj.weight"] = pack(hf[L + "self_attn.o_proj.weight"])
         gate, up = hf[L + "mlp.gate_proj.weight"], hf[L + "mlp.up_proj.weight"]
         p[f"layers.{i}.mlp.gate_up_proj.weight"] = pack(np.concatenate([gate, up], axis=0))

@@ -1,5 +1,6 @@
 """Llama (as GGUF and Hugging Face carry it): RMSNorm, RoPE, SwiGLU, grouped-query attention,
-tied or untied head, over TVM's paged KV cache. Written in relax.frontend.nn.
+tied or untied head, over TVM's paged KV cache. Written in relax.frontend.nn. With `qkv_bias`
+it is also Qwen2's definition (deploy/models/qwen2).
 
 Weights of every linear layer are stored pre-packed [N / 16, K, 16] (edge.kernels.dense), so
 matmuls lower to our packed dense kernel. The token embedding of a tied model is read straight
@@ -32,6 +33,8 @@ class LlamaConfig:
     head_dim: int = 0
     tie_word_embeddings: bool = True
     context_window_size: int = 2048
+    qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections
+    sliding_window: int = 0  # Mistral / Qwen2 configs: attention window (0: none); the context stays within it
 
     def __post_init__(self):
         if not self.head_dim:
@@ -48,16 +51,17 @@ class PackedLinear(nn.Module):
     Written as matmul(x, unpack(Wp)): the build (edge.kernels.packing.rewrite_packed_dense) turns
     it into the packed dense kernel after any shape specialization, so the unpacking never runs."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter((padded(out_features) // PANEL, in_features, PANEL), "float32")
+        self.bias = nn.Parameter((out_features,), "float32") if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         w = op.reshape(op.permute_dims(self.weight, [1, 0, 2]), (self.in_features, padded(self.out_features)))
         y = op.matmul(x, w)
         if padded(self.out_features) != self.out_features:
             y = op.split(y, [self.out_features], axis=-1)[0]
-        return y
+        return y if self.bias is None else y + self.bias  # fused into the dense kernel's epilogue
 
 
 def _relax(fn, x: Tensor) -> Tensor:
@@ -90,7 +94,7 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         self.cfg = cfg
         d, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        self.qkv_proj = PackedLinear(cfg.hidden_size, (hq + 2 * hkv) * d)
+        self.qkv_proj = PackedLinear(cfg.hidden_size, (hq + 2 * hkv) * d, bias=cfg.qkv_bias)
         self.o_proj = PackedLinear(hq * d, cfg.hidden_size)
 
     def forward(self, x: Tensor, kv: PagedKVCache, rope: tuple, layer_id: int) -> Tensor:

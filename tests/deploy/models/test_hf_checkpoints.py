@@ -1,0 +1,243 @@
+"""Hugging Face checkpoint directories (Llama, Qwen2, Mistral) and Qwen2 GGUF files, against
+transformers on the same model object: tiny random-weight models written by transformers'
+save_pretrained (fp32 / bf16 / fp16, one file or shards with their index, tied and untied heads,
+llama3 RoPE scaling, q/k/v biases, a sliding window), compiled once per session; greedy tokens
+equal for 32 steps on three prompts, logits close; the same weights as GGUF give the same tokens;
+bad directories fail with one line through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.fixtures.hf_checkpoints import write_checkpoint, write_gguf
+from tests.fixtures.hf_reference import greedy
+
+ROOT = Path(__file__).resolve().parents[3]
+N_NEW = 32
+PROMPTS = {  # token ids of real text (SmolLM2's vocabulary): plain text, code, a ChatML turn
+    "plain": [504, 3575, 282, 4649, 314],
+    "code": [1604, 3987, 46477, 24, 94, 727],
+    "chat": [1, 4093, 198, 1780, 314, 260, 31469, 6740, 281, 260, 905, 47, 2, 198, 1, 520, 9531, 198],
+}
+LOGIT_TOL = 2e-3  # |ours - transformers| relative to max |logit|, over every step
+LLAMA3 = dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+
+# name -> (architecture, write_checkpoint options)
+CHECKPOINTS = {
+    "llama_gqa_tied": ("llama", dict(seed=1, tie_word_embeddings=True)),
+    "llama_untied_bf16_shards_llama3": ("llama", dict(seed=2, tie_word_embeddings=False, num_key_value_heads=4,
+                                                      dtype="bfloat16", max_shard_size="2MB", rope_theta=500000.0,
+                                                      rope_scaling=LLAMA3)),
+    "qwen2_tied": ("qwen2", dict(seed=1, tie_word_embeddings=True, rope_theta=1e6, eos_ids=(2, 1))),
+    "qwen2_untied_f16_shards": ("qwen2", dict(seed=2, tie_word_embeddings=False, rope_theta=1e6, dtype="float16",
+                                              max_shard_size="2MB")),
+    "mistral_window": ("mistral", dict(seed=3, sliding_window=64)),
+}
+GGUFS = {"llama_gqa_tied": "llama", "qwen2_tied": "qwen2"}  # the same weights as GGUF in llama.cpp's layout
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(smollm2_gguf, tmp_path_factory):
+    """{name: (fixture dict, host artifact)} for every checkpoint and for the GGUF copies ("gguf:<name>")."""
+    from deploy.compiler.decoder import compile_decoder
+
+    root = tmp_path_factory.mktemp("hf_checkpoints")
+    out = {}
+    for name, (arch, opts) in CHECKPOINTS.items():
+        fx = write_checkpoint(root / name, arch, smollm2_gguf, **opts)
+        out[name] = (fx, compile_decoder(fx["path"], "host", root / f"{name}.art", log=lambda *a: None))
+    for name, arch in GGUFS.items():
+        fx = out[name][0]
+        path = write_gguf(root / f"{name}.gguf", arch, fx["model"], smollm2_gguf)
+        out[f"gguf:{name}"] = (fx, compile_decoder(path, "host", root / f"{name}.gguf.art", log=lambda *a: None))
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(hf_checkpoints):
+    from edge.generate.loader import load_decoder
+
+    return {name: (fx, load_decoder(art, context=min(256, fx["config"].get("sliding_window") or 256), max_batch=2))
+            for name, (fx, art) in hf_checkpoints.items()}
+
+
+def _ours_greedy(model, prompt, n_new):
+    dec = model.decoder
+    dec.add_sequence(0)
+    try:
+        logits = [dec.prefill([0], [prompt])[0]]
+        toks = [int(np.argmax(logits[-1]))]
+        for _ in range(n_new - 1):
+            logits.append(dec.decode([0], [toks[-1]])[0])
+            toks.append(int(np.argmax(logits[-1])))
+    finally:
+        dec.remove_sequence(0)
+    return toks, np.stack(logits)
+
+
+_REF = {}
+
+
+def _reference(name, fx, prompt):
+    key = (name.removeprefix("gguf:"), prompt)
+    if key not in _REF:
+        _REF[key] = greedy(fx["model"], PROMPTS[prompt], N_NEW)
+    return _REF[key]
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTS) + [f"gguf:{n}" for n in GGUFS])
+@pytest.mark.parametrize("prompt", list(PROMPTS))
+def test_greedy_matches_transformers(loaded, name, prompt):
+    fx, model = loaded[name]
+    want_toks, want_logits = _reference(name, fx, prompt)
+    toks, logits = _ours_greedy(model, PROMPTS[prompt], N_NEW)
+    err = np.abs(logits - want_logits).max() / np.abs(want_logits).max()
+    assert err < LOGIT_TOL, f"logits differ by {err:.2e} of scale"
+    assert toks == want_toks
+    assert len(set(want_toks)) > 3  # the fixture's weights make a non-degenerate sequence
+
+
+@pytest.mark.parametrize("name", list(GGUFS))
+def test_gguf_and_checkpoint_give_the_same_tokens(loaded, name):
+    for prompt in PROMPTS.values():
+        assert _ours_greedy(loaded[name][1], prompt, N_NEW)[0] == _ours_greedy(loaded[f"gguf:{name}"][1], prompt, N_NEW)[0]
+
+
+def test_qwen2_biases_are_applied(loaded):
+    """Without its q/k/v biases the model gives other logits: the biases are really added."""
+    import torch
+
+    fx, model = loaded["qwen2_tied"]
+    ref = fx["model"]
+    saved = {n: p.detach().clone() for n, p in ref.named_parameters() if n.endswith(".bias")}
+    assert len(saved) == 3 * 2
+    try:
+        with torch.no_grad():
+            for n, p in ref.named_parameters():
+                if n in saved:
+                    p.zero_()
+        _, unbiased = greedy(ref, PROMPTS["chat"], 2)
+    finally:
+        with torch.no_grad():
+            for n, p in ref.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+    _, ours = _ours_greedy(model, PROMPTS["chat"], 2)
+    assert np.abs(ours - unbiased).max() > 10 * LOGIT_TOL * np.abs(unbiased).max()
+
+
+def test_manifest_describes_the_checkpoint(hf_checkpoints):
+    from edge.artifact.reader import Artifact
+
+    man = {name: Artifact.open(art).manifest for name, (_, art) in hf_checkpoints.items()}
+    d = {name: m.decoder for name, m in man.items()}
+    assert [d[n].architecture for n in CHECKPOINTS] == ["llama", "llama", "qwen2", "qwen2", "mistral"]
+    assert d["gguf:qwen2_tied"].architecture == "qwen2" and d["qwen2_tied"].config["qkv_bias"]
+    assert not d["llama_gqa_tied"].config["qkv_bias"]
+    assert d["qwen2_tied"].config["tie_word_embeddings"] and not d["qwen2_untied_f16_shards"].config["tie_word_embeddings"]
+    assert d["qwen2_tied"].config["rope_theta"] == 1e6
+    assert d["qwen2_untied_f16_shards"].source == {"format": "hf", "tensor_types": {"F16": 27},
+                                                   "architectures": ["Qwen2ForCausalLM"]}
+    assert d["llama_untied_bf16_shards_llama3"].source["tensor_types"] == {"BF16": 21}
+    shards = sorted(p.name for p in Path(hf_checkpoints["qwen2_untied_f16_shards"][0]["path"]).glob("*.safetensors"))
+    assert len(shards) > 1
+    # tokenizer_config.json: special tokens and the template; generation_config.json: the stop ids
+    tok = d["qwen2_tied"].tokenizer
+    assert (tok.bos_id, tok.eos_id, tok.add_bos, tok.bos_token, tok.eos_token) == (1, 2, False, "<|im_start|>", "<|im_end|>")
+    assert tok.stop_ids == [0, 1, 2] and d["llama_gqa_tied"].tokenizer.stop_ids == [0, 2]  # + <|endoftext|>
+    assert d["qwen2_tied"].chat_template == "chat_template.jinja"
+    m = man["llama_gqa_tied"].model
+    assert (m.name, m.source, len(m.sha256)) == ("llama_gqa_tied", "llama_gqa_tied", 64)
+    # a sliding window shorter than the trained context bounds the context
+    assert (d["mistral_window"].config["sliding_window"], d["mistral_window"].context_length) == (64, 64)
+
+
+def test_chat_prompt_matches_transformers_tokenizer(loaded, hf_checkpoints):
+    """The shipped tokenizer.json and chat template give the ids transformers gives for the same
+    directory (AutoTokenizer + apply_chat_template)."""
+    from transformers import AutoTokenizer
+
+    fx, model = loaded["qwen2_tied"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12 + 30? Answer in digits."}]
+    want = AutoTokenizer.from_pretrained(fx["path"]).apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+    ours = model.tokenizer.encode(model.template.render(messages, add_generation_prompt=True))
+    assert ours == list(want)
+
+
+def test_llama3_factors_match_the_gguf_converter():
+    """config.json's llama3 rope_scaling gives the factors llama.cpp writes as rope_freqs.weight."""
+    from deploy.models.llama.loader import llama3_rope_factors
+    from deploy.models.llama.model import LlamaConfig
+    from tests.fixtures.gguf_llama import llama3_rope_factors as converter
+
+    for theta, hd, scaling in [(500000.0, 16, LLAMA3), (500000.0, 64, dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                                            original_max_position_embeddings=8192))]:
+        cfg = LlamaConfig(hidden_size=hd * 4, intermediate_size=8, num_attention_heads=4, num_key_value_heads=4,
+                          num_hidden_layers=1, vocab_size=8, rope_theta=theta)
+        want = converter(hd, theta, scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"],
+                         scaling["original_max_position_embeddings"])
+        np.testing.assert_allclose(llama3_rope_factors(cfg, scaling), want, rtol=1e-6)
+        assert len(set(want.tolist())) > 2  # low, high and smoothed frequencies all occur
+
+
+# -- bad directories: one-line errors through the real CLI -----------------------------------------
+def _bad_dirs(tmp: Path, good: Path) -> dict:
+    def copy(name, edit=None, drop=()):
+        d = tmp / name
+        shutil.copytree(good, d)
+        for f in drop:
+            (d / f).unlink()
+        if edit:
+            cfg = json.loads((d / "config.json").read_text())
+            edit(cfg)
+            (d / "config.json").write_text(json.dumps(cfg))
+        return d
+
+    (tmp / "empty").mkdir()
+    index = json.loads((good / "model.safetensors.index.json").read_text())
+    lost = sorted(set(index["weight_map"].values()))[-1]
+    return {
+        "no_config": (tmp / "empty", [], "empty: no config.json"),
+        "no_weights": (copy("no_weights", drop=[p.name for p in good.glob("*.safetensors")] + ["model.safetensors.index.json"]),
+                       [], "no_weights: no weights (model.safetensors or *.safetensors shards"),
+        "missing_shard": (copy("missing_shard", drop=[lost]), [], f"model.safetensors.index.json names shard {lost}, which is not in"),
+        "architecture": (copy("gpt_neox", lambda c: c.update(architectures=["GPTNeoXForCausalLM"])), [],
+                         "architecture 'GPTNeoXForCausalLM' is not supported (supported: LlamaForCausalLM, "
+                         "Qwen2ForCausalLM, MistralForCausalLM)"),
+        "dtype": (copy("int8", lambda c: c.update(dtype="int8")), [],
+                  "torch_dtype 'int8' is not supported (supported: float32, float16, bfloat16)"),
+        "shape": (copy("shape", lambda c: c.update(intermediate_size=96)), [],
+                  "tensor model.layers.0.mlp.gate_proj.weight has shape [128, 64], but config.json implies [96, 64]"),
+        "no_tokenizer": (copy("no_tokenizer", drop=["tokenizer.json"]), [], "no_tokenizer: no tokenizer.json"),
+        "onnx_option": (good, ["--precision", "int8"], "--precision applies to ONNX models, not to Hugging Face checkpoints"),
+        "window": (good.parent / "mistral_window", ["--context", "128"],
+                   "--context 128 is longer than the model's sliding attention window (64)"),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_dirs(hf_checkpoints, tmp_path_factory):
+    return _bad_dirs(tmp_path_factory.mktemp("bad_hf"), Path(hf_checkpoints["qwen2_untied_f16_shards"][0]["path"]))
+
+
+@pytest.mark.parametrize("case", ["no_config", "no_weights", "missing_shard", "architecture", "dtype", "shape",
+                                  "no_tokenizer", "onnx_option", "window"])
+def test_compile_bad_checkpoint_fails_with_one_line(bad_dirs, case, tmp_path):
+    path, extra, message = bad_dirs[case]
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "edge.cli", "compile", str(path), "-o", str(out), "--target", "host", *extra],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1, r.stderr
+    assert lines and lines[-1].startswith("edgejit compile: error: ") and message in lines[-1], r.stderr
+    # the context is checked once the model is read (its summary line is on stdout)
+    assert "Traceback" not in r.stderr and (r.stdout == "" or case == "window"), r.stderr + r.stdout
+    assert not out.exists()
