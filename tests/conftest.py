@@ -86,6 +86,10 @@ TINY_LLAMAS = {
     "untied_mha": dict(seed=2, heads=4, kv_heads=4, tied=False, rope_theta=500000.0),
     "llama3_scaling": dict(seed=3, llama3_scaling=dict(factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                                        original_max_position_embeddings=64)),
+    # weights kept quantized by the compile (weight-only kernels), as GGUF files hold them
+    "q4_1_gqa": dict(seed=4, weight_type="Q4_1", embed_type="Q8_0"),
+    "q4_0_untied": dict(seed=5, weight_type="Q4_0", tied=False),
+    "q8_0_gqa": dict(seed=6, weight_type="Q8_0"),
 }
 
 

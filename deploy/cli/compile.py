@@ -14,7 +14,9 @@ def add_arguments(p) -> None:
     p.add_argument("--target", "-t", default="host", help="target preset (see `edgejit targets`; default: host)")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--name", help="model name in the manifest (default: the file's stem)")
-    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "int8"],
+                   help="ONNX: fp32 (default) or int8. GGUF: by default matrices keep the file's quantization "
+                        "(Q8_0/Q4_0/Q4_1 exactly, other types requantized to 4/8 bits; weight-only kernels), fp32 dequantizes all")
     p.add_argument("--context", type=int, help="GGUF / Hugging Face directory: context the runtime allocates by default "
                    "(default: the model's, at most 4096)")
     p.add_argument("--max-seq", type=int, help="longest sequence the artifact accepts (default: the model's position-embedding rows, at most 512)")
@@ -58,17 +60,17 @@ def main(args) -> int:
     if os.path.isdir(args.model) or _is_gguf(args.model):
         from deploy.compiler.decoder import compile_decoder
 
-        given = [o for o in ONNX_ONLY if getattr(args, o) is not None] + (["precision"] if args.precision != "fp32" else [])
+        given = [o for o in ONNX_ONLY if getattr(args, o) is not None] + (["precision"] if args.precision == "int8" else [])
         if given:
             what = "Hugging Face checkpoints" if os.path.isdir(args.model) else "GGUF files"
             raise EdgeJitError(f"--{given[0].replace('_', '-')} applies to ONNX models, not to {what}")
         compile_decoder(args.model, args.target, args.output, name=args.name, context=args.context,
-                        force=args.force, sign=args.sign)
+                        precision=args.precision, force=args.force, sign=args.sign)
         return 0
     if args.context is not None:
         raise EdgeJitError("--context applies to GGUF models and Hugging Face checkpoint directories (text generation)")
     compile_model(
-        args.model, args.target, args.output, name=args.name, precision=args.precision,
+        args.model, args.target, args.output, name=args.name, precision=args.precision or "fp32",
         max_seq=args.max_seq, seq_dim=args.seq_dim, force=args.force, sign=args.sign,
         calibrate=args.calibrate, activations=args.activations,
         keep_float=None if args.keep_float is None else args.keep_float.split(","),

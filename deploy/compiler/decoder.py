@@ -43,17 +43,19 @@ class LoadedModel:
     sha256: str = ""  # of the source (a directory: of its config and weight files)
 
 
-def load_gguf(path: Path, log=print) -> LoadedModel:
+def load_gguf(path: Path, log=print, *, quantized: bool = True) -> LoadedModel:
+    """With `quantized`, matrices stored quantized stay quantized (weight-only kernels), else fp32."""
     f = GGUFFile(path)
     model = registry.get(registry.gguf_arch(f.architecture, source=path.name))
     cfg = model.config_from_gguf(f)
     t0 = time.perf_counter()
-    weights = model.weights_from_gguf(f, cfg)
+    weights = model.weights_from_gguf(f, cfg, quantized=quantized)
     types = dict(collections.Counter(f.tensor_type(n) for n in f.tensors))
     log(f"read {path.name}: {f.architecture}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
         f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}; tensors "
         + ", ".join(f"{n} {t}" for t, n in sorted(types.items(), key=lambda kv: -kv[1]))
-        + f", dequantized to fp32 ({time.perf_counter() - t0:.1f}s)")
+        + (f"; {len(cfg.quant)} linear layers kept quantized" if cfg.quant else ", dequantized to fp32")
+        + f" ({time.perf_counter() - t0:.1f}s)")
     tok, info = gguf_tokenizer.build(f)
     if tok.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
         raise EdgeJitError(f"{path.name}: the tokenizer has more tokens ({tok.get_vocab_size()}) than the model's vocabulary ({cfg.vocab_size})")
@@ -99,6 +101,21 @@ def export_module(arch: str, cfg, target: dict):
     return mod, [n for n, _ in named]
 
 
+def _precision(cfg) -> str:
+    """fp32, or the weight-only bit widths kept from the file (activations stay fp32)."""
+    bits = sorted({b for b in getattr(cfg, "quant", {}).values()})
+    return "fp32" if not bits else "w" + "/".join(f"q{b}" for b in bits)
+
+
+def _quantization(cfg) -> dict | None:
+    quant = getattr(cfg, "quant", {})
+    if not quant:
+        return None
+    counts = collections.Counter(f"q{b}" for b in quant.values())
+    return {"scheme": "weight-only", "group": 32, "activations": "fp32", "layers": dict(counts),
+            "kernel": "edge/kernels/dense.compute_quant (codes dequantized in the inner loop)"}
+
+
 def compile_decoder(
     model_path: str | Path,
     target: str | Preset,
@@ -106,6 +123,7 @@ def compile_decoder(
     *,
     name: str | None = None,
     context: int | None = None,
+    precision: str | None = None,
     force: bool = False,
     sign: str | Path | None = None,
     log=print,
@@ -119,7 +137,9 @@ def compile_decoder(
     preset.check_linker()
     model_path = Path(model_path)
     t0 = time.perf_counter()
-    m = load_hf(model_path, log=log) if model_path.is_dir() else load_gguf(model_path, log=log)
+    if precision not in (None, "fp32"):
+        raise EdgeJitError(f"--precision {precision}: a GGUF model keeps the quantization of its file (default) or is compiled in fp32")
+    m = load_hf(model_path, log=log) if model_path.is_dir() else load_gguf(model_path, log=log, quantized=precision != "fp32")
     cfg = m.config
     trained = int(cfg.context_window_size)
     if context is not None and context > trained and getattr(cfg, "sliding_window", 0):
@@ -165,7 +185,8 @@ def compile_decoder(
             # The JIT specializes decode steps by the number of sequences decoded together.
             seq_dim="num_seqs",
             dims={"num_seqs": DimRange(1, MAX_DECODE_BATCH), "num_tokens": DimRange(1, trained)},
-            precision="fp32",
+            precision=_precision(cfg),
+            quantization=_quantization(cfg),
             **build_fields(preset),
         )
         w.commit(manifest, signing_key=signing_key, log=log)

@@ -16,6 +16,7 @@ JIT_TARGET, JIT_SEQ = "rpi5", 24
 # Text generation: a tiny random-weight llama GGUF (tests/fixtures/gguf_llama.py, 2 layers, hidden 64,
 # SmolLM2's vocabulary) compiled for the host and rpi5; greedy tokens on the Cortex-A76 model.
 DECODER = "tiny_llama"
+QDECODER = "tiny_llama_q4_1"  # the same shape with Q4_1 weights: the weight-only 4-bit kernels on ARM
 GENERATION_TARGETS = ("rpi5",)
 PROMPTS = arm_emulation.DEFAULT_PROMPTS  # plain text and a ChatML turn, SmolLM2 token ids
 NEW_TOKENS = 16
@@ -27,11 +28,14 @@ def run(request, tmp_path_factory) -> arm_emulation.Report:
     from tests.fixtures.gguf_llama import write_llama_gguf
 
     models = {name.removesuffix("_onnx"): request.getfixturevalue(name) for name in MODELS}
-    gguf = write_llama_gguf(tmp_path_factory.mktemp("arm_gguf") / f"{DECODER}.gguf", request.getfixturevalue("smollm2_gguf"))
+    gguf_dir = tmp_path_factory.mktemp("arm_gguf")
+    vocab = request.getfixturevalue("smollm2_gguf")
+    gguf = write_llama_gguf(gguf_dir / f"{DECODER}.gguf", vocab)
+    qgguf = write_llama_gguf(gguf_dir / f"{QDECODER}.gguf", vocab, seed=4, weight_type="Q4_1", embed_type="Q8_0")
     start = time.perf_counter()
     report = arm_emulation.verify(
         models, tmp_path_factory.mktemp("arm"), targets=TARGETS, precisions=PRECISIONS, lengths=LENGTHS,
-        jit_target=JIT_TARGET, jit_seq=JIT_SEQ, decoders={DECODER: gguf["path"]}, prompts=PROMPTS,
+        jit_target=JIT_TARGET, jit_seq=JIT_SEQ, decoders={DECODER: gguf["path"], QDECODER: qgguf["path"]}, prompts=PROMPTS,
         new_tokens=NEW_TOKENS, generation_targets=GENERATION_TARGETS, log=lambda *a, **k: None,
     )
     report.timings["total"] = time.perf_counter() - start

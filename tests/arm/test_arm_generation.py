@@ -9,16 +9,17 @@ import pytest
 
 from deploy.tools import arm_emulation
 
-from tests.arm.emulation_run import DECODER, GENERATION_TARGETS, NEW_TOKENS, PROMPTS
+from tests.arm.emulation_run import DECODER, GENERATION_TARGETS, NEW_TOKENS, PROMPTS, QDECODER
 
 pytestmark = [pytest.mark.slow, pytest.mark.arm]
 
 
+@pytest.mark.parametrize("model", [DECODER, QDECODER])  # fp32 weights; Q4_1 kept quantized
 @pytest.mark.parametrize("target", GENERATION_TARGETS)
-def test_greedy_generation_on_the_emulated_cpu_matches_the_host(arm_report, target):
+def test_greedy_generation_on_the_emulated_cpu_matches_the_host(arm_report, target, model):
     failed = [p for p in arm_report.problems if p.startswith(f"generation target {target} ")]
     assert not failed, "\n".join(failed)
-    checks = [g for g in arm_report.generation if g.target == target and g.model == DECODER]
+    checks = [g for g in arm_report.generation if g.target == target and g.model == model]
     assert [g.prompt for g in checks] == list(range(len(PROMPTS)))
     assert {g.cpu for g in checks} == {"cortex-a76"}  # rpi5's Cortex-A76, with dotprod
     bad = [g.describe() for g in checks if not g.ok]

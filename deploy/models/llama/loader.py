@@ -9,6 +9,8 @@ import numpy as np
 from edge.errors import ModelError
 
 from deploy.frontends.gguf.reader import GGUFFile
+from deploy.quantize.weight_only.layout import QWeight, concat_rows
+from deploy.quantize.weight_only.layout import pack as pack_quant
 from deploy.models.llama.model import PANEL, LlamaConfig
 
 
@@ -145,10 +147,12 @@ def weights_from_hf(ckpt, cfg: LlamaConfig) -> dict[str, np.ndarray]:
     return out
 
 
-def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's converter, which interleaves each head's Q/K rows for its RoPE layout."""
+def _unpermute(w, heads: int):
+    """Undo llama.cpp's converter, which interleaves each head's Q/K rows for its RoPE layout
+    (a row permutation: quantized rows move with their scales)."""
     rows = w.shape[0]
-    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    idx = np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(1, 2).reshape(-1)
+    return w.rows(idx) if isinstance(w, QWeight) else w[idx]
 
 
 def rope_inv_freq(cfg: LlamaConfig, freq_factors: np.ndarray | None) -> np.ndarray:
@@ -169,18 +173,21 @@ def pack(w_out_in: np.ndarray) -> np.ndarray:
     return dense.pack_weight(w, PANEL)
 
 
-def weights_from_gguf(f: GGUFFile, cfg: LlamaConfig, *, permuted: bool = True) -> dict[str, np.ndarray]:
+def weights_from_gguf(f: GGUFFile, cfg: LlamaConfig, *, permuted: bool = True, quantized: bool = False) -> dict:
     """The checkpoint in Hugging Face names and layout (Q/K rows un-permuted: llama.cpp permutes
-    them for llama, not for qwen2); q/k/v biases when the config has them."""
-    out = {"model.embed_tokens.weight": f.tensor("token_embd.weight"), "model.norm.weight": f.tensor("output_norm.weight")}
+    them for llama, not for qwen2); q/k/v biases when the config has them. With `quantized`, the
+    matrices stored quantized stay so (QWeight: deploy/quantize/weight_only), else fp32."""
+    matrix = (lambda name: f.matrix(name)) if quantized else f.tensor
+    embed = matrix("token_embd.weight") if cfg.tie_word_embeddings else f.tensor("token_embd.weight")
+    out = {"model.embed_tokens.weight": embed, "model.norm.weight": f.tensor("output_norm.weight")}
     if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = f.tensor("output.weight")
+        out["lm_head.weight"] = matrix("output.weight")
     names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
     for i in range(cfg.num_hidden_layers):
         for g, h in names.items():
-            w = f.tensor(f"blk.{i}.{g}.weight")
+            w = matrix(f"blk.{i}.{g}.weight") if g not in ("attn_norm", "ffn_norm") else f.tensor(f"blk.{i}.{g}.weight")
             if permuted and g == "attn_q":
                 w = _unpermute(w, cfg.num_attention_heads)
             elif permuted and g == "attn_k":
@@ -190,28 +197,54 @@ def weights_from_gguf(f: GGUFFile, cfg: LlamaConfig, *, permuted: bool = True) -
                 out[f"model.layers.{i}.{h}.bias"] = f.tensor(f"blk.{i}.{g}.bias")
     if f.has("rope_freqs.weight"):
         out["rope_freqs"] = f.tensor("rope_freqs.weight")
+    if quantized:
+        plan_quantization(out, cfg)
     return out
 
 
-def params(hf: dict[str, np.ndarray], cfg: LlamaConfig) -> dict[str, np.ndarray]:
-    """Hugging Face tensors -> the model's parameters, by the names export_tvm gives them."""
+def _linears(hf: dict, cfg: LlamaConfig) -> dict[str, list]:
+    """Each linear layer of the model -> the checkpoint matrices fused into it, in row order."""
+    out = {"lm_head": [hf["model.embed_tokens.weight"] if cfg.tie_word_embeddings else hf["lm_head.weight"]]}
+    for i in range(cfg.num_hidden_layers):
+        L = f"model.layers.{i}."
+        out[f"layers.{i}.self_attn.qkv_proj"] = [hf[L + f"self_attn.{n}_proj.weight"] for n in "qkv"]
+        out[f"layers.{i}.self_attn.o_proj"] = [hf[L + "self_attn.o_proj.weight"]]
+        out[f"layers.{i}.mlp.gate_up_proj"] = [hf[L + "mlp.gate_proj.weight"], hf[L + "mlp.up_proj.weight"]]
+        out[f"layers.{i}.mlp.down_proj"] = [hf[L + "mlp.down_proj.weight"]]
+    return out
+
+
+def plan_quantization(hf: dict, cfg: LlamaConfig) -> dict[str, int]:
+    """Set cfg.quant from the weights: a linear layer whose matrices all came quantized keeps
+    4 or 8 bits (4-bit parts widen exactly when fused with 8-bit ones); any float part makes the
+    whole layer fp32."""
+    cfg.quant = {name: max(p.bits for p in parts) for name, parts in _linears(hf, cfg).items()
+                 if all(isinstance(p, QWeight) for p in parts)}
+    return cfg.quant
+
+
+def _linear_params(name: str, parts: list, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+    if name in cfg.quant:
+        q, s, z = pack_quant(concat_rows(parts).as_bits(cfg.quant[name]))
+        return {f"{name}.qweight": q, f"{name}.qscale": s, f"{name}.qzero": z}
+    dense = [p.dequantize() if isinstance(p, QWeight) else p for p in parts]
+    return {f"{name}.weight": pack(np.concatenate(dense, axis=0)).astype(np.float32)}
+
+
+def params(hf: dict, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+    """Hugging Face tensors -> the model's parameters, by the names export_tvm gives them
+    (quantized layers as cfg.quant says: plan_quantization)."""
     p = {}
-    head = hf["model.embed_tokens.weight"] if cfg.tie_word_embeddings else hf["lm_head.weight"]
-    p["lm_head.weight"] = pack(head)
+    for name, parts in _linears(hf, cfg).items():
+        p.update(_linear_params(name, parts, cfg))
     if not cfg.tie_word_embeddings:
         p["embed_tokens"] = np.ascontiguousarray(hf["model.embed_tokens.weight"], dtype=np.float32)
-    p["norm.weight"] = hf["model.norm.weight"]
+    p["norm.weight"] = np.asarray(hf["model.norm.weight"], dtype=np.float32)
     p["rope_inv_freq"] = rope_inv_freq(cfg, hf.get("rope_freqs"))
     for i in range(cfg.num_hidden_layers):
         L = f"model.layers.{i}."
-        q, k, v = (hf[L + f"self_attn.{n}_proj.weight"] for n in "qkv")
-        p[f"layers.{i}.self_attn.qkv_proj.weight"] = pack(np.concatenate([q, k, v], axis=0))
         if cfg.qkv_bias:
-            p[f"layers.{i}.self_attn.qkv_proj.bias"] = np.concatenate([hf[L + f"self_attn.{n}_proj.bias"] for n in "qkv"])
-        p[f"layers.{i}.self_attn.o_proj.weight"] = pack(hf[L + "self_attn.o_proj.weight"])
-        gate, up = hf[L + "mlp.gate_proj.weight"], hf[L + "mlp.up_proj.weight"]
-        p[f"layers.{i}.mlp.gate_up_proj.weight"] = pack(np.concatenate([gate, up], axis=0))
-        p[f"layers.{i}.mlp.down_proj.weight"] = pack(hf[L + "mlp.down_proj.weight"])
-        p[f"layers.{i}.input_layernorm.weight"] = hf[L + "input_layernorm.weight"]
-        p[f"layers.{i}.post_attention_layernorm.weight"] = hf[L + "post_attention_layernorm.weight"]
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in p.items()}
+            p[f"layers.{i}.self_attn.qkv_proj.bias"] = np.concatenate([hf[L + f"self_attn.{n}_proj.bias"] for n in "qkv"]).astype(np.float32)
+        p[f"layers.{i}.input_layernorm.weight"] = np.asarray(hf[L + "input_layernorm.weight"], dtype=np.float32)
+        p[f"layers.{i}.post_attention_layernorm.weight"] = np.asarray(hf[L + "post_attention_layernorm.weight"], dtype=np.float32)
+    return {k: np.ascontiguousarray(v) for k, v in p.items()}

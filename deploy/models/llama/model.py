@@ -18,6 +18,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
 PANEL = 16
+GROUP = 32  # inputs per quantization group
 
 
 @dataclasses.dataclass
@@ -34,7 +35,11 @@ class LlamaConfig:
     tie_word_embeddings: bool = True
     context_window_size: int = 2048
     qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections
+    # weight-only quantization per linear layer ("layers.3.mlp.down_proj", "lm_head", ...): 4 or 8
+    # bits (deploy/quantize/weight_only); layers not named here keep fp32 weights
+    quant: dict = dataclasses.field(default_factory=dict)
     sliding_window: int = 0  # Mistral / Qwen2 configs: attention window (0: none); the context stays within it
+
 
     def __post_init__(self):
         if not self.head_dim:
@@ -51,13 +56,29 @@ class PackedLinear(nn.Module):
     Written as matmul(x, unpack(Wp)): the build (edge.kernels.packing.rewrite_packed_dense) turns
     it into the packed dense kernel after any shape specialization, so the unpacking never runs."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter((padded(out_features) // PANEL, in_features, PANEL), "float32")
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, bits: int | None = None):
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        panels = padded(out_features) // PANEL
+        if bits is None:
+            self.weight = nn.Parameter((panels, in_features, PANEL), "float32")
+        else:  # group-quantized codes, scale and zero per 32 inputs (deploy/quantize/weight_only)
+            codes = in_features // 2 if bits == 4 else in_features
+            self.qweight = nn.Parameter((panels, codes, PANEL), "uint8" if bits == 4 else "int8")
+            self.qscale = nn.Parameter((panels, in_features // GROUP, PANEL), "float32")
+            self.qzero = nn.Parameter((panels, in_features // GROUP, PANEL), "float32")
         self.bias = nn.Parameter((out_features,), "float32") if bias else None
 
+    def packed(self) -> Tensor:
+        """The float weight in the packed layout [N / 16, K, 16]: quantized codes are written as
+        dequantized here and the build reads them in the kernel instead (never materialized)."""
+        if self.bits is None:
+            return self.weight
+        from edge.kernels import dense
+
+        return op.tensor_expr_op(dense.dequant, f"dequant_q{self.bits}", [self.qweight, self.qscale, self.qzero])
+
     def forward(self, x: Tensor) -> Tensor:
-        w = op.reshape(op.permute_dims(self.weight, [1, 0, 2]), (self.in_features, padded(self.out_features)))
+        w = op.reshape(op.permute_dims(self.packed(), [1, 0, 2]), (self.in_features, padded(self.out_features)))
         y = op.matmul(x, w)
         if padded(self.out_features) != self.out_features:
             y = op.split(y, [self.out_features], axis=-1)[0]
@@ -91,11 +112,11 @@ def apply_rope(qkv: Tensor, cos: Tensor, sin: Tensor, rotated_heads: int) -> Ten
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, prefix: str):
         self.cfg = cfg
         d, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        self.qkv_proj = PackedLinear(cfg.hidden_size, (hq + 2 * hkv) * d, bias=cfg.qkv_bias)
-        self.o_proj = PackedLinear(hq * d, cfg.hidden_size)
+        self.qkv_proj = PackedLinear(cfg.hidden_size, (hq + 2 * hkv) * d, bias=cfg.qkv_bias, bits=cfg.quant.get(prefix + "qkv_proj"))
+        self.o_proj = PackedLinear(hq * d, cfg.hidden_size, bits=cfg.quant.get(prefix + "o_proj"))
 
     def forward(self, x: Tensor, kv: PagedKVCache, rope: tuple, layer_id: int) -> Tensor:
         cfg = self.cfg
@@ -108,10 +129,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, prefix: str):
         self.ffn = cfg.intermediate_size
-        self.gate_up_proj = PackedLinear(cfg.hidden_size, 2 * cfg.intermediate_size)
-        self.down_proj = PackedLinear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_up_proj = PackedLinear(cfg.hidden_size, 2 * cfg.intermediate_size, bits=cfg.quant.get(prefix + "gate_up_proj"))
+        self.down_proj = PackedLinear(cfg.intermediate_size, cfg.hidden_size, bits=cfg.quant.get(prefix + "down_proj"))
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
@@ -119,11 +140,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, i: int):
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
-        self.self_attn = LlamaAttention(cfg)
+        self.self_attn = LlamaAttention(cfg, f"layers.{i}.self_attn.")
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = LlamaMLP(cfg, f"layers.{i}.mlp.")
 
     def forward(self, x, kv, rope, layer_id):
         x = x + self.self_attn(self.input_layernorm(x), kv, rope, layer_id)
@@ -133,9 +154,9 @@ class LlamaLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         self.cfg = cfg
-        self.layers = nn.ModuleList([LlamaLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([LlamaLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
-        self.lm_head = PackedLinear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = PackedLinear(cfg.hidden_size, cfg.vocab_size, bits=cfg.quant.get("lm_head"))
         if not cfg.tie_word_embeddings:
             self.embed_tokens = nn.Parameter((cfg.vocab_size, cfg.hidden_size), "float32")
         self.rope_inv_freq = nn.Parameter((cfg.head_dim // 2,), "float32")
@@ -145,7 +166,7 @@ class LlamaForCausalLM(nn.Module):
             return _take_rows(self.embed_tokens, ids)
 
         # Rows of W^T read from the packed head: fused into one gather, the table is not unpacked.
-        wp = self.lm_head.weight
+        wp = self.lm_head.packed()
         table = op.reshape(op.permute_dims(wp, [0, 2, 1]), (wp.shape[0] * PANEL, wp.shape[1]))
         return _take_rows(table, ids)
 

@@ -41,9 +41,11 @@ def loaded(tiny_llamas):
     return {name: (fx, load_decoder(art, context=256, max_batch=4)) for name, (fx, art) in tiny_llamas.items()}
 
 
-@pytest.mark.parametrize("config", ["gqa_tied", "untied_mha", "llama3_scaling"])
+@pytest.mark.parametrize("config", ["gqa_tied", "untied_mha", "llama3_scaling", "q4_1_gqa", "q4_0_untied", "q8_0_gqa"])
 @pytest.mark.parametrize("prompt", list(PROMPTS))
 def test_greedy_matches_transformers(loaded, config, prompt):
+    """fp32 files run fp32 kernels; Q4_0/Q4_1/Q8_0 files keep their quantization (weight-only
+    kernels dequantize in the inner loop) and must still match transformers on the file's values."""
     fx, model = loaded[config]
     ref = hf_model(fx["config"], fx["state_dict"])
     want_toks, want_logits = greedy(ref, PROMPTS[prompt], N_NEW)
@@ -126,3 +128,15 @@ def test_every_weight_type_reads_back_exactly(smollm2_gguf, tmp_path, weight_typ
         if name == "lm_head.weight":
             continue  # tied: the embedding
         np.testing.assert_array_equal(ours[name], want, err_msg=name)
+
+
+def test_quantized_files_stay_quantized(tiny_llamas):
+    """Q4_x/Q8_0 matrices are repacked, never expanded to fp32: the artifact's weights are a
+    fraction of the fp32 ones and the manifest says so."""
+    from edge.artifact.reader import Artifact
+
+    size = {name: Artifact.open(art).manifest.decoder.weight_bytes for name, (_, art) in tiny_llamas.items()}
+    m = Artifact.open(tiny_llamas["q4_1_gqa"][1]).manifest
+    assert m.precision == "wq4/q8" and m.quantization["layers"] == {"q4": 8, "q8": 1}
+    assert Artifact.open(tiny_llamas["q8_0_gqa"][1]).manifest.precision == "wq8"
+    assert size["q4_1_gqa"] < 0.35 * size["gqa_tied"] and size["q8_0_gqa"] < 0.35 * size["gqa_tied"]
