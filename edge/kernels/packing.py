@@ -120,18 +120,8 @@ def rewrite_packed_dense(mod, rows: int):
             x_sinfo = call.args[0].ty
             if not isinstance(x_sinfo, relax.TensorType) or x_sinfo.dtype != "float32" or x_sinfo.ndim < 2:
                 return None
-            reshape = self.lookup_binding(call.args[1])
-            if not (isinstance(reshape, relax.Call) and getattr(reshape.op, "name", "") == "relax.reshape"):
-                return None
-            perm = reshape.args[0]
-            if isinstance(perm, relax.Var):
-                perm = self.lookup_binding(perm)
-            if not (isinstance(perm, relax.Call) and getattr(perm.op, "name", "") == "relax.permute_dims"):
-                return None
-            if [int(a) for a in perm.attrs.axes] != [1, 0, 2]:
-                return None
-            wp = perm.args[0]
-            if not isinstance(wp, relax.Var) or wp.ty.ndim != 3:
+            wp = unpacked_from(self, call.args[1], [1, 0, 2])
+            if wp is None or wp.ty.ndim != 3:
                 return None
             return wp
 
@@ -180,6 +170,24 @@ def gather_quant_compute(wq, scale, zero, ids):
     return te.compute((*ids.shape, k_dim), body, name="edgejit_gather_quant")
 
 
+def unpacked_from(mutator, var, axes: list[int]):
+    """The packed weight Wp when `var` is bound to reshape(permute_dims(Wp, axes)) (how models
+    write a packed weight's unpacking), else None."""
+    from tvm import relax
+
+    reshape = mutator.lookup_binding(var) if isinstance(var, relax.Var) else None
+    if not (isinstance(reshape, relax.Call) and getattr(reshape.op, "name", "") == "relax.reshape"):
+        return None
+    perm = reshape.args[0]
+    if isinstance(perm, relax.Var):
+        perm = mutator.lookup_binding(perm)
+    if not (isinstance(perm, relax.Call) and getattr(perm.op, "name", "") == "relax.permute_dims"):
+        return None
+    if [int(a) for a in perm.attrs.axes] != axes or not isinstance(perm.args[0], relax.Var):
+        return None
+    return perm.args[0]
+
+
 def dequant_args(mutator, var):
     """(codes, scale, zero) when `var` is bound to the model's dequantize call, else None."""
     import tvm
@@ -210,21 +218,13 @@ def rewrite_packed_gather(mod):
             call = self.visit_expr_post_order(call)
             if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.take" or int(call.attrs.axis) != 0:
                 return call
-            table = call.args[0]
-            reshape = self.lookup_binding(table) if isinstance(table, relax.Var) else None
-            if not (isinstance(reshape, relax.Call) and getattr(reshape.op, "name", "") == "relax.reshape"):
+            wp = unpacked_from(self, call.args[0], [0, 2, 1])
+            if wp is None:
                 return call
-            perm = reshape.args[0]
-            if isinstance(perm, relax.Var):
-                perm = self.lookup_binding(perm)
-            if not (isinstance(perm, relax.Call) and getattr(perm.op, "name", "") == "relax.permute_dims"):
-                return call
-            if [int(a) for a in perm.attrs.axes] != [0, 2, 1] or not isinstance(perm.args[0], relax.Var):
-                return call
-            quant = dequant_args(self, perm.args[0])
+            quant = dequant_args(self, wp)
             if quant is not None:
                 return self.builder_.call_te(gather_quant_compute, *quant, call.args[1], primfunc_name_hint="gather_quant")
-            return self.builder_.call_te(gather_compute, perm.args[0], call.args[1], primfunc_name_hint="gather_packed")
+            return self.builder_.call_te(gather_compute, wp, call.args[1], primfunc_name_hint="gather_packed")
 
     rewriter = _Rewriter(mod)
     for gv, func in mod.functions_items():

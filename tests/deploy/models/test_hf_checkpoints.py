@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests.fixtures.hf_checkpoints import write_checkpoint, write_gguf
+from tests.fixtures.decoding import greedy_decode
 from tests.fixtures.hf_reference import greedy
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -69,17 +70,7 @@ def loaded(hf_checkpoints):
 
 
 def _ours_greedy(model, prompt, n_new):
-    dec = model.decoder
-    dec.add_sequence(0)
-    try:
-        logits = [dec.prefill([0], [prompt])[0]]
-        toks = [int(np.argmax(logits[-1]))]
-        for _ in range(n_new - 1):
-            logits.append(dec.decode([0], [toks[-1]])[0])
-            toks.append(int(np.argmax(logits[-1])))
-    finally:
-        dec.remove_sequence(0)
-    return toks, np.stack(logits)
+    return greedy_decode(model.decoder, prompt, n_new)
 
 
 _REF = {}

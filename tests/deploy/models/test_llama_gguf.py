@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.fixtures.gguf_llama import WEIGHT_TYPES, K_QUANTS, write_llama_gguf
+from tests.fixtures.decoding import greedy_decode
 from tests.fixtures.hf_reference import greedy, hf_model
 
 N_NEW = 32
@@ -21,17 +22,7 @@ LOGIT_TOL = 2e-3  # |ours - transformers| relative to max |logit|, over every st
 
 
 def _ours_greedy(loaded, prompt, n_new, seq_id=0):
-    dec = loaded.decoder
-    dec.add_sequence(seq_id)
-    try:
-        logits = [dec.prefill([seq_id], [prompt])[0]]
-        toks = [int(np.argmax(logits[-1]))]
-        for _ in range(n_new - 1):
-            logits.append(dec.decode([seq_id], [toks[-1]])[0])
-            toks.append(int(np.argmax(logits[-1])))
-    finally:
-        dec.remove_sequence(seq_id)
-    return toks, np.stack(logits)
+    return greedy_decode(loaded.decoder, prompt, n_new, seq_id)
 
 
 @pytest.fixture(scope="module")

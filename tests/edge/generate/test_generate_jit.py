@@ -8,22 +8,13 @@ import numpy as np
 import pytest
 
 from edge.jit.policy import JitPolicy
+from tests.fixtures.decoding import greedy_decode
 
 PROMPT = [504, 3575, 282, 4649, 314]
 
 
 def _greedy(gen, n=12):
-    dec = gen.model.decoder
-    dec.add_sequence(0)
-    try:
-        logits = [dec.prefill([0], [PROMPT])[0]]
-        toks = [int(np.argmax(logits[-1]))]
-        for _ in range(n - 1):
-            logits.append(dec.decode([0], [toks[-1]])[0])
-            toks.append(int(np.argmax(logits[-1])))
-    finally:
-        dec.remove_sequence(0)
-    return toks, np.stack(logits)
+    return greedy_decode(gen.model.decoder, PROMPT, n)
 
 
 @pytest.mark.parametrize("isolate", [True, False])

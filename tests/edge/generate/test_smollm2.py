@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.fixtures.decoding import greedy_decode
 from tests.fixtures.hf_reference import greedy, load_gguf_model, load_gguf_tokenizer, teacher_forced_logits
 
 pytestmark = pytest.mark.slow
@@ -57,17 +58,8 @@ def test_greedy_matches_transformers(gen, reference, prompt):
     model, hf_tok = reference
     ids = _prompts(gen, hf_tok)[0][prompt]
     want, want_logits = greedy(model, ids, N_NEW)
-    dec = gen.model.decoder
-    dec.add_sequence(99)
-    try:
-        logits = [dec.prefill([99], [ids])[0]]
-        toks = [int(np.argmax(logits[-1]))]
-        for _ in range(N_NEW - 1):
-            logits.append(dec.decode([99], [toks[-1]])[0])
-            toks.append(int(np.argmax(logits[-1])))
-    finally:
-        dec.remove_sequence(99)
-    err = np.abs(np.stack(logits) - want_logits).max() / np.abs(want_logits).max()
+    toks, logits = greedy_decode(gen.model.decoder, ids, N_NEW, seq_id=99)
+    err = np.abs(logits - want_logits).max() / np.abs(want_logits).max()
     assert err < 2e-3, f"logits differ by {err:.2e} of scale"
     assert toks == want
 
