@@ -3,6 +3,7 @@ that a typo is a one-line error at startup, not a surprise at the first request.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class ServerConfig:
     request_timeout_s: float = 60.0  # waiting + running; then 503 (the work still finishes)
     max_connections: int = 64  # open client connections; beyond that, 503 and close
     idle_timeout_s: float = 30.0  # an idle keep-alive connection is closed after this
+    read_timeout_s: float = 15.0  # the whole request (head and body) must arrive within this; then 408
     drain_timeout_s: float = 30.0  # on shutdown, how long in-flight requests may take
     admin_token: str = ""  # if set, /reload needs "Authorization: Bearer <token>"
 
@@ -106,18 +108,12 @@ def parse_config(data: dict, *, base: Path, path: Path | None = None) -> DaemonC
     server = _section(data, "server", ServerConfig, where)
     if not 0 <= server.port <= 65535:
         raise ConfigError(f"{where}: [server] port {server.port} is not a TCP port")
-    for key in ("workers", "max_connections", "max_batch"):
-        if getattr(server, key) < 1:
-            raise ConfigError(f"{where}: [server] {key} must be >= 1")
-    if server.queue < 0 or server.max_body_mb <= 0:
-        raise ConfigError(f"{where}: [server] queue must be >= 0 and max_body_mb > 0")
+    if not server.host.strip():
+        raise ConfigError(f"{where}: [server] host must not be empty")
+    _ranges(server, "server", where)
 
     generation = _section(data, "generation", GenerationConfig, where)
-    for key in ("max_seqs", "max_queue"):
-        if getattr(generation, key) < 1:
-            raise ConfigError(f"{where}: [generation] {key} must be >= 1")
-    if generation.request_timeout_s <= 0 or generation.context < 0 or generation.prefill_chunk < 0:
-        raise ConfigError(f"{where}: [generation] request_timeout_s must be > 0, context and prefill_chunk >= 0")
+    _ranges(generation, "generation", where)
 
     telemetry = _telemetry(data.get("telemetry"), resolve, where)
 
@@ -147,9 +143,13 @@ def parse_config(data: dict, *, base: Path, path: Path | None = None) -> DaemonC
     threads = runtime.get("threads", 0)
     if not isinstance(threads, int) or threads < 0:
         raise ConfigError(f"{where}: [runtime] threads must be an integer >= 0")
+    if isinstance(threads, bool):
+        raise ConfigError(f"{where}: [runtime] threads must be an integer >= 0")
     keys = runtime.get("trusted_keys", [])
     if isinstance(keys, str):
         keys = [keys]
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
+        raise ConfigError(f"{where}: [runtime] trusted_keys must be a path or a list of paths, got {keys!r}")
     return DaemonConfig(
         path=path,
         models=tuple(models),
@@ -164,6 +164,33 @@ def parse_config(data: dict, *, base: Path, path: Path | None = None) -> DaemonC
         allow_unsigned=allow_unsigned,
         log_level=level,
     )
+
+
+# (minimum, minimum included, maximum) of every number in [server] and [generation]: checked at
+# load time so that a value that would misbehave at the first request (0 or inf timeouts, a
+# negative queue) is a one-line error at startup naming the key.
+_LIMIT = 1e6  # seconds, MiB, counts: far beyond any sensible setting, within what sockets and ints take
+_RANGES = {
+    "server": {
+        "max_body_mb": (0, False, _LIMIT), "max_batch": (1, True, _LIMIT), "workers": (1, True, 4096),
+        "queue": (0, True, _LIMIT), "request_timeout_s": (0, False, _LIMIT), "max_connections": (1, True, 65536),
+        "idle_timeout_s": (0, False, _LIMIT), "read_timeout_s": (0, False, _LIMIT), "drain_timeout_s": (0, True, _LIMIT),
+    },
+    "generation": {
+        "max_seqs": (1, True, 4096), "max_queue": (1, True, _LIMIT), "request_timeout_s": (0, False, _LIMIT),
+        "context": (0, True, 1 << 24), "prefill_chunk": (0, True, 1 << 24),
+    },
+}
+
+
+def _ranges(obj, section: str, where: str) -> None:
+    for key, (lo, inclusive, hi) in _RANGES[section].items():
+        v = getattr(obj, key)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{where}: [{section}] {key} must be a finite number, got {v!r}")
+        if v < lo or (v == lo and not inclusive) or v > hi:
+            bound = f">= {lo}" if inclusive else f"> {lo}"
+            raise ConfigError(f"{where}: [{section}] {key} must be {bound} and <= {hi:g}, got {v!r}")
 
 
 def _telemetry(tel, resolve, where: str) -> dict | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 import zipfile
@@ -132,3 +133,46 @@ def test_unsigned_artifacts_need_explicit_permission(tiny_artifact, tmp_path):
         Daemon(cfg)
     with pytest.raises(ConfigError, match="allow_unsigned must be true or false"):
         parse_config({"runtime": {"allow_unsigned": "yes"}}, base=tmp_path)
+
+
+# -- issue 20, case 6: every value checked at load time, one line naming the key ------------------
+@pytest.mark.parametrize("text, message", [
+    ('[server]\nmax_body_mb = inf\n', "max_body_mb must be a finite number"),
+    ('[server]\nmax_body_mb = nan\n', "max_body_mb must be a finite number"),
+    ('[server]\nmax_body_mb = 0\n', "max_body_mb must be > 0"),
+    ('[server]\nidle_timeout_s = 0.0\n', "idle_timeout_s must be > 0"),
+    ('[server]\nidle_timeout_s = -inf\n', "idle_timeout_s must be a finite number"),
+    ('[server]\nrequest_timeout_s = -1.0\n', "request_timeout_s must be > 0"),
+    ('[server]\nrequest_timeout_s = 1e300\n', "request_timeout_s must be > 0 and <= 1e+06"),
+    ('[server]\nread_timeout_s = 0\n', "read_timeout_s must be > 0"),
+    ('[server]\ndrain_timeout_s = -1\n', "drain_timeout_s must be >= 0"),
+    ('[server]\nqueue = -1\n', "queue must be >= 0"),
+    ('[server]\nmax_connections = 0\n', "max_connections must be >= 1"),
+    ('[server]\nmax_batch = 0\n', "max_batch must be >= 1"),
+    ('[server]\nhost = ""\n', "host must not be empty"),
+    ('[server]\nidle_timeout_s = "30"\n', "'idle_timeout_s' should be a float"),
+    ('[server]\nworkers = true\n', "'workers' should be a int"),
+    ('[generation]\nrequest_timeout_s = nan\n', "request_timeout_s must be a finite number"),
+    ('[generation]\ncontext = -1\n', "context must be >= 0"),
+    ('[generation]\nprefill_chunk = -5\n', "prefill_chunk must be >= 0"),
+    ('[runtime]\ntrusted_keys = 5\n', "trusted_keys must be a path or a list of paths"),
+    ('[runtime]\ntrusted_keys = ["a", 5]\n', "trusted_keys must be a path or a list of paths"),
+    ('[runtime]\nthreads = -1\n', "threads must be an integer >= 0"),
+    ('[runtime]\nthreads = true\n', "threads must be an integer >= 0"),
+])
+def test_every_config_value_is_checked_at_load(tmp_path, text, message):
+    (tmp_path / "d.toml").write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)) as e:
+        load_config(tmp_path / "d.toml")
+    assert "\n" not in str(e.value)
+
+
+def test_daemon_with_a_bad_config_value_exits_with_one_line(tmp_path):
+    """The real `edgejit daemon` process: exit 1, one line naming the key, no traceback."""
+    for text, key in [('[server]\nmax_body_mb = inf\n', "max_body_mb"), ('[runtime]\ntrusted_keys = 5\n', "trusted_keys"),
+                      ('[server]\nidle_timeout_s = 0.0\n', "idle_timeout_s")]:
+        (tmp_path / "d.toml").write_text('[[models]]\nname = "m"\nartifact = "x"\n' + text)
+        r = subprocess.run([sys.executable, "-m", "edge.cli", "daemon", "--config", str(tmp_path / "d.toml")],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert key in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
