@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import shutil
 import tempfile
 import threading
@@ -26,6 +28,54 @@ from edge.jit.cache import VariantCache, cache_key, default_cache_dir, default_s
 from edge.jit.policy import JitPolicy, resolve
 
 log = logging.getLogger("edgejit.jit")
+
+# Work directories are named edgejit-jit-<pid>-<random> (in the temp directory): those of a process
+# that is gone (killed mid-compile) are removed by the next process that starts a specializer.
+SCRATCH_PREFIX = "edgejit-jit-"
+_SCRATCH_RE = re.compile(r"^edgejit-jit-(\d+)-[^/]+$")
+_cleaned = False
+_clean_lock = threading.Lock()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale_scratch(tmp: str | Path | None = None, *, force: bool = False) -> list[Path]:
+    """Remove the JIT work directories left by processes that no longer run (once per process
+    unless forced); directories of live processes (and unnamed ones) are left alone."""
+    global _cleaned
+    with _clean_lock:
+        if _cleaned and not force:
+            return []
+        _cleaned = True
+    removed = []
+    root = Path(tmp or tempfile.gettempdir())
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return removed
+    for d in entries:
+        m = _SCRATCH_RE.match(d.name)
+        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            if not d.is_dir() or d.is_symlink() or d.stat().st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        if not d.exists():
+            removed.append(d)
+    if removed:
+        log.info("removed %d JIT work director%s left by stopped processes", len(removed), "y" if len(removed) == 1 else "ies")
+    return removed
 
 
 @dataclass
@@ -83,7 +133,8 @@ class Specializer:
         self._pool = ThreadPoolExecutor(self.policy.max_concurrent_compiles, thread_name_prefix="edgejit-jit")
         self._closed = False
         self._relax_mod = None
-        self._scratch = Path(tempfile.mkdtemp(prefix="edgejit-jit-"))
+        clean_stale_scratch()
+        self._scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
         self._workers: set = set()  # compile worker processes running now
         self.tuning = self._load_tuning()
         self._load_profile()

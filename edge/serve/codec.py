@@ -93,10 +93,48 @@ def _decode_npz(body: bytes, max_bytes: int) -> dict[str, np.ndarray]:
         raise BadRequest(f"malformed npz body: {e}") from None
     if total > max_bytes:
         raise BadRequest(f"npz body expands to {total} bytes, more than the limit of {max_bytes}", status=413)
+    _check_npy_headers(body, max_bytes)
     try:
         with np.load(io.BytesIO(body), allow_pickle=False) as z:
             return {name: z[name] for name in z.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
+        raise BadRequest(f"malformed npz body: {e}") from None
+
+
+def _check_npy_headers(body: bytes, max_bytes: int) -> None:
+    """What each array's .npy header claims (dtype x shape) is bounded and matches the bytes that
+    follow it, before numpy allocates anything for it: a header claiming (1, 2**40) is a 413."""
+    fmt = np.lib.format
+    claimed = 0
+    try:
+        with zipfile.ZipFile(io.BytesIO(body)) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                name = info.filename[:-4]
+                with z.open(info) as f:
+                    version = fmt.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = fmt.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, _, dtype = fmt.read_array_header_2_0(f)
+                    else:
+                        raise BadRequest(f"malformed npz body: array '{name}': .npy format version {version} is not supported")
+                    offset = f.tell()
+                if dtype.hasobject:
+                    raise BadRequest(f"malformed npz body: array '{name}' holds Python objects (not allowed)")
+                count = math.prod(int(d) for d in shape)
+                nbytes = count * dtype.itemsize
+                claimed += nbytes
+                if claimed > max_bytes:
+                    raise BadRequest(f"npz array '{name}' claims shape {tuple(shape)} of {dtype} ({nbytes} bytes): "
+                                     f"more than the limit of {max_bytes} bytes", status=413)
+                if nbytes != info.file_size - offset:
+                    raise BadRequest(f"malformed npz body: array '{name}' has {info.file_size - offset} bytes of data, "
+                                     f"its header claims {nbytes} (shape {tuple(shape)} of {dtype})")
+    except BadRequest:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, TypeError, OverflowError) as e:
         raise BadRequest(f"malformed npz body: {e}") from None
 
 

@@ -17,9 +17,11 @@ on the OpenAI endpoints it is OpenAI's {"error": {"message", "type", "param", "c
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
+import socket
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -50,6 +52,65 @@ class HttpError(EdgeJitError):
 class Saturated(HttpError):
     def __init__(self, message: str):
         super().__init__(503, message, {"Retry-After": "1"})
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The connection's read side, with two clocks: while it waits for a request's first byte, an
+    idle timeout (keep-alive); from that byte on, a deadline for the whole request head and body,
+    however slowly it trickles in (a client sending a byte every few seconds is cut off all the
+    same). Writes keep the idle timeout."""
+
+    def __init__(self, sock, idle_s: float, read_s: float):
+        self.sock, self.idle_s, self.read_s = sock, idle_s, read_s
+        self.deadline: float | None = None  # None: waiting for the next request
+        self.reading = True  # False once the request is read: reads then use the socket's timeout
+        self.expired = False
+        self.got_bytes = False
+
+    def readable(self) -> bool:
+        return True
+
+    def next_request(self) -> None:
+        self.deadline, self.reading, self.expired, self.got_bytes = None, True, False, False
+        self.sock.settimeout(self.idle_s)
+
+    def request_read(self) -> None:
+        """The request is read: what follows (the reply) is not under the read deadline."""
+        self.reading = False
+        self.sock.settimeout(self.idle_s)
+
+    def readinto(self, b) -> int:
+        if not self.reading:
+            return self.sock.recv_into(b)
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                self.expired = True
+                raise TimeoutError("the request was not received in time")
+            self.sock.settimeout(min(self.idle_s, left))
+        try:
+            n = self.sock.recv_into(b)
+        except TimeoutError:
+            self.expired = self.got_bytes
+            raise
+        finally:
+            self.sock.settimeout(self.idle_s)
+        if n:
+            self.got_bytes = True
+            if self.deadline is None:
+                self.deadline = time.monotonic() + self.read_s
+        return n
+
+
+def _allowed(path: str) -> str:
+    """The methods a path takes (the Allow header of a 405)."""
+    path = urlsplit(path or "/").path
+    if path.rstrip("/") in OPENAI_PATHS:
+        return "POST"
+    m = MODEL_PATH.match(path)
+    if m and m.group(2):
+        return "POST"
+    return "GET, HEAD"
 
 
 class Server(ThreadingHTTPServer):
@@ -118,8 +179,59 @@ class Handler(BaseHTTPRequestHandler):
         return self.server_version
 
     def setup(self):
-        self.timeout = self.server.service.cfg.server.idle_timeout_s  # idle keep-alive / slow clients
+        srv = self.server.service.cfg.server
+        self.timeout = srv.idle_timeout_s  # idle keep-alive / slow clients
         super().setup()
+        self._reader = _DeadlineReader(self.connection, srv.idle_timeout_s, srv.read_timeout_s)
+        self.rfile = io.BufferedReader(self._reader, 1 << 16)
+
+    def handle_one_request(self):
+        """http.server's, with a deadline on reading the request and JSON answers for what it
+        refuses (a request head too slow, too long or malformed; an unknown method)."""
+        self._reader.next_request()
+        self._responded = False
+        self.request_version, self.command, self.path, self.requestline = "HTTP/1.1", "", "", ""
+        try:
+            super().handle_one_request()
+        except TimeoutError:
+            self.close_connection = True
+        except (ConnectionError, ValueError):  # the client went away (ValueError: I/O on a closed file)
+            self.close_connection = True
+            access_log.debug("%s: connection closed by the client", self.client_address[0])
+            return
+        if self._reader.expired and not self._responded:
+            self.close_connection = True
+            self.service.metrics.count_rejected("read_timeout")
+            try:
+                self._raw_error(408, f"the request was not received within {self.service.cfg.server.read_timeout_s:g}s ([server] read_timeout_s)")
+            except OSError:
+                pass
+
+    def _raw_error(self, status: int, message: str, headers: dict | None = None) -> None:
+        """A JSON error written directly (the request may not have been parsed)."""
+        from http import HTTPStatus
+
+        body = (json.dumps({"error": message, "status": status}) + "\n").encode()
+        reason = HTTPStatus(status).phrase
+        head = [f"HTTP/1.1 {status} {reason}", f"Server: {self.server_version}", "Content-Type: application/json",
+                f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in (headers or {}).items()), "Connection: close"]
+        self._responded = True
+        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        self.wfile.flush()
+        access_log.info("%s -> %d: %s", self.client_address[0], status, message)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a bad request line, headers too long, an unknown method) as
+        JSON errors like every other; an unknown method is a 405 with Allow."""
+        self.close_connection = True
+        headers = None
+        if code == 501:  # a method no endpoint takes
+            code, headers = 405, {"Allow": _allowed(self.path)}
+            message = f"method {self.command} not allowed on {urlsplit(self.path or '/').path} (use {headers['Allow']})"
+        try:
+            self._raw_error(code, message or "bad request", headers)
+        except OSError:
+            pass
 
     @property
     def service(self):
@@ -149,6 +261,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         self._dispatch("GET")
 
+    def do_HEAD(self):
+        self._dispatch("HEAD")
+
     def do_POST(self):
         self._dispatch("POST")
 
@@ -159,6 +274,13 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
     def _dispatch(self, method: str) -> None:
+        try:
+            self._dispatch1(method)
+        except (ConnectionError, TimeoutError, ValueError) as e:  # the client went away / stopped reading
+            self.close_connection = True
+            access_log.debug("%s: %s %s: connection lost (%s)", self.client_address[0], method, self.path, type(e).__name__)
+
+    def _dispatch1(self, method: str) -> None:
         start = time.perf_counter()
         path = urlsplit(self.path).path
         model, endpoint, status = "", path, 500
@@ -176,15 +298,15 @@ class Handler(BaseHTTPRequestHandler):
                 model, action = unquote(m.group(1)), m.group(2) or "info"
                 endpoint = action
                 allowed = "POST" if action in ("infer", "reload") else "GET"
-                if method != allowed:
+                if method != allowed and not (method == "HEAD" and allowed == "GET"):
                     self._drain_body()
-                    raise HttpError(405, f"{path}: use {allowed}", {"Allow": allowed})
+                    raise HttpError(405, f"{path}: use {allowed}", {"Allow": allowed if allowed == "POST" else "GET, HEAD"})
                 status = {"infer": self._infer, "reload": self._reload, "info": self._model_info}[action](model)
             elif path in ("/health", "/metrics", "/v1/models", "/"):
                 endpoint = path
-                if method != "GET":
+                if method not in ("GET", "HEAD"):
                     self._drain_body()
-                    raise HttpError(405, f"{path}: use GET", {"Allow": "GET"})
+                    raise HttpError(405, f"{path}: use GET", {"Allow": "GET, HEAD"})
                 status = {"/health": self._health, "/metrics": self._metrics, "/v1/models": self._models, "/": self._models}[path]()
             else:
                 endpoint = "other"  # never a label per client-chosen path
@@ -204,7 +326,7 @@ class Handler(BaseHTTPRequestHandler):
             status = self._error(503, str(e), {"Retry-After": "5"}, code="model_unavailable")
         except ArtifactError as e:
             status = self._error(422, str(e))
-        except (BrokenPipeError, ConnectionResetError):
+        except (ConnectionError, TimeoutError):  # the client went away (or stopped reading the reply)
             self.close_connection = True
             status = 499
         except Exception as e:  # a bug: report it, keep serving
@@ -235,11 +357,19 @@ class Handler(BaseHTTPRequestHandler):
         if n > limit:
             self.close_connection = True  # the body is not read: the connection cannot be reused
             self._unread = n
+            self._reader.request_read()
             raise HttpError(413, f"request body of {n} bytes is over the limit of {limit} bytes (send large tensors as .npz, or raise [server] max_body_mb)")
-        body = self.rfile.read(n)
+        try:
+            body = self.rfile.read(n)
+        except TimeoutError:
+            self.close_connection = True
+            self._reader.request_read()
+            raise HttpError(408, f"request body not received in time ({n} bytes announced by Content-Length; "
+                                 f"[server] read_timeout_s = {self.service.cfg.server.read_timeout_s:g})") from None
+        self._reader.request_read()
         if len(body) != n:
             self.close_connection = True
-            raise HttpError(400, "request body shorter than its Content-Length")
+            raise HttpError(400, f"request body shorter than its Content-Length ({len(body)} of {n} bytes)")
         return body
 
     def _drain_body(self) -> None:
@@ -258,7 +388,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self._responded = True
         return status
 
     def _json(self, status: int, doc, headers: dict | None = None) -> int:
@@ -309,10 +441,7 @@ class Handler(BaseHTTPRequestHandler):
             accept = content_type or codec.JSON  # answer in the request's encoding
         future, ticket = svc.submit(slot.name, body, content_type, accept)
         try:
-            try:
-                payload, media, info = future.result(timeout=svc.cfg.server.request_timeout_s)
-            except FutureTimeout:
-                raise HttpError(503, f"request took longer than {svc.cfg.server.request_timeout_s:g}s (server busy)", {"Retry-After": "5"}) from None
+            payload, media, info = self._wait(future, ticket, svc.cfg.server.request_timeout_s)
             svc.metrics.observe_request(name, time.perf_counter() - start)
             headers = {
                 "X-Edgejit-Model-Version": info["version"],
@@ -330,6 +459,34 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(503, str(e), {"Retry-After": "5"})
         finally:
             ticket.release()  # after the response is written: shutdown waits for it
+
+    def _wait(self, future, ticket, timeout: float):
+        """The inference's result; a client that hangs up meanwhile has its request cancelled
+        (dropped from the queue if it has not started) and gets no reply."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if future.cancel():
+                    ticket.release()  # the worker's share: it will not run
+                raise HttpError(503, f"request took longer than {timeout:g}s (server busy)", {"Retry-After": "5"})
+            try:
+                return future.result(timeout=min(left, 0.25))
+            except FutureTimeout:
+                pass
+            if self._client_gone():
+                if future.cancel():
+                    ticket.release()
+                raise ConnectionResetError("the client closed the connection before its reply")
+
+    def _client_gone(self) -> bool:
+        import select
+
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def _reload(self, name: str) -> int:
         svc = self.service
