@@ -12,7 +12,7 @@ from edge import machine
 from edge.artifact.reader import Artifact
 from edge.errors import ArtifactError
 from edge.runtime.module import CompiledModule
-from edge.runtime.signature import bind_inputs
+from edge.runtime.signature import bind_inputs, fill_defaults
 from edge.artifact.trust import Trust
 
 
@@ -21,7 +21,8 @@ class Runtime:
 
     `run(inputs)` takes a dict {input name: array} (or a list in signature order) with any
     sequence length from 1 to the model's maximum and any batch size, and returns the outputs
-    as a list of numpy arrays in signature order.
+    as a list of numpy arrays in signature order. Inputs left out of a dict are filled as the CLI
+    and the daemon fill them: attention masks with ones, token type ids with zeros.
 
     With `jit` set (a JitPolicy, or the name of a policy file in configs/), the runtime observes the
     sequence lengths it receives and compiles static-shape variants for the hot ones in the
@@ -76,6 +77,8 @@ class Runtime:
         return self.artifact.outputs
 
     def run(self, inputs) -> list[np.ndarray]:
+        if isinstance(inputs, dict):  # as the CLI and the daemon: a left-out mask is ones, token types zeros
+            inputs = fill_defaults(self.artifact.inputs, dict(inputs))
         arrays, dims = bind_inputs(self.artifact.inputs, inputs, self.artifact.manifest.dims)
         seq = dims.get(self.artifact.seq_dim)
         route = self.specializer.route(seq, dims) if self.specializer and seq is not None else None

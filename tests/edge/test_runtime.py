@@ -40,7 +40,7 @@ def test_list_inputs_in_signature_order(runtime):
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda x: x.update(bogus=x.pop("input_ids")), "unknown input 'bogus'"),
-    (lambda x: x.pop("attention_mask"), "missing input 'attention_mask'"),
+    (lambda x: x.pop("input_ids"), "missing input 'input_ids'"),
     (lambda x: x.update(input_ids=x["input_ids"].astype(np.int32)), "input 'input_ids': dtype int32, expected int64"),
     (lambda x: x.update(input_ids=x["input_ids"][0]), "input 'input_ids': rank 1"),
     (lambda x: x.update(attention_mask=x["attention_mask"][:, :3]), "dim 1 \\('seq'\\) is 3 but another input has 5"),
@@ -67,3 +67,29 @@ def test_concurrent_callers_get_their_own_results(runtime, reference):
 
     with ThreadPoolExecutor(4) as pool:
         assert max(pool.map(one, range(64))) < 1e-4
+
+
+def test_left_out_mask_is_filled_like_the_cli_and_daemon(runtime):
+    """Issue 20, case 10: one behaviour for edge.Runtime.run, `edgejit run` and the daemon."""
+    x = handmade.inputs(2, 5)
+    x["attention_mask"][:] = 1
+    np.testing.assert_array_equal(runtime.run({"input_ids": x["input_ids"]})[0], runtime.run(x)[0])
+
+
+def test_readme_python_snippet_runs(bert_artifact):
+    """The README's edge.Runtime snippet, as written, on a BERT artifact (which also takes
+    token_type_ids: left out in the snippet, filled with zeros)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "edge.Runtime(" in b]
+    assert '"model-host"' in snippet
+    rt_inputs = {s.name for s in edge.Runtime(bert_artifact).inputs}
+    assert "token_type_ids" in rt_inputs
+    ids = np.array([[1, 59, 88, 2]], dtype=np.int64)  # a tiny test vocabulary
+    scope = {"ids": ids, "mask": np.ones_like(ids)}
+    exec(compile(snippet.replace('"model-host"', repr(str(bert_artifact))), "README.md", "exec"), scope)
+    scope["rt"].close()
+    outputs = scope["outputs"]
+    assert outputs and outputs[0].shape[:2] == (1, 4) and np.isfinite(outputs[0]).all()
