@@ -101,6 +101,7 @@ class Trust:
     keys: dict = field(default_factory=dict)
     allow_unsigned: bool = False
     require_signature: bool | None = None  # None: required as soon as any key is configured
+    quiet: bool = False  # allow_unsigned asked for explicitly (e.g. `edgejit run --allow-unsigned`): log at info, not warning
 
     def __post_init__(self):
         if self.allow_unsigned and self.require_signature:
@@ -198,7 +199,8 @@ class Trust:
     def _warn_unchecked(self, artifact_dir: Path, unsigned: bool, kid: str = "") -> None:
         what = f"UNSIGNED artifact {artifact_dir}" if unsigned else f"artifact {artifact_dir} (signed by key {kid[:16]}…)"
         if self.allow_unsigned:
-            log.warning("loading %s without a signature check: unsigned artifacts are allowed (allow_unsigned)", what)
+            (log.info if self.quiet else log.warning)(
+                "loading %s without a signature check: unsigned artifacts are allowed (allow_unsigned)", what)
         else:
             log.warning(
                 "loading %s without a signature check: no trusted keys are configured "

@@ -21,6 +21,8 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--threads", type=int, help="worker threads (default: all cores)")
     p.add_argument("--trust", action="append", metavar="KEY", help="trusted public key file or directory: the artifact must be signed by one of them")
+    p.add_argument("--allow-unsigned", action="store_true",
+                   help="run an unsigned artifact without the warning on every call (signatures that are present are still checked)")
     p.add_argument("--save", metavar="DIR", help="write each output to DIR/NAME.npy")
 
 
@@ -49,7 +51,12 @@ def parse_inputs(specs, pairs: list[str]) -> dict[str, np.ndarray]:
 def main(args) -> int:
     from edge.runtime.runtime import Runtime
 
-    rt = Runtime(args.artifact, threads=args.threads, trust=args.trust)
+    trust = args.trust
+    if getattr(args, "allow_unsigned", False):
+        from edge.artifact.trust import Trust
+
+        trust = Trust(Trust.load(args.trust).keys, allow_unsigned=True, quiet=True)
+    rt = Runtime(args.artifact, threads=args.threads, trust=trust)
     inputs = parse_inputs(rt.inputs, args.input)
     outs = rt.run(inputs)
     for spec, out in zip(rt.outputs, outs):

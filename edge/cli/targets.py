@@ -17,7 +17,8 @@ def main(args) -> int:
         print(json.dumps({n: p.target for n, p in presets.items()}, indent=2))
         return 0
     best = host_preset(presets).name
-    width = max(map(len, presets))
+    width = max(map(len, [*presets, "PRESET"]))
+    print(f"{'PRESET':<{width}}  {'ARCH':<8} {'HERE':<9} DESCRIPTION")
     for name, p in presets.items():
         mark = "host" if name == best else ("runs here" if p.runs_here() else "")
         print(f"{name:<{width}}  {p.arch:<8} {mark:<9} {p.description}")

@@ -93,3 +93,30 @@ def test_readme_python_snippet_runs(bert_artifact):
     scope["rt"].close()
     outputs = scope["outputs"]
     assert outputs and outputs[0].shape[:2] == (1, 4) and np.isfinite(outputs[0]).all()
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, "-m", "edge.cli", *map(str, args)], capture_output=True, text=True, cwd=root, timeout=300)
+
+
+def test_targets_prints_a_header():
+    """Issue 20, case 13."""
+    r = _cli("targets")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].split() == ["PRESET", "ARCH", "HERE", "DESCRIPTION"]
+
+
+def test_run_allow_unsigned_does_not_warn(tiny_artifact):
+    """Issue 20, case 13: without --allow-unsigned an unsigned artifact is a warning on every call;
+    with it (the user asked), no warning."""
+    plain = _cli("run", tiny_artifact, "--input", "input_ids=[[1,2,3]]")
+    assert plain.returncode == 0 and "UNSIGNED" in plain.stderr, plain.stderr
+    quiet = _cli("run", tiny_artifact, "--allow-unsigned", "--input", "input_ids=[[1,2,3]]")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "UNSIGNED" not in quiet.stderr and "warning" not in quiet.stderr.lower(), quiet.stderr
+    assert quiet.stdout == plain.stdout
