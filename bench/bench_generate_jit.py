@@ -1,6 +1,6 @@
 """Benchmark: what JIT specialization buys for generation.
 
-Compiles the bundled SmolLM2-135M-Instruct (GGUF, fp32 weights) for this machine, then builds,
+Compiles the bundled SmolLM2-135M-Instruct (GGUF, weights kept quantized) for this machine, then builds,
 with the device JIT's own pipeline, static-shape variants of the module: decode with the batch
 (number of sequences decoded together) fixed at 1, 2 and 4, and prefill with the prompt chunk fixed
 at 32 and 128 tokens (one sequence). Each is timed against the generic module on the same KV cache,
@@ -106,7 +106,7 @@ def main() -> int:
     for threads, name, gm, vm_, tokens in rows:
         lines.append(f"| {threads} | {name} | {gm:.1f} | {vm_:.1f} | {gm / vm_:.2f}x | {tokens / vm_ * 1000:.0f} | {build_s[name]:.1f} |")
     body = (
-        "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32), context 64 tokens per sequence, medians of "
+        f"SmolLM2-135M-Instruct as the GGUF holds it ({loaded.artifact.manifest.precision}: weight-only kernels), context 64 tokens per sequence, medians of "
         f"{reps} interleaved runs (generic, variant, generic, ...). decode B=n: one decode step for n sequences; "
         "prefill n: a prompt chunk of n tokens for one sequence. Variants are built by the device JIT's "
         "pipeline (edge/runtime/pipeline.py) from the artifact's module.json with the shape bound.\n\n"

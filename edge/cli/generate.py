@@ -54,7 +54,7 @@ def open_generator(args):
 
 
 def add_arguments(p) -> None:
-    add_model_arguments(p, jit_default=False)
+    add_model_arguments(p, jit_default=True)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="a user message, sent through the model's chat template")
     src.add_argument("--raw-prompt", help="text given to the model as it is (no chat template)")
