@@ -80,6 +80,15 @@ def smollm2_artifact(smollm2_gguf, tmp_path_factory):
     return compile_decoder(smollm2_gguf, "host", tmp_path_factory.mktemp("smollm2_art") / "smollm2", context=1024, log=lambda *a: None)
 
 
+@pytest.fixture(scope="session")
+def smollm2_fp32_artifact(smollm2_gguf, tmp_path_factory):
+    """SmolLM2 compiled with --precision fp32 (every weight dequantized on the host)."""
+    from deploy.compiler.decoder import compile_decoder
+
+    return compile_decoder(smollm2_gguf, "host", tmp_path_factory.mktemp("smollm2_fp32") / "smollm2", context=512,
+                           precision="fp32", log=lambda *a: None)
+
+
 # name -> write_llama_gguf options: GQA with a tied head; an untied head (MHA); llama3 RoPE scaling
 TINY_LLAMAS = {
     "gqa_tied": dict(seed=1),

@@ -64,6 +64,20 @@ def test_greedy_matches_transformers(gen, reference, prompt):
     assert toks == want
 
 
+def test_fp32_compile_matches_transformers(smollm2_fp32_artifact, gen, reference):
+    """The same comparison with every weight dequantized to fp32 on the host (--precision fp32)."""
+    from edge.artifact.reader import Artifact
+    from edge.generate.loader import load_decoder
+
+    model, hf_tok = reference
+    assert Artifact.open(smollm2_fp32_artifact).manifest.precision == "fp32"
+    ids = _prompts(gen, hf_tok)[0]["chat"]
+    want, want_logits = greedy(model, ids, N_NEW)
+    toks, logits = greedy_decode(load_decoder(smollm2_fp32_artifact, context=512).decoder, ids, N_NEW)
+    assert np.abs(logits - want_logits).max() < 2e-3 * np.abs(want_logits).max()
+    assert toks == want
+
+
 def test_generator_streams_the_greedy_reply(gen, reference):
     """The Generator's text pieces join to the decoded greedy tokens; it stops at <|im_end|>."""
     model, hf_tok = reference
