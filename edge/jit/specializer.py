@@ -299,7 +299,8 @@ class Specializer:
                 nice=self.policy.compile_nice,
             )
             if not result.ok:
-                log.error("compile worker output for %s=%d:\n%s", self.artifact.seq_dim, length, result.error)
+                if not self._closed:  # a worker killed by close() was abandoned, not a compiler failure
+                    log.error("compile worker output for %s=%d:\n%s", self.artifact.seq_dim, length, result.error)
                 self._fail(length, st, result.reason or "compile worker failed")
                 return None
         else:
