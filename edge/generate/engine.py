@@ -314,9 +314,9 @@ class Engine:
             if tail:
                 req.out.put(tail)
         if req in self._running:
-            with self._cv:
+            with self._cv:  # stats() sums the decoder's sequence lengths under this lock
                 self._running.remove(req)
-            self.dec.remove_sequence(req.id)
+                self.dec.remove_sequence(req.id)
         if error is not None:
             req.out.put(error)
         self.counters["finished"] += 1
