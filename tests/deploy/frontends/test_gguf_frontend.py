@@ -6,14 +6,13 @@ the whole decode and never split a character."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
+from tests.fixtures.cli import compile_fails
+
 
 HARD = [
     "Hello 👋 world 🌍! Family: 👨‍👩‍👧‍👦, flags 🇫🇷🇮🇹, skin 👍🏽.",
@@ -82,11 +81,8 @@ def bad_files(tiny_gguf, tmp_path_factory):
 def test_compile_bad_gguf_fails_with_one_line(bad_files, case, tmp_path):
     path, extra, message = bad_files[case]
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "edge.cli", "compile", str(path), "-o", str(out), "--target", "host", *extra],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = compile_fails(path, out, *extra, message=message)
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1, r.stderr
-    assert lines and lines[-1].startswith("edgejit compile: error: ") and message in lines[-1], r.stderr
     assert "Traceback" not in r.stderr and r.stdout == "", r.stderr + r.stdout
     assert not out.exists()
     if case == "missing":

@@ -9,25 +9,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.fixtures.cli import compile_fails
 from tests.fixtures.hf_checkpoints import write_checkpoint, write_gguf
-from tests.fixtures.decoding import greedy_decode
+from tests.fixtures.decoding import LOGIT_TOL, N_NEW, PROMPTS, greedy_decode
 from tests.fixtures.hf_reference import greedy
 
-ROOT = Path(__file__).resolve().parents[3]
-N_NEW = 32
-PROMPTS = {  # token ids of real text (SmolLM2's vocabulary): plain text, code, a ChatML turn
-    "plain": [504, 3575, 282, 4649, 314],
-    "code": [1604, 3987, 46477, 24, 94, 727],
-    "chat": [1, 4093, 198, 1780, 314, 260, 31469, 6740, 281, 260, 905, 47, 2, 198, 1, 520, 9531, 198],
-}
-LOGIT_TOL = 2e-3  # |ours - transformers| relative to max |logit|, over every step
 LLAMA3 = dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
 
 # name -> (architecture, write_checkpoint options)
@@ -224,11 +215,7 @@ def bad_dirs(hf_checkpoints, tmp_path_factory):
 def test_compile_bad_checkpoint_fails_with_one_line(bad_dirs, case, tmp_path):
     path, extra, message = bad_dirs[case]
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "edge.cli", "compile", str(path), "-o", str(out), "--target", "host", *extra],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1, r.stderr
-    assert lines and lines[-1].startswith("edgejit compile: error: ") and message in lines[-1], r.stderr
+    r = compile_fails(path, out, *extra, message=message)
     # the context is checked once the model is read (its summary line is on stdout)
     assert "Traceback" not in r.stderr and (r.stdout == "" or case == "window"), r.stderr + r.stdout
     assert not out.exists()

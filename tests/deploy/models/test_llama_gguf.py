@@ -9,16 +9,9 @@ import numpy as np
 import pytest
 
 from tests.fixtures.gguf_llama import WEIGHT_TYPES, K_QUANTS, write_llama_gguf
-from tests.fixtures.decoding import greedy_decode
+from tests.fixtures.decoding import LOGIT_TOL, N_NEW, PROMPTS, greedy_decode
 from tests.fixtures.hf_reference import greedy, hf_model
 
-N_NEW = 32
-PROMPTS = {  # token ids of real text (SmolLM2's vocabulary): plain text, code, a ChatML turn
-    "plain": [504, 3575, 282, 4649, 314],
-    "code": [1604, 3987, 46477, 24, 94, 727],
-    "chat": [1, 4093, 198, 1780, 314, 260, 31469, 6740, 281, 260, 905, 47, 2, 198, 1, 520, 9531, 198],
-}
-LOGIT_TOL = 2e-3  # |ours - transformers| relative to max |logit|, over every step
 
 
 def _ours_greedy(loaded, prompt, n_new, seq_id=0):
