@@ -131,7 +131,11 @@ def _lane_rule(sch, target) -> bool:
         return False
     ndim = len(infos[-1].dom_kind())
     reductions = [b for b in infos if not b.is_injective()]
-    if not reductions or any(b.dom_kind().count("R") != 1 or b.dom_kind()[-1] != "R" or len(b.dom_kind()) != ndim for b in reductions):
+    # One static row (a decode step of one sequence): normalization dropped the output's unit row
+    # loops but keeps the reductions' unit row loop.
+    one_row = ndim == 1 and all(len(b.dom_kind()) == 2 for b in reductions)
+    if not reductions or any(b.dom_kind().count("R") != 1 or b.dom_kind()[-1] != "R"
+                             or len(b.dom_kind()) != (2 if one_row else ndim) for b in reductions):
         return False
     for b in reductions:
         k = sch.get_loops(b.block_rv)[-1]
@@ -147,8 +151,11 @@ def _lane_rule(sch, target) -> bool:
         partials.append(sch.rfactor(ki, factor_axis=0))
     last = infos[-1].block_rv
     *rows, col = sch.get_loops(last)
-    row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
-    sch.parallel(row)
+    if one_row:  # a unit row loop to compute the reductions under
+        row, col = sch.split(col, factors=[1, None])
+    else:
+        row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+        sch.parallel(row)
     if hasattr(sch.get(col).extent, "value") and int(sch.get(col).extent) % lanes == 0:
         _, lane = sch.split(col, factors=[None, lanes])
         sch.vectorize(lane)
