@@ -208,6 +208,10 @@ def compile_model(
                 accuracy_report["reference"] = "onnx.reference of the model with its int8 weights dequantized (fp32)"
         writer.write_text("module.json", module_json)
         writer.write_params(params)
+        tokenizer = model_path.with_name("tokenizer.json")
+        if tokenizer.is_file():  # the model's tokenizer beside it (edgejit example, HF exports): /v1/embeddings reads it
+            shutil.copyfile(tokenizer, writer.path("tokenizer.json"))
+            log(f"shipping {tokenizer} in the artifact (checksummed with the rest)")
         if tuning_doc is not None:
             writer.write_text(edge_tuning.FILE, json.dumps(tuning_doc) + "\n")
         manifest = Manifest(

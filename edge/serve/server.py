@@ -8,6 +8,7 @@
     GET  /metrics                       Prometheus text format
     POST /v1/chat/completions           OpenAI-compatible chat (decoder artifacts), streamed as SSE or not
     POST /v1/completions                OpenAI-compatible text completion
+    POST /v1/embeddings                 OpenAI-compatible embeddings (encoder artifacts with a tokenizer)
 
 Bounds: connections (beyond: 503 and close), body size (413 before reading it), requests waiting
 for an inference worker (beyond: 503 with Retry-After), generation requests waiting for a
@@ -30,7 +31,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from edge.errors import ArtifactError, EdgeJitError, InputError
-from edge.serve import codec
+from edge.serve import codec, embeddings
 from edge.serve.generation import ApiError, Reply, error_doc, sampling_params, stream_options
 from edge.serve.metrics import CONTENT_TYPE as METRICS_TYPE
 from edge.serve.registry import ModelNotFound, ModelUnavailable
@@ -39,7 +40,7 @@ log = logging.getLogger("edgejit.daemon")
 access_log = logging.getLogger("edgejit.daemon.access")
 
 MODEL_PATH = re.compile(r"^/v1/models/([^/]+)(?:/(infer|reload))?/?$")
-OPENAI_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+OPENAI_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings"}
 
 
 class HttpError(EdgeJitError):
@@ -293,7 +294,10 @@ class Handler(BaseHTTPRequestHandler):
                 if method != "POST":
                     self._drain_body()
                     raise HttpError(405, f"{path}: use POST", {"Allow": "POST"})
-                model, status = self._generate(OPENAI_PATHS[endpoint])
+                if endpoint == "/v1/embeddings":
+                    model, status = embeddings.serve(self)  # encoder artifacts (edge/serve/embeddings.py)
+                else:
+                    model, status = self._generate(OPENAI_PATHS[endpoint])
             elif m:
                 model, action = unquote(m.group(1)), m.group(2) or "info"
                 endpoint = action
