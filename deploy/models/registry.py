@@ -11,9 +11,10 @@ ARCHITECTURES = {
     "llama": "deploy.models.llama",
     "qwen2": "deploy.models.qwen2",
     "mistral": "deploy.models.mistral",
+    "gpt2": "deploy.models.gpt2",
 }
-GGUF = ("llama", "qwen2")  # general.architecture values (llama.cpp writes Mistral as llama)
-HF = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
+GGUF = ("llama", "qwen2", "gpt2")  # general.architecture values (llama.cpp writes Mistral as llama)
+HF = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral", "GPT2LMHeadModel": "gpt2"}
 
 
 def get(arch: str, *, source: str = "model"):

@@ -65,7 +65,7 @@ def _bad_files(tmp: Path, tiny: Path) -> dict:
         "not_gguf": (tmp / "notes.gguf", [], "notes.gguf is not a GGUF file"),
         "truncated": (tmp / "half.gguf", [], f"half.gguf is truncated: {len(data) // 2} bytes, but its tensors need {len(data)}"),
         "truncated_header": (tmp / "head.gguf", [], "head.gguf is truncated: the GGUF header"),
-        "architecture": (tmp / "mamba.gguf", [], "architecture 'mamba' is not supported (supported: llama, qwen2)"),
+        "architecture": (tmp / "mamba.gguf", [], "architecture 'mamba' is not supported (supported: llama, qwen2, gpt2)"),
         "quant_type": (tmp / "iq2.gguf", [], "tensor blk.0.attn_q.weight has quantization type IQ2_XXS, which edgejit does not read"),
         "missing": (tmp / "nowhere.gguf", [], "cannot read"),
         "onnx_option": (tiny, ["--precision", "int8"], "--precision applies to ONNX models, not to GGUF files"),

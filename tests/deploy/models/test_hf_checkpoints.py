@@ -193,7 +193,7 @@ def _bad_dirs(tmp: Path, good: Path) -> dict:
         "missing_shard": (copy("missing_shard", drop=[lost]), [], f"model.safetensors.index.json names shard {lost}, which is not in"),
         "architecture": (copy("gpt_neox", lambda c: c.update(architectures=["GPTNeoXForCausalLM"])), [],
                          "architecture 'GPTNeoXForCausalLM' is not supported (supported: LlamaForCausalLM, "
-                         "Qwen2ForCausalLM, MistralForCausalLM)"),
+                         "Qwen2ForCausalLM, MistralForCausalLM, GPT2LMHeadModel)"),
         "dtype": (copy("int8", lambda c: c.update(dtype="int8")), [],
                   "torch_dtype 'int8' is not supported (supported: float32, float16, bfloat16)"),
         "shape": (copy("shape", lambda c: c.update(intermediate_size=96)), [],
