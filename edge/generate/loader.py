@@ -13,6 +13,7 @@ from edge.errors import ArtifactError, EdgeJitError
 from edge.generate.chat_template import ChatTemplate
 from edge.generate.decoder import Decoder
 from edge.generate.tokenizer import Tokenizer
+from edge.runtime.module import load_library
 
 
 @dataclass
@@ -55,8 +56,6 @@ def load_decoder(artifact, *, context: int | None = None, threads: int | None = 
                  trust=None, jit=None, cache_dir=None, state_dir=None, listeners=()) -> LoadedDecoder:
     """Load a decoder artifact. With `jit` (a JitPolicy, a policy file, or "default"), decode steps
     are specialized by batch size in the background (edge/jit, docs/jit.md)."""
-    import tvm
-
     from edge import machine
 
     art = open_decoder_artifact(artifact, trust=trust)
@@ -67,7 +66,7 @@ def load_decoder(artifact, *, context: int | None = None, threads: int | None = 
     for name in (info.tokenizer.file, info.chat_template):
         if name and name not in art.manifest.files:
             raise ArtifactError(f"{art.path}: {name} is not listed (with its checksum) in the manifest")
-    lib = tvm.runtime.load_module(str(art.file("generic.so")))
+    lib = load_library(art.file("generic.so"))
     params = art.device_params()
     if len(params) != len(info.param_names):
         raise ArtifactError(f"{art.path}: params.npz has {len(params)} weights, the manifest names {len(info.param_names)}")

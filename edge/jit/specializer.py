@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -116,8 +117,11 @@ class Route:
 
 class Specializer:
     def __init__(self, runtime, jit, *, cache_dir=None, state_dir=None):
-        self.runtime = runtime
+        # What it needs of the runtime, not the runtime itself: no reference cycle, so a dropped
+        # runtime (and its weights and libraries) is freed at once, not at a later gc pass.
         self.artifact = runtime.artifact
+        self._params, self._threads = runtime._params, runtime.threads
+        self.listeners = runtime.listeners  # the runtime's list: listeners it adds later are seen
         self.policy: JitPolicy = resolve(jit)
         self.padding_safe = self.artifact.manifest.padding_safe
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
@@ -135,6 +139,7 @@ class Specializer:
         self._relax_mod = None
         clean_stale_scratch()
         self._scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
+        weakref.finalize(self, shutil.rmtree, self._scratch, True)  # a specializer dropped unclosed
         self._workers: set = set()  # compile worker processes running now
         self.tuning = self._load_tuning()
         self._load_profile()
@@ -272,7 +277,7 @@ class Specializer:
                     if path is None:
                         return
                 module = CompiledModule.load(
-                    path, self.runtime._params, kind="variant", bind=fields["bind"], threads=self.runtime.threads
+                    path, self._params, kind="variant", bind=fields["bind"], threads=self._threads
                 )
         except Exception as e:  # a broken variant must never break serving
             self._fail(length, st, f"{type(e).__name__}: {e}")
@@ -335,7 +340,7 @@ class Specializer:
 
     def _emit(self, event: str, length: int, **extra) -> None:
         payload = {"event": event, "bucket": length, **extra}
-        for listener in self.runtime.listeners:
+        for listener in self.listeners:
             on_jit = getattr(listener, "on_jit", None)
             if on_jit is not None:
                 try:
@@ -408,10 +413,13 @@ class Specializer:
 
     def close(self) -> None:
         """Stop specializing: queued compiles are dropped; a running one is abandoned (its worker
-        process is killed) and cleans up after itself."""
+        process is killed) and cleans up after itself. The variants are let go: each library is
+        unloaded once the last request running on it ends (requests hold their own reference)."""
         with self._lock:
             self._closed = True
             busy = any(s.state == "compiling" for s in self._states.values())
+            self._variants.clear()
+            self._relax_mod = None
         self._pool.shutdown(wait=False, cancel_futures=True)
         if busy and self.policy.isolate:
             # Kill the running compile: the process would otherwise wait for it at exit.

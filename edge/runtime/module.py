@@ -30,9 +30,7 @@ class CompiledModule:
 
     @classmethod
     def load(cls, so_path: Path, params, **kw) -> "CompiledModule":
-        import tvm
-
-        return cls(tvm.runtime.load_module(str(so_path)), params, **kw)
+        return cls(load_library(so_path), params, **kw)
 
     def vm(self):
         """This thread's VirtualMachine over the library (created on first use)."""
@@ -53,6 +51,18 @@ class CompiledModule:
         args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
         out = self.vm()["main"](*args, *self.params)
         return flatten_outputs(out)
+
+
+def load_library(so_path: str | Path):
+    """A compiled library as a TVM module that is unloaded (dlclose) once nothing references it.
+
+    tvm.runtime.load_module keeps every module it loads alive until the process exits (tvm_ffi's
+    keep_module_alive), so each artifact version and JIT variant a long-running daemon swapped
+    out would stay mapped. The module, the VMs over it and the functions taken from it each hold
+    a reference, so the library stays loaded exactly as long as something can call into it."""
+    import tvm_ffi
+
+    return tvm_ffi.load_module(os.path.realpath(so_path), keep_module_alive=False)
 
 
 def flatten_outputs(out) -> list[np.ndarray]:
