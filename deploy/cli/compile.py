@@ -1,5 +1,5 @@
-"""`edgejit compile`: command-line front of deploy.compiler.driver (ONNX) and deploy.compiler.decoder
-(GGUF files and Hugging Face checkpoint directories)."""
+"""`edgejit compile`: command-line front of deploy.compiler.driver (ONNX tensor models) and
+deploy.compiler.decoder (GGUF files, Hugging Face checkpoint directories, ONNX decoders with past key values)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from deploy.compiler.driver import compile_model
 
 
 def add_arguments(p) -> None:
-    p.add_argument("model", help="ONNX model file (external data next to it is read too), or a GGUF file or a Hugging Face "
-                   "checkpoint directory (text generation)")
+    p.add_argument("model", help="ONNX model file (external data next to it is read too), or for text generation a GGUF "
+                   "file, a Hugging Face checkpoint directory, or an ONNX decoder with past key values (the .onnx or optimum's "
+                   "output directory)")
     p.add_argument("--target", "-t", default="host", help="target preset (see `edgejit targets`; default: host)")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--name", help="model name in the manifest (default: the file's stem)")
@@ -56,19 +57,29 @@ def _is_gguf(path: str) -> bool:
 
 def main(args) -> int:
     import os
+    import sys
 
-    if os.path.isdir(args.model) or _is_gguf(args.model):
+    from deploy.frontends.onnx.decoder import kind as graph_kind
+
+    onnx_kind = "" if os.path.isdir(args.model) or _is_gguf(args.model) else graph_kind(args.model)
+    if os.path.isdir(args.model) or _is_gguf(args.model) or onnx_kind == "with_past":
         from deploy.compiler.decoder import compile_decoder
 
         given = [o for o in ONNX_ONLY if getattr(args, o) is not None] + (["precision"] if args.precision == "int8" else [])
         if given:
-            what = "Hugging Face checkpoints" if os.path.isdir(args.model) else "GGUF files"
+            what = "Hugging Face checkpoints" if os.path.isdir(args.model) else "GGUF files" if not onnx_kind \
+                else "ONNX decoders with past key values"
             raise EdgeJitError(f"--{given[0].replace('_', '-')} applies to ONNX models, not to {what}")
         compile_decoder(args.model, args.target, args.output, name=args.name, context=args.context,
                         precision=args.precision, force=args.force, sign=args.sign)
         return 0
     if args.context is not None:
-        raise EdgeJitError("--context applies to GGUF models and Hugging Face checkpoint directories (text generation)")
+        raise EdgeJitError("--context applies to GGUF models, Hugging Face checkpoint directories and ONNX decoders with past "
+                           "key values (text generation)")
+    if onnx_kind == "without_past":
+        print(f"note: {os.path.basename(args.model)} has no past_key_values inputs: compiled as a tensor model (input_ids -> "
+              "logits at every position, `edgejit run`), not for text generation; export it with past key values "
+              "(optimum: --task text-generation-with-past) to generate with a KV cache (docs/models.md)", file=sys.stderr)
     compile_model(
         args.model, args.target, args.output, name=args.name, precision=args.precision or "fp32",
         max_seq=args.max_seq, seq_dim=args.seq_dim, force=args.force, sign=args.sign,

@@ -1,6 +1,7 @@
-"""`edgejit compile MODEL.gguf|CHECKPOINT_DIR`: a text-generation model -> decoder artifact for a target preset.
+"""`edgejit compile MODEL.gguf|CHECKPOINT_DIR|DECODER.onnx`: a text-generation model -> decoder artifact for a target preset.
 
-file -> frontend (deploy/frontends/gguf or deploy/frontends/hf: config, tensors, tokenizer) -> model definition
+file -> frontend (deploy/frontends/gguf, deploy/frontends/hf, or deploy/frontends/onnx/decoder for ONNX decoders with
+past key values: config, tensors, tokenizer) -> model definition
 (deploy/models/<arch>: relax.frontend.nn over TVM's paged KV cache, weights mapped onto it)
 -> build (edge/runtime/pipeline: the same pipeline the device JIT uses) -> artifact.
 """
@@ -86,6 +87,22 @@ def load_hf(path: Path, log=print) -> LoadedModel:
                                                        "architectures": ckpt.config["architectures"]}, ckpt.sha256())
 
 
+def load_onnx(path: Path, log=print) -> LoadedModel:
+    """An ONNX decoder with past key values (a .onnx file or optimum's output directory): its weights
+    mapped onto our model definition and checked against ONNX Runtime (deploy/frontends/onnx/decoder)."""
+    from deploy.frontends.onnx import decoder as onnx_decoder
+
+    d = onnx_decoder.read(path, log=log)
+    return LoadedModel(d.arch, d.config, d.weights, d.tokenizer, d.tokenizer_info, d.source, d.sha256)
+
+
+def input_format(path: Path) -> str:
+    """"gguf", "hf" (a checkpoint directory) or "onnx" (a decoder graph, or a directory holding one and no safetensors)."""
+    if path.is_dir():
+        return "onnx" if not any(path.glob("*.safetensors")) and any(path.glob("*.onnx")) else "hf"
+    return "onnx" if path.suffix.lower() == ".onnx" else "gguf"
+
+
 def export_module(arch: str, cfg, target: dict):
     """-> (Relax IRModule with prefill / decode / create_kv_cache, parameter names in call order)."""
     import tvm
@@ -128,7 +145,8 @@ def compile_decoder(
     sign: str | Path | None = None,
     log=print,
 ) -> Path:
-    """Compile a GGUF model or a Hugging Face checkpoint directory into the decoder artifact `out`."""
+    """Compile a GGUF model, a Hugging Face checkpoint directory or an ONNX decoder with past key values
+    (a .onnx file or optimum's output directory) into the decoder artifact `out`."""
     import tvm
 
     preset = get_preset(target) if isinstance(target, str) else target
@@ -139,7 +157,11 @@ def compile_decoder(
     t0 = time.perf_counter()
     if precision not in (None, "fp32"):
         raise EdgeJitError(f"--precision {precision}: a GGUF model keeps the quantization of its file (default) or is compiled in fp32")
-    m = load_hf(model_path, log=log) if model_path.is_dir() else load_gguf(model_path, log=log, quantized=precision != "fp32")
+    fmt = input_format(model_path)
+    if fmt == "gguf":
+        m = load_gguf(model_path, log=log, quantized=precision != "fp32")
+    else:
+        m = (load_hf if fmt == "hf" else load_onnx)(model_path, log=log)
     cfg = m.config
     trained = int(cfg.context_window_size)
     if context is not None and context > trained and getattr(cfg, "sliding_window", 0):

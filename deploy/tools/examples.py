@@ -190,6 +190,106 @@ def export_gpt2(model, path, *, exporter: str = "torchscript", external_data: bo
                        exporter=exporter, external_data=external_data, opset=opset)
 
 
+# --- decoders with past key values, in the layout optimum writes -------------------------------
+
+DECODER_FILE = "model.onnx"  # optimum's name for a text-generation-with-past export
+
+
+def decoder_io_names(layers: int) -> tuple[list[str], list[str]]:
+    """optimum's text-generation-with-past signature: (inputs, outputs)."""
+    past = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    present = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def decoder_with_past_module(model):
+    """A causal LM as optimum exports it for text-generation-with-past: (input_ids, attention_mask,
+    position_ids, past_key_values.N.key/value...) -> (logits, present.N.key/value...), the past as
+    flat [batch, kv_heads, past, head_dim] tensors (a DynamicCache inside)."""
+    torch, transformers = _torch()
+    layers = model.config.num_hidden_layers
+
+    class DecoderWithPast(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            # the model's own submodules at the top, so the graph's weights keep their state-dict names
+            for name, child in m.named_children():
+                self.add_module(name, child)
+            self._lm = [m]
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            m = self._lm[0]
+            cache = transformers.DynamicCache(config=m.config)
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache, use_cache=True, return_dict=True)
+            present = []
+            for layer in out.cache.layers[:layers]:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+    return DecoderWithPast(model).eval()
+
+
+def export_decoder_with_past(model, directory, *, exporter: str = "torchscript", external_data: bool = False,
+                             opset: int | None = None) -> Path:
+    """A transformers causal LM (Llama, Qwen2, Mistral, GPT-2) -> DIRECTORY/model.onnx with past key
+    values as optimum (task text-generation-with-past) writes it, plus config.json and
+    generation_config.json beside it (the tokenizer files are the caller's). Traced with a past of 3
+    and 4 new tokens; batch, sequence and past lengths stay symbolic. Returns the .onnx path."""
+    torch, _ = _torch()
+    import onnx
+
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}")
+    directory = Path(directory)
+    c = model.config
+    layers = c.num_hidden_layers
+    heads = c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    inputs, outputs = decoder_io_names(layers)
+    batch, seq, past_len = 2, 4, 3
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, c.vocab_size, (batch, seq), generator=g)
+    mask = torch.ones(batch, past_len + seq, dtype=torch.long)
+    pos = torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous()
+    past = tuple(torch.randn(batch, kv_heads, past_len, head_dim, generator=g) for _ in range(2 * layers))
+    module = decoder_with_past_module(model)
+    with tempfile.TemporaryDirectory() as td, torch.no_grad():
+        raw = Path(td) / "model.onnx"
+        if exporter == "torchscript":
+            axes = {"input_ids": {0: "batch_size", 1: "sequence_length"}, "position_ids": {0: "batch_size", 1: "sequence_length"},
+                    "attention_mask": {0: "batch_size", 1: "past_sequence_length + sequence_length"},
+                    "logits": {0: "batch_size", 1: "sequence_length"}}
+            axes |= {n: {0: "batch_size", 2: "past_sequence_length"} for n in inputs[3:]}
+            axes |= {n: {0: "batch_size", 2: "past_sequence_length + sequence_length"} for n in outputs[1:]}
+            quiet_export(lambda: torch.onnx.export(
+                module, (ids, mask, pos, *past), str(raw), input_names=inputs, output_names=outputs,
+                dynamic_axes=axes, opset_version=opset or 17, dynamo=False))
+        else:
+            b = torch.export.Dim("batch_size", max=1024)
+            s = torch.export.Dim("sequence_length", max=4096)
+            p = torch.export.Dim("past_sequence_length", max=4096)
+            total = torch.export.Dim("total_sequence_length", max=8192)
+            shapes = ({0: b, 1: s}, {0: b, 1: total}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in past))
+            quiet_export(lambda: torch.onnx.export(
+                module, (ids, mask, pos, *past), str(raw), input_names=inputs, output_names=outputs,
+                dynamic_shapes=shapes, opset_version=opset or 18, dynamo=True, external_data=False))
+        proto = onnx.load(str(raw), load_external_data=True)
+    _save(proto, directory / DECODER_FILE, external_data)
+    import json
+
+    config = json.loads(c.to_json_string(use_diff=False))
+    config["architectures"] = config.get("architectures") or [type(model).__name__]  # as save_pretrained writes it
+    write_atomic(directory / "config.json", json.dumps(config, indent=2).encode(), 0o644)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        write_atomic(directory / "generation_config.json", gen.to_json_string(use_diff=True).encode(), 0o644)
+    return directory / DECODER_FILE
+
+
 # --- the bundled example: all-MiniLM-L6-v2 ------------------------------------------------------
 
 MINILM_FILE = "minilm-l6.onnx"
