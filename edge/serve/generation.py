@@ -59,10 +59,11 @@ class GenerationModel:
 
     is_generation = True
 
-    def __init__(self, loaded, engine):
+    def __init__(self, loaded, engine, listeners=()):
         self.loaded, self.engine = loaded, engine
         self.artifact = loaded.artifact
         self.name = loaded.name
+        self.listeners = list(listeners)  # on_generation(model_name, stats) when a request ends
 
     @classmethod
     def load(cls, path, *, context: int | None, max_seqs: int, max_queue: int, timeout_s: float,
@@ -80,7 +81,7 @@ class GenerationModel:
             if loaded.decoder.specializer is not None:
                 loaded.decoder.specializer.close()
             raise
-        return cls(loaded, engine)
+        return cls(loaded, engine, listeners)
 
     @staticmethod
     def _check_logits(loaded) -> None:
@@ -120,6 +121,32 @@ class GenerationModel:
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    def gauges(self) -> dict:
+        """What telemetry samples: requests queued, sequences running, KV cache bytes in use and, when
+        the engine has a prefix cache, its cumulative hits and lookups."""
+        from edge.generate.decoder import kv_bytes_per_token
+
+        st = self.engine.stats()
+        out = {"queued": st["queued"], "running": st["running"],
+               "kv_bytes": st.get("kv_bytes_in_use", st["kv_tokens_in_use"] * kv_bytes_per_token(self.loaded.config))}
+        for k in ("prefix_hits", "prefix_lookups"):
+            if k in st:
+                out[k] = int(st[k])
+        return out
+
+    def account(self, stats, timing: "Timing | None" = None) -> None:
+        """A request ended (its GenerationStats, with ttft_s and decode_s as `timing` measured them):
+        tell the listeners (metrics, telemetry)."""
+        import dataclasses
+
+        if timing is not None:
+            ttft_s, decode_s = timing.result(stats)
+            stats = dataclasses.replace(stats, ttft_s=ttft_s, decode_s=decode_s)
+        for listener in self.listeners:
+            on_generation = getattr(listener, "on_generation", None)
+            if on_generation is not None:
+                on_generation(self.name, stats)
 
     def close(self) -> None:
         self.engine.close()
@@ -178,6 +205,33 @@ class GenerationModel:
             raise ApiError(400, f"This model's maximum context length is {self.context} tokens; the {param} is "
                                 f"{len(prompt_ids)} tokens (leave room for the reply).", param=param,
                            code="context_length_exceeded")
+
+
+class Timing:
+    """A request's clock as its client sees it: time to first token from the request's arrival (its
+    body read; prompt preparation and queueing included) to the first text written to the client,
+    decode time from the first to the last text written. A non-streamed reply (nothing written
+    before the end) falls back to the engine's first and last token."""
+
+    def __init__(self):
+        self.received = time.perf_counter()
+        self.submitted = self.received
+        self.first_out = self.last_out = 0.0
+
+    def submit(self) -> None:
+        self.submitted = time.perf_counter()
+
+    def sent(self) -> None:
+        """Generated text was just written to the client."""
+        self.last_out = time.perf_counter()
+        if not self.first_out:
+            self.first_out = self.last_out
+
+    def result(self, stats) -> tuple[float, float]:
+        """(ttft_s, decode_s)."""
+        if self.first_out:
+            return self.first_out - self.received, self.last_out - self.first_out
+        return self.submitted - self.received + stats.ttft_s, stats.decode_s
 
 
 def _check_utf8(text: str, param: str) -> None:

@@ -24,6 +24,8 @@ prometheus_client.disable_created_metrics()
 
 # Time to first token, seconds: a short prompt on a small model to a long prompt behind a queue.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
+TOK_S_BUCKETS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 250, 500)
 
 # Seconds: from sub-millisecond (tiny models, variants) to the generic module on a long input.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -73,6 +75,12 @@ class Metrics:
         self.ttft = Histogram("edgejit_generation_ttft_seconds",
                               "time to first token (request received -> first token), by model",
                               ["model"], buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("edgejit_generation_inter_token_seconds",
+                             "mean time between generated tokens of a request (decode time / (tokens - 1)), by model",
+                             ["model"], buckets=ITL_BUCKETS, registry=r)
+        self.tok_s = Histogram("edgejit_generation_decode_tokens_per_second",
+                               "decode speed of a request ((tokens - 1) / decode time), by model",
+                               ["model"], buckets=TOK_S_BUCKETS, registry=r)
         self.reloads = Counter("edgejit_reloads_total", "artifact reloads by result (swapped, rolled_back)",
                                ["model", "result"], registry=r)
         self.gauges = []  # callables returning [(name, help, [(labels, value)])], read at each scrape
@@ -112,6 +120,13 @@ class Metrics:
         self.gen_requests.labels(model, finish_reason).inc()
         if ttft_s is not None:
             self.ttft.labels(model).observe(ttft_s)
+
+    def on_generation_speed(self, model: str, stats) -> None:
+        """A generation request with at least two tokens: its inter-token latency and decode speed."""
+        n = stats.completion_tokens - 1
+        if n >= 1 and stats.decode_s > 0:
+            self.itl.labels(model).observe(stats.decode_s / n)
+            self.tok_s.labels(model).observe(n / stats.decode_s)
 
     def render(self) -> str:
         return generate_latest(self.registry).decode()

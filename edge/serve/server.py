@@ -32,7 +32,7 @@ from urllib.parse import unquote, urlsplit
 
 from edge.errors import ArtifactError, EdgeJitError, InputError
 from edge.serve import codec, embeddings
-from edge.serve.generation import ApiError, Reply, error_doc, sampling_params, stream_options
+from edge.serve.generation import ApiError, Reply, Timing, error_doc, sampling_params, stream_options
 from edge.serve.metrics import CONTENT_TYPE as METRICS_TYPE
 from edge.serve.registry import ModelNotFound, ModelUnavailable
 
@@ -528,6 +528,7 @@ class Handler(BaseHTTPRequestHandler):
             svc.metrics.count_rejected("draining")
             raise ApiError(503, "the daemon is shutting down", headers={"Retry-After": "5"})
         body = self._read_body(svc.max_body)
+        self._timing = Timing()  # TTFT counts from here (prompt preparation included)
         try:
             doc = json.loads(body)
         except (ValueError, RecursionError) as e:
@@ -545,7 +546,7 @@ class Handler(BaseHTTPRequestHandler):
         version = svc.registry.acquire(name)  # 404 unknown, 503 loading/failed
         self._gen_model = name
         try:
-            gm = version.runtime
+            gm = self._gen_runtime = version.runtime
             if not getattr(gm, "is_generation", False):
                 raise ApiError(400, f"model '{name}' is not a text-generation model (use /v1/models/{name}/infer)", param="model")
             chat = kind == "chat"
@@ -558,6 +559,7 @@ class Handler(BaseHTTPRequestHandler):
             svc.hold()
             try:
                 try:
+                    self._timing.submit()
                     handle = gm.engine.submit(prompt, params)
                 except QueueFull as e:
                     svc.metrics.count_rejected("generation_queue_full")
@@ -610,7 +612,8 @@ class Handler(BaseHTTPRequestHandler):
         st = handle.stats
         reason = reason or st.finish_reason or "cancelled"
         self.service.metrics.on_generation(name, st.prompt_tokens, st.completion_tokens, reason,
-                                           st.ttft_s if st.completion_tokens else None)
+                                           self._timing.result(st)[0] if st.completion_tokens else None)
+        self._gen_runtime.account(st, self._timing)  # per-request speed: metrics histograms and fleet telemetry
 
     def _final_reply(self, name: str, handle, reply: Reply) -> int:
         try:
@@ -648,6 +651,7 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 for piece in handle:
                     event(reply.chunk(content=piece, include_usage=include_usage))
+                    self._timing.sent()
             except EdgeJitError as e:  # timed out or failed mid-stream: OpenAI's error event, then the end
                 self._account(name, handle)
                 code = "timeout" if handle.stats.finish_reason == "timeout" else None

@@ -97,6 +97,11 @@ class ModelListener:
         if self.daemon.telemetry is not None:
             self.daemon.telemetry.on_request(model_name, seq_len, module_kind, latency_s)
 
+    def on_generation(self, model_name, stats):
+        self.daemon.metrics.on_generation_speed(self.name, stats)
+        if self.daemon.telemetry is not None:
+            self.daemon.telemetry.on_generation(model_name, stats)
+
     def on_jit(self, model_name, event):
         self.daemon.metrics.on_jit(self.name, event)
         kind, length = event.get("event"), event.get("bucket", event.get("seq"))
@@ -297,8 +302,10 @@ class Daemon:
 
     def _announce(self, name: str) -> None:
         slot = self.registry.slot(name)
-        if self.telemetry is not None and slot.current is not None and not _generation(slot.current):
+        if self.telemetry is not None and slot.current is not None:
             self.telemetry.add_model(slot.current.runtime)
+            if _generation(slot.current):  # queue, running sequences, KV memory, prefix cache: sampled
+                self.telemetry.add_generation_source(slot.current.runtime.name, slot.current.runtime.gauges)
 
     def reload_all(self) -> None:
         """SIGHUP: every model from its configured artifact path (where the updater flips links)."""
@@ -467,11 +474,15 @@ class Daemon:
             if v is not None and v.runtime.specializer is not None:
                 ready.append(((("model", s.name),), len(v.runtime.specializer.ready_lengths())))
         gen = [(s.name, s.current.runtime.stats()) for s in slots if s.current is not None and _generation(s.current)]
+        gen_gauges = [(s.name, s.current.runtime.gauges()) for s in slots if s.current is not None and _generation(s.current)]
         return [
             ("edgejit_generation_sequences_running", "sequences being generated (continuous batch)", [((("model", n),), st["running"]) for n, st in gen]),
             ("edgejit_generation_sequences_queued", "generation requests waiting for a sequence slot", [((("model", n),), st["queued"]) for n, st in gen]),
             ("edgejit_generation_kv_tokens_in_use", "tokens held in the KV cache by running sequences", [((("model", n),), st["kv_tokens_in_use"]) for n, st in gen]),
             ("edgejit_generation_kv_bytes", "KV cache memory allocated (max_seqs x context)", [((("model", n),), st["kv_bytes_total"]) for n, st in gen]),
+            ("edgejit_generation_kv_bytes_in_use", "KV cache memory in use (running sequences and, with a prefix cache, retained prefixes)", [((("model", n),), g["kv_bytes"]) for n, g in gen_gauges]),
+            ("edgejit_generation_prefix_cache_hits", "prompts that reused a cached prefix (since the model loaded)", [((("model", n),), g["prefix_hits"]) for n, g in gen_gauges if "prefix_hits" in g]),
+            ("edgejit_generation_prefix_cache_lookups", "prompts looked up in the prefix cache (since the model loaded)", [((("model", n),), g["prefix_lookups"]) for n, g in gen_gauges if "prefix_lookups" in g]),
             ("edgejit_requests_in_flight", "inference requests admitted and not finished (queued or running)", [((), self._pending)]),
             ("edgejit_connections", "open client connections", [((), self.server.connections if self.server else 0)]),
             ("edgejit_model_ready", "1 if the model is serving", [((("model", s.name),), int(s.state == "ready")) for s in slots]),

@@ -23,6 +23,7 @@ class TelemetryConfig:
     device_id: str = field(default_factory=default_device_id)
     prefix: str = "edgejit"
     window_s: float = 10.0
+    sample_s: float = 1.0  # how often text-generation gauges (queue, running sequences, KV) are sampled
     spool_path: str = "~/.cache/edgejit/telemetry-spool.sqlite"
     spool_max_windows: int = 10_000
     spool_max_bytes: int = 64 << 20
@@ -47,8 +48,8 @@ class TelemetryConfig:
                 raise TelemetryError(f"{where}: {name} {getattr(cfg, name)!r} must be 1-64 of [A-Za-z0-9_.-], not starting with _ . -")
         if not cfg.prefix or any(c in cfg.prefix for c in "+#") or cfg.prefix.startswith("$") or cfg.prefix.endswith("/"):
             raise TelemetryError(f"{where}: prefix {cfg.prefix!r} must be a plain topic path")
-        if not cfg.window_s > 0 or cfg.max_inflight < 1 or cfg.spool_max_windows < 1:
-            raise TelemetryError(f"{where}: window_s, max_inflight and spool_max_windows must be positive")
+        if not cfg.window_s > 0 or not cfg.sample_s > 0 or cfg.max_inflight < 1 or cfg.spool_max_windows < 1:
+            raise TelemetryError(f"{where}: window_s, sample_s, max_inflight and spool_max_windows must be positive")
         if cfg.max_message_bytes < 8192:
             raise TelemetryError(f"{where}: max_message_bytes must be at least 8192")
         return cfg

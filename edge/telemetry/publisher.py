@@ -4,6 +4,8 @@ into windows and publishes them over MQTT (protocol: docs/telemetry.md).
     pub = Publisher(TelemetryConfig.from_dict(cfg), models=[runtime.artifact], policy=policy_dict)
     runtime = edge.Runtime(artifact, listeners=[pub])      # or runtime.add_listener(pub)
     pub.on_hot_lengths(lambda model, lengths: ...)          # fleet feedback for the JIT
+    pub.on_generation(model, stats)                         # a text-generation request ended
+    pub.add_generation_source(model, engine_gauges)         # sampled every sample_s: queue, KV, ...
     ...
     pub.close()                                             # last window, explicit death
 
@@ -70,6 +72,46 @@ class _Series:
         self.max = max(self.max, ms)
 
 
+# Distributions of a text-generation model, per window (docs/telemetry.md, "generation"):
+# per finished request: time to first token, mean inter-token latency, decode tokens/s;
+# sampled every sample_s: requests waiting, sequences running, KV cache bytes in use.
+GEN_REQUEST = ("ttft_ms", "itl_ms", "tok_s")
+GEN_SAMPLED = ("queued", "running", "kv_bytes")
+_GEN_COUNTERS = ("prefix_hits", "prefix_lookups")  # cumulative in the source; per-window deltas on the wire
+
+
+class _Generation:
+    """One model's generation window: distributions, token counts, finish reasons."""
+
+    def __init__(self):
+        self.dists = {k: _Series() for k in GEN_REQUEST + GEN_SAMPLED}
+        self.requests, self.prompt_tokens, self.completion_tokens = 0, 0, 0
+        self.finish: dict[str, int] = {}
+        self.counters = dict.fromkeys(_GEN_COUNTERS, 0)
+        self.has_counters = False
+
+    def add_request(self, prompt_tokens: int, completion_tokens: int, finish: str, ttft_s, decode_s) -> None:
+        self.requests += 1
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.finish[finish] = self.finish.get(finish, 0) + 1
+        if completion_tokens >= 1 and ttft_s is not None and 0 <= ttft_s < 1e6:
+            self.dists["ttft_ms"].add(ttft_s * 1000.0)
+        if completion_tokens >= 2 and decode_s and 0 < decode_s < 1e6:
+            self.dists["itl_ms"].add(decode_s * 1000.0 / (completion_tokens - 1))
+            self.dists["tok_s"].add((completion_tokens - 1) / decode_s)
+
+    def to_json(self, model: str) -> dict:
+        out = {"model": model, "requests": self.requests, "prompt_tokens": self.prompt_tokens,
+               "completion_tokens": self.completion_tokens, "finish": dict(self.finish)}
+        for k, d in self.dists.items():
+            if d.count:
+                out[k] = {"count": d.count, "sum": d.sum, "min": d.min, "max": d.max, "sketch": sketch.encode(d.sketch)}
+        if self.has_counters:
+            out.update(self.counters)
+        return out
+
+
 class Publisher:
     def __init__(self, config: TelemetryConfig | dict, *, models=(), policy: dict | None = None, start: bool = True):
         self.config = config if isinstance(config, TelemetryConfig) else TelemetryConfig.from_dict(config)
@@ -100,6 +142,10 @@ class Publisher:
         self._series: dict[tuple, _Series] = {}
         self._events: list[dict] = []
         self._events_dropped = 0
+        self._generation: dict[str, _Generation] = {}
+        self._gen_sources: dict[str, object] = {}  # model -> callable returning the engine's gauges
+        self._gen_last: dict[str, dict] = {}  # model -> the source's cumulative counters at the last sample
+        self._next_sample = 0.0
         self._window_start = time.time()
         self.counters = {"requests": 0, "windows": 0, "published": 0, "acked": 0, "connects": 0, "births": 0}
         self._thread = threading.Thread(target=self._run, name="edgejit-telemetry", daemon=True)
@@ -112,6 +158,20 @@ class Publisher:
 
     def on_jit(self, model_name: str, event: dict) -> None:
         self._q.put(("jit", model_name, time.time(), dict(event)))
+
+    def on_generation(self, model_name: str, stats) -> None:
+        """A text-generation request ended; `stats` has prompt_tokens, completion_tokens, ttft_s
+        (submit -> first token), decode_s (first -> last token) and finish_reason
+        (edge.generate.engine.GenerationStats)."""
+        self._q.put(("generation", model_name, int(stats.prompt_tokens), int(stats.completion_tokens),
+                     str(stats.finish_reason or "unknown"), stats.ttft_s, stats.decode_s))
+
+    def add_generation_source(self, model_name: str, sample) -> None:
+        """Sample `sample()` every `sample_s` from the telemetry thread (replacing the model's earlier
+        source): a dict with queued, running, kv_bytes (gauges) and, when the engine has a prefix
+        cache, prefix_hits and prefix_lookups (cumulative counts; a drop means a new engine).
+        Keep it cheap: it runs on the telemetry thread."""
+        self._q.put(("gen_source", model_name, sample))
 
     # -- device API ------------------------------------------------------------------------
     def on_hot_lengths(self, callback) -> None:
@@ -198,6 +258,9 @@ class Publisher:
                 if rc != mqtt.MQTT_ERR_SUCCESS and self._client is not None:
                     self._lost(self._client, f"network loop: {mqtt.error_string(rc)}")
             self._drain(block=self._client is None)
+            if self._gen_sources and time.monotonic() >= self._next_sample:
+                self._sample_generation()
+                self._next_sample = time.monotonic() + c.sample_s
             if time.monotonic() >= next_window:
                 self._close_window()
                 next_window = time.monotonic() + c.window_s
@@ -233,6 +296,14 @@ class Publisher:
                 self._events_dropped += 1
             else:
                 self._events.append(_jit_event(model, t, event))
+        elif kind == "generation":
+            _, model, prompt_tokens, completion_tokens, finish, ttft_s, decode_s = item
+            finish = finish if _NAME.match(finish) else "unknown"
+            self._gen(model).add_request(prompt_tokens, completion_tokens, finish[:32], ttft_s, decode_s)
+        elif kind == "gen_source":
+            self._gen_sources[str(item[1])[:256]] = item[2]
+            self._gen_last.pop(str(item[1])[:256], None)
+            self._next_sample = 0.0
         elif kind == "connack":
             self._on_connack(*item[1:])
         elif kind == "disconnected":
@@ -255,6 +326,33 @@ class Publisher:
         elif kind == "flush":
             self._close_window()
             item[1].set()
+
+    def _gen(self, model) -> _Generation:
+        model = str(model)[:256]
+        g = self._generation.get(model)
+        if g is None:
+            g = self._generation[model] = _Generation()
+        return g
+
+    def _sample_generation(self) -> None:
+        for model, sample in list(self._gen_sources.items()):
+            try:
+                values = sample()
+            except Exception:
+                log.exception("telemetry: sampling the generation gauges of '%s' failed", model)
+                continue
+            g = self._gen(model)
+            for k in GEN_SAMPLED:
+                v = values.get(k)
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e15:
+                    g.dists[k].add(float(v))
+            last = self._gen_last.setdefault(model, dict.fromkeys(_GEN_COUNTERS, 0))
+            for k in _GEN_COUNTERS:
+                v = values.get(k)
+                if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+                    g.has_counters = True
+                    g.counters[k] += v - last[k] if v >= last[k] else v  # a smaller count: a new engine
+                    last[k] = v
 
     # -- connection ---------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -359,15 +457,21 @@ class Publisher:
              "sketch": sketch.encode(s.sketch)}
             for (m, n, k), s in sorted(self._series.items())
         ]
+        if self._gen_sources:
+            self._sample_generation()  # every window has at least one sample of the gauges
+            self._next_sample = time.monotonic() + self.config.sample_s
+        generation = [g.to_json(m) for m, g in sorted(self._generation.items())]
         t0, events, dropped = self._window_start, self._events, self._events_dropped
         self._series, self._events, self._events_dropped, self._window_start = {}, [], 0, now
+        self._generation = {}
         stats = self.spool.stats()
         spool_info = {k: stats[k] for k in ("pending", "dropped_size", "dropped_age", "dropped_refused")}
         in_flight = set(self._inflight.values())
         limit = self.config.max_message_bytes
-        for part in _chunks(series, limit):
+        for i, part in enumerate(_chunks(series, limit - sum(len(_dumps(g)) for g in generation))):
+            extra = {"generation": generation} if i == 0 and generation else {}
             self.spool.append("metrics", lambda session, seq: _dumps(
-                {**self._header("metrics", session, seq), "t0": t0, "t1": now, "series": part, "spool": spool_info}),
+                {**self._header("metrics", session, seq), "t0": t0, "t1": now, "series": part, "spool": spool_info, **extra}),
                 in_flight=in_flight)
             self.counters["windows"] += 1
         if events or dropped:

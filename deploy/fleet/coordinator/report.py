@@ -1,6 +1,7 @@
 """The fleet report: devices online/offline/silent, merged latency percentiles per model and length
-bucket (fleet-wide and per device), JIT hit rate and compile times, and latency regressions of
-each device against its own history. Built as a dict (exported as JSON) and rendered as text.
+bucket (fleet-wide and per device), text generation per model (time to first token, inter-token
+latency, decode tokens/s, queue, running sequences, KV memory, prefix-cache hit rate), JIT hit
+rate and compile times, and latency regressions of each device against its own history. Built as a dict (exported as JSON) and rendered as text.
 
 Percentiles always come from merged DDSketches, never from averaging percentiles.
 """
@@ -122,6 +123,8 @@ def build(store: Store, *, regress_threshold: float = 0.25, min_count: int = 20,
 
     for model, stats in _jit(db).items():
         models.setdefault(model, {"buckets": [], "jit": None})["jit"] = stats
+    for model, gen in _generation(db).items():
+        models.setdefault(model, {"buckets": [], "jit": None})["generation"] = gen
 
     return {
         "generated": now,
@@ -162,6 +165,88 @@ def _jit(db) -> dict:
     return out
 
 
+GEN_METRICS = ("ttft_ms", "itl_ms", "tok_s", "queued", "running", "kv_bytes")
+
+
+def _dist(sk, count: int, total: float, hi: float) -> dict:
+    p50, p95, p99 = sketch.quantiles(sk, QS)
+    return {"count": count, "mean": total / count if count else None, "p50": p50, "p95": p95, "p99": p99, "max": hi}
+
+
+def _generation(db) -> dict:
+    """Per text-generation model: merged distributions (fleet and per device) and summed counts."""
+    sks = defaultdict(sketch.new)
+    agg = defaultdict(lambda: [0, 0.0, 0.0])  # count, sum, max
+    for device, model, metric, count, total, hi, sk_text in db.execute(
+        "SELECT device, model, metric, count, sum, max, sketch FROM gen_rollups"
+    ):
+        sk = sketch.decode(sk_text)
+        for key in ((model, metric, None), (model, metric, device)):
+            sks[key].merge(sk)
+            a = agg[key]
+            a[0] += count
+            a[1] += total
+            a[2] = max(a[2], hi)
+    counts = defaultdict(lambda: defaultdict(int))
+    for device, model, name, value in db.execute("SELECT device, model, name, SUM(value) FROM gen_counts GROUP BY device, model, name"):
+        counts[(model, None)][name] += value
+        counts[(model, device)][name] += value
+
+    def entry(model, device) -> dict:
+        c = counts.get((model, device), {})
+        lookups = c.get("prefix_lookups")
+        out = {
+            "requests": c.get("requests", 0), "prompt_tokens": c.get("prompt_tokens", 0),
+            "completion_tokens": c.get("completion_tokens", 0),
+            "finish": {k.removeprefix("finish_"): v for k, v in sorted(c.items()) if k.startswith("finish_")},
+            "prefix_hits": c.get("prefix_hits"), "prefix_lookups": lookups,
+            "prefix_hit_rate": c.get("prefix_hits", 0) / lookups if lookups else None,
+        }
+        for metric in GEN_METRICS:
+            key = (model, metric, device)
+            out[metric] = _dist(sks[key], *agg[key]) if key in sks else None
+        return out
+
+    out = {}
+    for model in sorted({m for m, _ in counts} | {k[0] for k in sks}):
+        devices = sorted({d for m, d in counts if m == model and d} | {k[2] for k in sks if k[0] == model and k[2]})
+        out[model] = {**entry(model, None), "devices": {d: entry(model, d) for d in devices}}
+    return out
+
+
+def _fmt(v, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    return (f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}") + unit
+
+
+def _render_generation(g: dict, per_device: bool) -> list[str]:
+    lines = [f"  generation: {g['requests']} requests, {g['prompt_tokens']} prompt + {g['completion_tokens']} completion tokens"
+             + (f" (finish: {', '.join(f'{k} {v}' for k, v in g['finish'].items())})" if g["finish"] else "")]
+    rows = [("time to first token", "ttft_ms", " ms"), ("inter-token latency", "itl_ms", " ms"),
+            ("decode tokens/s", "tok_s", ""), ("requests queued", "queued", ""), ("sequences running", "running", "")]
+    lines.append(f"    {'':<22} {'n':>6} {'p50':>9} {'p95':>9} {'p99':>9} {'max':>9}")
+    for label, key, unit in rows:
+        d = g[key]
+        if d is not None:
+            lines.append(f"    {label:<22} {d['count']:>6} {_fmt(d['p50'], unit):>9} {_fmt(d['p95'], unit):>9} "
+                         f"{_fmt(d['p99'], unit):>9} {_fmt(d['max'], unit):>9}")
+    kv = g["kv_bytes"]
+    if kv is not None:
+        lines.append(f"    {'KV cache in use':<22} {kv['count']:>6} {_fmt(kv['p50'] / 2**20, ' MiB'):>9} "
+                     f"{_fmt(kv['p95'] / 2**20, ' MiB'):>9} {_fmt(kv['p99'] / 2**20, ' MiB'):>9} {_fmt(kv['max'] / 2**20, ' MiB'):>9}")
+    if g["prefix_lookups"] is not None:
+        rate = "-" if g["prefix_hit_rate"] is None else f"{100 * g['prefix_hit_rate']:.0f}%"
+        lines.append(f"    prefix cache: hit rate {rate} ({g['prefix_hits']} of {g['prefix_lookups']} lookups)")
+    if per_device and len(g["devices"]) > 1:
+        lines.append(f"    {'DEVICE':<18} {'REQUESTS':>8} {'TTFT p50':>10} {'TTFT p99':>10} {'tok/s p50':>10} {'tok/s p99':>10}")
+        for dev, d in g["devices"].items():
+            t, r = d["ttft_ms"] or {}, d["tok_s"] or {}
+            lines.append(f"    {dev:<18} {d['requests']:>8} {_fmt(t.get('p50'), ' ms'):>10} {_fmt(t.get('p99'), ' ms'):>10} "
+                         f"{_fmt(r.get('p50')):>10} {_fmt(r.get('p99')):>10}")
+    return lines
+
+
 def _ms(v) -> str:
     return "-" if v is None else (f"{v:.2f}" if v < 100 else f"{v:.0f}")
 
@@ -200,6 +285,8 @@ def render(rep: dict, *, per_device: bool = True) -> str:
                 if per_device and len(b["devices"]) > 1:
                     for dev, s in b["devices"].items():
                         lines.append(f"    {dev:<18} {s['count']:>6} {_ms(s['p50_ms']):>8} {_ms(s['p95_ms']):>8} {_ms(s['p99_ms']):>8}")
+        if m.get("generation"):
+            lines += _render_generation(m["generation"], per_device)
         j = m["jit"]
         if j:
             hit = "-" if j["hit_rate"] is None else f"{100 * j['hit_rate']:.0f}%"

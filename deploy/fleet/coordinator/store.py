@@ -53,6 +53,15 @@ CREATE TABLE IF NOT EXISTS jit_events (
     duration_s REAL, error TEXT,
     PRIMARY KEY (fleet, device, session, seq, idx)
 );
+CREATE TABLE IF NOT EXISTS gen_rollups (
+    fleet TEXT NOT NULL, device TEXT NOT NULL, model TEXT NOT NULL, metric TEXT NOT NULL, period INTEGER NOT NULL,
+    count INTEGER NOT NULL, sum REAL NOT NULL, min REAL NOT NULL, max REAL NOT NULL, sketch TEXT NOT NULL,
+    PRIMARY KEY (fleet, device, model, metric, period)
+);
+CREATE TABLE IF NOT EXISTS gen_counts (
+    fleet TEXT NOT NULL, device TEXT NOT NULL, model TEXT NOT NULL, name TEXT NOT NULL, period INTEGER NOT NULL,
+    value INTEGER NOT NULL, PRIMARY KEY (fleet, device, model, name, period)
+);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS pruned (
     fleet TEXT NOT NULL, device TEXT NOT NULL, session INTEGER NOT NULL, n INTEGER NOT NULL,
@@ -169,12 +178,41 @@ class Store:
         for s, sk in zip(msg.body["series"], decoded):
             self._merge_rollup(msg.fleet, msg.device, s["model"], s["seq_len"], s["kind"], period,
                                s["count"], s["sum_ms"], s["min_ms"], s["max_ms"], sk)
+        for g in msg.body.get("generation", ()):
+            self._ingest_generation(msg.fleet, msg.device, period, g)
         sp = msg.body.get("spool") or {}
         self.db.execute(
             "UPDATE devices SET spool_dropped_size = MAX(spool_dropped_size, ?), spool_dropped_age = MAX(spool_dropped_age, ?), "
             "spool_dropped_refused = MAX(spool_dropped_refused, ?) WHERE fleet=? AND device=?",
             (sp.get("dropped_size", 0), sp.get("dropped_age", 0), sp.get("dropped_refused", 0), msg.fleet, msg.device),
         )
+
+    def _ingest_generation(self, fleet: str, device: str, period: int, g: dict) -> None:
+        """A text-generation model's window: distributions merged like latency rollups, counts added."""
+        model = g["model"]
+        counts = {k: g.get(k) for k in ("requests", "prompt_tokens", "completion_tokens", "prefix_hits", "prefix_lookups")}
+        counts.update({f"finish_{k}": v for k, v in (g.get("finish") or {}).items()})
+        self.db.executemany(
+            "INSERT INTO gen_counts VALUES(?,?,?,?,?,?) ON CONFLICT(fleet, device, model, name, period) "
+            "DO UPDATE SET value = value + excluded.value",
+            [(fleet, device, model, k, period, v) for k, v in counts.items() if v is not None],
+        )
+        for metric, d in g.items():
+            if not (isinstance(d, dict) and "sketch" in d):
+                continue
+            key = (fleet, device, model, metric, period)
+            sk = sketch.decode(d["sketch"])
+            row = self.db.execute(
+                "SELECT sketch FROM gen_rollups WHERE fleet=? AND device=? AND model=? AND metric=? AND period=?", key
+            ).fetchone()
+            if row is not None:
+                sk = sketch.merged([sketch.decode(row[0]), sk])
+            self.db.execute(
+                "INSERT INTO gen_rollups VALUES(?,?,?,?,?,?,?,?,?,?) ON CONFLICT(fleet, device, model, metric, period) "
+                "DO UPDATE SET count = count + excluded.count, sum = sum + excluded.sum, min = MIN(min, excluded.min), "
+                "max = MAX(max, excluded.max), sketch = excluded.sketch",
+                (*key, d["count"], d["sum"], d["min"], d["max"], sketch.encode(sk)),
+            )
 
     def _merge_rollup(self, fleet, device, model, seq_len, kind, period, count, sum_ms, min_ms, max_ms, sk) -> None:
         key = (fleet, device, model, seq_len, kind, period)

@@ -89,4 +89,13 @@ def parse(prefix: str, topic: str, payload: bytes, max_payload: int = DEFAULT_MA
             if abs(sk.count - s["count"]) > 1e-6 or not all(math.isfinite(s[k]) for k in ("sum_ms", "min_ms", "max_ms")):
                 raise Rejected("schema", f"series {s['model']}/{s['seq_len']}: count {s['count']} != sketch count {sk.count}")
             sketches.append(sk)
+        for g in body.get("generation", ()):
+            for name, d in g.items():
+                if isinstance(d, dict) and "sketch" in d:
+                    try:
+                        sk = sketch.decode(d["sketch"])
+                    except sketch.SketchError as e:
+                        raise Rejected("schema", f"generation {g['model']}/{name}: {e}") from None
+                    if abs(sk.count - d["count"]) > 1e-6 or not all(math.isfinite(d[k]) for k in ("sum", "min", "max")):
+                        raise Rejected("schema", f"generation {g['model']}/{name}: count {d['count']} != sketch count {sk.count}")
     return Message(fleet, device, kind, body, text, tuple(sketches))
