@@ -33,8 +33,9 @@ def lower(mod, target):
     import tvm
     from tvm import relax
 
-    from edge.kernels import graph, packing
+    from edge.kernels import attention, graph, packing
 
+    mod = attention.replace_attention_kernels(mod)
     with target:
         mod = packing.rewrite_packed_dense(mod, tile_rows(target))
         mod = packing.rewrite_packed_gather(mod)
