@@ -3,6 +3,7 @@ and swap them in without blocking a request."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -312,6 +313,9 @@ class Specializer:
             records = self.tuning if self.tuned(length) else None
             edge_build.export(edge_build.build(self._module(), self.artifact.target, bind=fields["bind"], tuning=records),
                               out, self.artifact.target)
+            # The compiler leaves reference cycles through its frames, which reach back (f_back) to
+            # this one and so to the weights: collect them now, not at some later gc pass.
+            gc.collect()
         st.compile_s = time.perf_counter() - start
         st.source = "compiled"
         self._emit("compile_finished", length, duration_s=st.compile_s)

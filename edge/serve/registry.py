@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import ArtifactError, EdgeJitError
+from edge.runtime.memory import release_memory
 from edge.runtime.signature import bind_inputs
 
 log = logging.getLogger("edgejit.daemon")
@@ -204,6 +205,7 @@ class Registry:
                     log.error("model '%s' failed to load: %s", name, msg)
                 else:
                     log.error("model '%s': new version rejected, still serving version %s: %s", name, old.version, msg)
+                release_memory()  # what the rejected version had loaded
                 raise ArtifactError(msg) from None
             with slot.lock:
                 slot.current, slot.state, slot.error = new, "ready", ""
@@ -219,10 +221,13 @@ class Registry:
             return {"result": "swapped", "current": new.describe(), "previous": slot.previous}
 
     def _close(self, name: str, v: Version) -> None:
+        """Close a version nothing runs on any more: its modules, JIT variants and weights are
+        freed as the last references go (the slot and the requests held them)."""
         try:
             v.runtime.close()
         except Exception:
             log.exception("closing version %s of model '%s' failed", v.version, name)
+        release_memory()  # cycles collected and free heap returned now: a swap must not grow the daemon
 
     def close_all(self) -> None:
         for slot in self.slots():

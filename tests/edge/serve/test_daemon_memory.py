@@ -170,3 +170,46 @@ def test_hot_swaps_release_old_versions(versions, tmp_path):
     assert max(rss for _, _, rss, _ in samples) - first < WEIGHTS_MB / 2, report
     assert final_rss - first < WEIGHTS_MB / 2, report
     assert "Traceback" not in d.log()
+
+
+@pytest.mark.slow  # the tiny llamas (shared with the generation tests) and a decode variant compile
+def test_decoder_swaps_release_old_versions(tiny_llamas, tmp_path):
+    """The same for a text-generation model: its engine, KV cache, generic module and decode
+    variants go with the version a reload replaced."""
+    import shutil
+
+    models = tmp_path / "models"
+    for name in ("a", "b"):  # one model in two directories: each reload is a new version to load
+        shutil.copytree(tiny_llamas["gqa_tied"][1], models / name)
+    port = free_port()
+    cfg = write_config(tmp_path / "daemon.toml", {"tiny": models / "a"}, server={"port": port},
+                       generation={"max_seqs": 2, "context": 256},
+                       jit={"policy": "on", "min_hits": 1, "isolate": False},
+                       paths={"cache_dir": str(tmp_path / "cache"), "state_dir": str(tmp_path / "state")})
+    ask = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 8, "temperature": 0, "ignore_eos": True}).encode()
+    samples, texts = [], []
+    with DaemonProcess(cfg, port, tmp_path / "daemon.log") as d:
+        for i, name in enumerate(["b", "a"] * 5):
+            status, _, data = d.request("POST", "/v1/models/tiny/reload", json.dumps({"artifact": str(models / name)}).encode())
+            assert status == 200 and json.loads(data)["result"] == "swapped", data
+            deadline = time.monotonic() + 60
+            while True:  # generate until the batch-1 decode variant of this version serves
+                status, _, data = d.request("POST", "/v1/completions", ask)
+                assert status == 200, data
+                texts.append(json.loads(data)["choices"][0]["text"])
+                if d.get("/v1/models/tiny")[1].get("jit", {}).get("ready_batch_sizes") == [1]:
+                    break
+                assert time.monotonic() < deadline, d.log()
+                time.sleep(0.2)
+            rss, libs = memory(d.proc.pid)
+            samples.append((i + 1, name, round(rss, 1), libs))
+        log = d.log()
+    report = "\n".join(f"swap {i:2d} -> {n}: RSS {rss} MiB, {len(libs)} libraries mapped" for i, n, rss, libs in samples)
+    print("\n" + report)
+    assert len(set(texts)) == 1, texts  # every version generates the same (greedy) text
+    for i, name, _, libs in samples:
+        assert not [p for p in libs if "(deleted)" in p], (i, libs)
+        assert [p for p in libs if p.endswith("generic.so")] == [str((models / name).resolve() / "generic.so")], (i, libs)
+        assert len([p for p in libs if "edgejit-jit-" in p]) == 1, (i, libs)
+    assert max(rss for _, _, rss, _ in samples) - samples[1][2] < 32, report
+    assert "Traceback" not in log
