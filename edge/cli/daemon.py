@@ -43,6 +43,8 @@ def add_arguments(p) -> None:
     p.add_argument("--listen", metavar="HOST:PORT", help="override [server] host and port")
     p.add_argument("--trusted-keys", action="append", metavar="PATH", help="add a trusted public key file or directory ([runtime] trusted_keys)")
     p.add_argument("--allow-unsigned", action="store_true", help="load unsigned artifacts, with a warning ([runtime] allow_unsigned)")
+    p.add_argument("--allow-remote-without-token", action="store_true",
+                   help="listen beyond loopback with no admin token ([server] allow_remote_without_token); refused otherwise")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override [log] level")
 
 
@@ -62,6 +64,8 @@ def build_config(args):
         if not sep or not port.isdigit():
             raise ConfigError(f"--listen '{args.listen}': expected HOST:PORT, e.g. 127.0.0.1:8765")
         changes["server"] = dataclasses.replace(cfg.server, host=host or "127.0.0.1", port=int(port))
+    if args.allow_remote_without_token:
+        changes["server"] = dataclasses.replace(changes.get("server", cfg.server), allow_remote_without_token=True)
     if args.log_level:
         changes["log_level"] = args.log_level
     if args.trusted_keys:

@@ -3,8 +3,10 @@ that a typo is a one-line error at startup, not a surprise at the first request.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
+import socket
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ class ServerConfig:
     read_timeout_s: float = 15.0  # the whole request (head and body) must arrive within this; then 408
     drain_timeout_s: float = 30.0  # on shutdown, how long in-flight requests may take
     admin_token: str = ""  # if set, /reload needs "Authorization: Bearer <token>"
+    allow_remote_without_token: bool = False  # listen beyond loopback with no admin_token (refused otherwise)
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,36 @@ _RANGES = {
         "context": (0, True, 1 << 24), "prefill_chunk": (0, True, 1 << 24),
     },
 }
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on `host` reaches this machine only (a name counts if every address it
+    resolves to is a loopback one)."""
+    host = host.strip().strip("[]")
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False
+    return bool(infos) and all(ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos)
+
+
+def check_exposure(server: ServerConfig, where: str = "config") -> str | None:
+    """Refuse to listen beyond loopback with the admin endpoints open to whoever can reach the port
+    (ConfigError), unless the operator said so: then a warning to log. None when nothing to say."""
+    if is_loopback(server.host) or server.admin_token:
+        return None
+    what = (f"[server] host '{server.host}' listens beyond this machine and no admin_token is set "
+            "(anyone who can reach the port could reload models)")
+    if not server.allow_remote_without_token:
+        raise ConfigError(f"{where}: {what}: set [server] admin_token, listen on 127.0.0.1, or set "
+                          "[server] allow_remote_without_token = true (--allow-remote-without-token) to accept that")
+    return f"{what}; allowed by allow_remote_without_token"
 
 
 def _ranges(obj, section: str, where: str) -> None:

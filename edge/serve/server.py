@@ -18,6 +18,7 @@ on the OpenAI endpoints it is OpenAI's {"error": {"message", "type", "param", "c
 
 from __future__ import annotations
 
+import hmac
 import io
 import json
 import logging
@@ -496,8 +497,10 @@ class Handler(BaseHTTPRequestHandler):
         svc = self.service
         token = svc.cfg.server.admin_token
         body = self._read_body(svc.max_body)
-        if token and self.headers.get("Authorization", "") != f"Bearer {token}":
-            raise HttpError(401, "reload needs 'Authorization: Bearer <admin_token>'")
+        if token and not hmac.compare_digest(self.headers.get("Authorization", "").encode(), f"Bearer {token}".encode()):
+            self.service.metrics.count_rejected("unauthorized")
+            raise HttpError(401, "reload needs 'Authorization: Bearer <admin_token>' ([server] admin_token)",
+                            {"WWW-Authenticate": 'Bearer realm="edgejit admin"'})
         slot = svc.registry.slot(name)
         path = None
         if body.strip():

@@ -15,7 +15,7 @@ from edge import machine
 from edge.errors import EdgeJitError
 from edge.artifact.trust import Trust
 from edge.serve import codec
-from edge.serve.config import DaemonConfig
+from edge.serve.config import DaemonConfig, check_exposure
 from edge.serve.metrics import Metrics
 from edge.serve.registry import Registry
 from edge.serve.server import Saturated, Server
@@ -256,6 +256,9 @@ class Daemon:
     def start(self) -> None:
         """Listen first (so /health shows the loading progress), then load the models."""
         srv = self.cfg.server
+        warning = check_exposure(srv, str(self.cfg.path or "config"))  # before anything listens
+        if warning:
+            log.warning("%s", warning)
         for m in self.cfg.models:
             self.registry.add(m.name, m.artifact)
         try:

@@ -262,3 +262,59 @@ def test_leftover_jit_work_dirs_of_dead_processes_are_removed_at_start(tmp_path,
     finally:
         assert d.stop() == 0, d.log()
     assert "removed 1 JIT work directory" in d.log()
+
+
+# -- case 8: admin endpoints ------------------------------------------------------------------------
+def _run_daemon_cli(args: list[str], timeout: float = 60.0):
+    import os
+    import subprocess
+    import sys
+
+    from tests.edge.serve.daemon_helpers import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "edge.cli", "daemon", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_listening_beyond_loopback_without_a_token_is_refused_at_start(tiny_artifact, tmp_path):
+    """Checked before anything listens (the test never binds beyond loopback): a config file's
+    host and the command line's --listen alike."""
+    port = free_port()
+    cfg = write_config(tmp_path / "daemon.toml", {"tiny": tiny_artifact}, server={"host": "0.0.0.0", "port": port})
+    for args in (["--config", str(cfg)], ["--model", f"tiny={tiny_artifact}", "--allow-unsigned", "--listen", f"0.0.0.0:{port}"]):
+        r = _run_daemon_cli(args)
+        assert r.returncode == 1, (r.returncode, r.stderr)
+        err = r.stderr.strip().splitlines()[-1]
+        assert err.startswith("edgejit daemon: error: ") and "host '0.0.0.0' listens beyond this machine" in err, r.stderr
+        assert "admin_token" in err and "--allow-remote-without-token" in err, err
+        assert "Traceback" not in r.stderr and "listening on" not in r.stderr, r.stderr
+
+
+def test_exposure_rules():
+    from edge.serve.config import ConfigError, ServerConfig, check_exposure
+
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"):
+        assert check_exposure(ServerConfig(host=host)) is None, host
+    for host in ("0.0.0.0", "::", "192.168.1.20"):
+        with pytest.raises(ConfigError, match="listens beyond this machine"):
+            check_exposure(ServerConfig(host=host))
+        assert check_exposure(ServerConfig(host=host, admin_token="s3cret")) is None
+        assert "allowed by allow_remote_without_token" in check_exposure(ServerConfig(host=host, allow_remote_without_token=True))
+
+
+def test_reload_needs_the_admin_token_when_one_is_set(tiny_artifact, reference, tmp_path):
+    port = free_port()
+    cfg = write_config(tmp_path / "daemon.toml", {"tiny": tiny_artifact}, server={"port": port, "admin_token": "s3cret-token"})
+    with DaemonProcess(cfg, port, tmp_path / "daemon.log") as d:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"},
+                        {"Authorization": "Bearer s3cret-token-and-more"}):
+            for model in ("tiny", "no-such-model"):  # 401 before anything is looked up
+                status, got_headers, data = d.request("POST", f"/v1/models/{model}/reload", b"", headers)
+                assert_json_error(status, json.loads(data), 401, "Authorization: Bearer")
+                assert got_headers["WWW-Authenticate"].startswith("Bearer"), got_headers
+        status, _, data = d.request("POST", "/v1/models/tiny/reload", b"", {"Authorization": "Bearer s3cret-token"})
+        assert status == 200 and json.loads(data)["result"] == "unchanged", data
+        serves_correctly(d, reference)  # inference needs no token
+        assert 'edgejit_rejected_total{reason="unauthorized"} 8.0' in d.get("/metrics")[1]
+    assert "Traceback" not in d.log()
