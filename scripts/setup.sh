@@ -4,6 +4,7 @@
 # run it, then the whole-system demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+echo "== installing what edgejit needs (system packages, then Python packages; a line per package)"
 bash scripts/install-deps.sh
 
 mkdir -p .work/example
