@@ -1,4 +1,5 @@
-"""`edgejit example`: write a bundled example model: all-MiniLM-L6-v2 (encoder), SmolLM2-135M-Instruct (chat), or a GPT-2-style decoder."""
+"""`edgejit example`: write a bundled example model: all-MiniLM-L6-v2 (encoder), SmolLM2-135M-Instruct (chat), or a
+GPT-2-style decoder with past key values (ONNX, optimum's layout)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ def add_arguments(p) -> None:
     p.add_argument("--model", choices=["minilm", "smollm2", "gpt2"], default="minilm",
                    help="minilm: all-MiniLM-L6-v2 with its real weights -> minilm-l6.onnx + tokenizer.json (default); "
                         "smollm2: SmolLM2-135M-Instruct chat model -> SmolLM2-135M-Instruct.Q4_1.gguf; "
-                        "gpt2: GPT-2-style decoder, 6 layers x 384, random seeded weights -> gpt2-l6.onnx")
+                        "gpt2: GPT-2-style decoder with past key values, 6 layers x 384, random seeded weights, SmolLM2's "
+                        "tokenizer -> gpt2-l6/ (model.onnx, config.json, tokenizer.json: compile it, then generate --raw-prompt)")
     p.add_argument("--random-weights", action="store_true", help="minilm: skip the download, use random weights")
     p.add_argument("--force", action="store_true", help="rebuild a model that is already there")
 
@@ -24,10 +26,5 @@ def main(args) -> int:
     elif args.model == "smollm2":
         examples.write_smollm2(out, force=args.force)
     else:
-        path = out / "gpt2-l6.onnx"
-        if path.exists() and not args.force:
-            print(f"{path} exists (pass --force to rebuild it)")
-        else:
-            examples.write_gpt2(path)
-            print(f"wrote {path} (random weights, external data in {path.name}.data)")
+        examples.write_gpt2_decoder(out, force=args.force)
     return 0

@@ -444,7 +444,7 @@ def write_minilm(directory, *, random_weights: bool = False, force: bool = False
     return path
 
 
-# --- a GPT-2-style decoder for benchmarks -----------------------------------------------------
+# --- a GPT-2-style decoder: with past key values for generation, without for benchmarks -----------
 
 # GPT-2 small is 12 layers x 768; this is half of it in depth and width (random weights).
 GPT2_SMALLISH = dict(vocab_size=8192, n_embd=384, n_layer=6, n_head=6, n_positions=512,
@@ -455,3 +455,39 @@ def write_gpt2(path, *, seed: int = 0, exporter: str = "torchscript", external_d
     """A GPT-2-style causal decoder (input_ids -> logits, no KV cache) with seeded random weights.
     `config` overrides GPT2_SMALLISH (e.g. n_layer=2, n_embd=128, vocab_size=50257)."""
     return export_gpt2(gpt2_model({**GPT2_SMALLISH, **config}, seed), path, exporter=exporter, external_data=external_data)
+
+
+GPT2_DECODER_DIR = "gpt2-l6"
+
+
+def write_gpt2_decoder(directory, *, seed: int = 0, force: bool = False, log=print, **config) -> Path:
+    """`edgejit example --model gpt2`: DIRECTORY/gpt2-l6/ as optimum writes a text-generation-with-past
+    export: model.onnx (GPT2_SMALLISH's shape, seeded random weights), config.json,
+    generation_config.json, and the tokenizer of the bundled SmolLM2 (tokenizer.json from its GGUF,
+    tokenizer_config.json; <|endoftext|> ends a text), whose vocabulary (49152 tokens) the model
+    takes. Random weights: `edgejit compile` + `edgejit generate --raw-prompt` give text, not
+    meaningful text. `config` overrides GPT2_SMALLISH. Returns the directory."""
+    import json
+
+    out = Path(directory) / GPT2_DECODER_DIR
+    if (out / DECODER_FILE).exists() and not force:
+        log(f"{out} exists (pass --force to rebuild it)")
+        return out
+    from deploy.frontends.gguf import tokenizer as gguf_tokenizer
+    from deploy.frontends.gguf.reader import GGUFFile
+
+    tok, info = gguf_tokenizer.build(GGUFFile(fetch_smollm2(log=log)))
+    eos = "<|endoftext|>"
+    eos_id = tok.token_to_id(eos)
+    cfg = {**GPT2_SMALLISH, "vocab_size": tok.get_vocab_size(with_added_tokens=True), "bos_token_id": eos_id,
+           "eos_token_id": eos_id, **config}
+    model = gpt2_model(cfg, seed)
+    with atomic_dir(out) as staging:
+        export_decoder_with_past(model, staging)
+        tok.save(str(staging / "tokenizer.json"))
+        # GPT-2 is a base model: no chat template (generate with --raw-prompt)
+        (staging / "tokenizer_config.json").write_text(json.dumps(
+            {"bos_token": eos, "eos_token": eos, "add_bos_token": False, "tokenizer_class": "GPT2Tokenizer"}, indent=2))
+    log(f"wrote {out}: GPT-2-style decoder with past key values ({cfg['n_layer']} layers x {cfg['n_embd']}, random weights, "
+        f"SmolLM2's tokenizer), model.onnx + config.json + tokenizer.json")
+    return out

@@ -1,7 +1,7 @@
 """ONNX decoders with past key values (optimum's layout, written with torch.onnx by
 deploy/tools/examples.export_decoder_with_past): tiny random-weight Llama (GQA), Qwen2 (q/k/v biases,
-untied head), Mistral (sliding window) and a dynamo-exported Llama with llama3 RoPE scaling and no
-config.json, compiled once per session through their weights' mapping onto our model definition;
+untied head), Mistral (sliding window), GPT-2 and a dynamo-exported Llama with llama3 RoPE scaling
+and no config.json, compiled once per session through their weights' mapping onto our model definition;
 greedy tokens equal transformers' for 32 steps on three prompts, logits close; the compile-time
 check against ONNX Runtime catches a wrong mapping; bad graphs fail with one line through the CLI."""
 
@@ -29,6 +29,7 @@ DECODERS = {
     "mistral_window": ("mistral", dict(seed=3, sliding_window=64)),
     "llama3_dynamo_no_config": ("llama", dict(seed=4, tie_word_embeddings=False, num_key_value_heads=4, rope_theta=500000.0,
                                               rope_scaling=LLAMA3, exporter="dynamo", config_json=False)),
+    "gpt2": ("gpt2", dict(seed=5, n_positions=128)),
 }
 
 
@@ -68,7 +69,7 @@ def test_manifest_describes_the_graph(onnx_decoders):
     from edge.artifact.reader import Artifact
 
     d = {name: Artifact.open(art).manifest.decoder for name, (_, art) in onnx_decoders.items()}
-    assert [d[n].architecture for n in DECODERS] == ["llama", "qwen2", "mistral", "llama"]
+    assert [d[n].architecture for n in DECODERS] == ["llama", "qwen2", "mistral", "llama", "gpt2"]
     for name, info in d.items():
         src = info.source
         assert (src["format"], src["file"]) == ("onnx", "model.onnx")
@@ -80,7 +81,8 @@ def test_manifest_describes_the_graph(onnx_decoders):
     # without config.json: shapes, eps and the untied head read from the graph (context unknown: the default)
     cfg = d["llama3_dynamo_no_config"].config
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"], cfg["intermediate_size"]) == (4, 4, 16, 128)
-    assert cfg["rms_norm_eps"] == pytest.approx(1e-5) and not cfg["tie_word_embeddings"]
+    assert cfg["rms_norm_eps"] == 1e-5 and not cfg["tie_word_embeddings"]
+    assert (d["gpt2"].config["layer_norm_eps"], d["gpt2"].context_length, d["gpt2"].config["tie_word_embeddings"]) == (1e-5, 128, True)
     assert d["llama_gqa"].tokenizer.stop_ids == [0, 2]
 
 
@@ -201,3 +203,25 @@ def test_a_decoder_without_past_gets_a_clear_message(gpt2_onnx, tmp_path):
                                          r"--task text-generation-with-past\)"):
         compile_decoder(gpt2_onnx, "host", tmp_path / "out", log=lambda *a: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_gpt2_example_generates_text(smollm2_gguf, tmp_path):
+    """`edgejit example --model gpt2` (here at 1 layer) writes optimum's layout with a tokenizer;
+    `edgejit compile DIR` and `edgejit generate --raw-prompt` give text with our KV cache."""
+    import subprocess
+    import sys
+
+    from deploy.tools import examples
+    from tests.fixtures.cli import ROOT
+
+    d = examples.write_gpt2_decoder(tmp_path, n_layer=1, n_embd=64, n_head=4, log=lambda *a: None)
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "generation_config.json", "model.onnx", "tokenizer.json",
+                                                   "tokenizer_config.json"]
+    art = tmp_path / "gpt2-art"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "edge.cli", *map(str, a)], capture_output=True, text=True,  # noqa: E731
+                                    timeout=600, cwd=ROOT)
+    r = run("compile", d, "-o", art)
+    assert r.returncode == 0 and "checked the mapping against ONNX Runtime" in r.stdout, r.stderr
+    r = run("generate", art, "--raw-prompt", "Once upon a time", "--max-tokens", "8", "--ignore-eos", "--no-jit")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "generated 8 tokens" in r.stderr

@@ -85,9 +85,9 @@ def find_norm(g: Graph, tensor: str, what: str) -> Norm:
     n = g.producer.get(g.source(tensor))
     if n is not None and n.op_type == "LayerNormalization":
         return Norm("layer", _vec(g, n.input[1]), _vec(g, n.input[2]) if len(n.input) > 2 and n.input[2] else None,
-                    float(g.attr(n, "epsilon", 1e-5)))
+                    float(f"{g.attr(n, 'epsilon', 1e-5):.7g}"))
     if n is not None and n.op_type in ("RMSNormalization", "SimplifiedLayerNormalization"):
-        return Norm("rms", _vec(g, n.input[1]), None, float(g.attr(n, "epsilon", 1e-5)))
+        return Norm("rms", _vec(g, n.input[1]), None, float(f"{g.attr(n, 'epsilon', 1e-5):.7g}"))
     bias = None
     if n is not None and n.op_type == "Add":  # LayerNorm written out: (x - mean) / std * w + b
         b = [i for i in n.input if g.is_const(i)]
@@ -129,7 +129,7 @@ def _eps(g: Graph, tensor: str) -> float | None:
             consts = [g.const(i) for i in n.input if g.is_const(i)]
             others = [g.producer.get(i) for i in n.input if not g.is_const(i)]
             if len(consts) == 1 and consts[0].size == 1 and any(o is not None and o.op_type == "ReduceMean" for o in others):
-                return float(consts[0].reshape(-1)[0])
+                return float(f"{float(consts[0].reshape(-1)[0]):.7g}")  # the config's value, not its float32 rounding
     return None
 
 
