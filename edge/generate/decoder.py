@@ -12,6 +12,12 @@ from edge.errors import EdgeJitError
 PAGE_SIZE = 16
 
 
+def pages_for(tokens: int) -> int:
+    """KV pages a sequence of `tokens` tokens holds (forked or not: blocks other than a sequence's
+    last hold whole pages)."""
+    return -(-int(tokens) // PAGE_SIZE)
+
+
 def kv_bytes_per_token(config: dict) -> int:
     """KV cache bytes one token of context takes (all layers, K and V, fp32)."""
     return config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * config["head_dim"] * 4
@@ -19,7 +25,7 @@ def kv_bytes_per_token(config: dict) -> int:
 
 class Decoder:
     def __init__(self, lib, params: list, config: dict, *, context: int, max_batch: int = 4,
-                 prefill_chunk: int = 512, threads: int | None = None):
+                 prefill_chunk: int = 512, threads: int | None = None, kv_tokens: int | None = None):
         import tvm
         import tvm_ffi
         from tvm import relax
@@ -33,14 +39,19 @@ class Decoder:
         self.vm = relax.VirtualMachine(lib, tvm.cpu())
         self.params = params
         self.context = int(context)
-        self.max_batch = int(max_batch)
+        self.max_batch = int(max_batch)  # sequences per forward call (the decode batch)
         self.prefill_chunk = int(min(prefill_chunk, self.context))
-        # Pages for `context` tokens per sequence slot, plus one spare page per sequence.
-        total = self.context * self.max_batch
+        # The page pool: `kv_tokens` tokens in all, shared by every sequence held (running or
+        # retained by the prefix cache); by default `context` tokens for each of max_batch.
+        kv_tokens = self.context * self.max_batch if kv_tokens is None else int(kv_tokens)
+        if kv_tokens < self.context:
+            raise EdgeJitError(f"a KV cache of {kv_tokens} tokens cannot hold one sequence of the context ({self.context} tokens)")
+        self.total_pages = pages_for(kv_tokens)  # TVM allocates one more page than asked for
         S = tvm_ffi.Shape
-        self.kv = self.vm["create_kv_cache"](S([self.max_batch]), S([total]), S([self.prefill_chunk]),
+        self.kv = self.vm["create_kv_cache"](S([self.max_batch]), S([self.total_pages * PAGE_SIZE]), S([self.prefill_chunk]),
                                             S([PAGE_SIZE]), S([0]))
-        self.kv_bytes = (total + PAGE_SIZE * self.max_batch) * kv_bytes_per_token(config)
+        self.page_bytes = PAGE_SIZE * kv_bytes_per_token(config)
+        self.kv_bytes = (self.total_pages + 1) * self.page_bytes  # allocated
         g = tvm.get_global_func
         self._add = g("vm.builtin.kv_state_add_sequence")
         self._remove = g("vm.builtin.kv_state_remove_sequence")
@@ -48,6 +59,7 @@ class Decoder:
         self._begin = g("vm.builtin.kv_state_begin_forward")
         self._end = g("vm.builtin.kv_state_end_forward")
         self._popn = g("vm.builtin.kv_state_popn")
+        self._available = g("vm.builtin.attention_kv_cache_get_num_available_pages")
         self._Shape = S
         self.lengths: dict[int, int] = {}
         self.specializer = None  # edge.jit.Specializer over decode batch sizes (attach_jit)
@@ -56,8 +68,6 @@ class Decoder:
 
     # sequences -------------------------------------------------------------------------------
     def add_sequence(self, seq_id: int) -> None:
-        if len(self.lengths) >= self.max_batch:
-            raise EdgeJitError(f"the KV cache holds at most {self.max_batch} sequences")
         self._add(self.kv, int(seq_id))
         self.lengths[seq_id] = 0
 
@@ -67,9 +77,23 @@ class Decoder:
             del self.lengths[seq_id]
 
     def fork_sequence(self, parent: int, child: int, at: int = -1) -> None:
-        """`child` starts as a copy of `parent`'s first `at` tokens (all when -1), sharing pages."""
+        """`child` starts as a copy of `parent`'s first `at` tokens (all when -1): whole pages are
+        shared (neither sequence writes them again), a partly filled page at `at` is copied."""
         self._fork(self.kv, int(parent), int(child), int(at))
         self.lengths[child] = self.lengths[parent] if at < 0 else at
+
+    def pop_tokens(self, seq_id: int, n: int) -> None:
+        """Drop the last `n` tokens of a sequence."""
+        if n:
+            self._popn(self.kv, int(seq_id), int(n))
+            self.lengths[seq_id] -= n
+
+    def pages_in_use(self) -> int:
+        return self.total_pages + 1 - int(self._available(self.kv))
+
+    def _check_batch(self, n: int) -> None:
+        if n > self.max_batch:
+            raise EdgeJitError(f"at most {self.max_batch} sequences per step (got {n})")
 
     # forward ---------------------------------------------------------------------------------
     def prefill(self, seq_ids: list[int], chunks: list[list[int]]) -> np.ndarray:
@@ -102,6 +126,7 @@ class Decoder:
             lens = [len(t) for _, t in batch]
             positions = np.cumsum(lens, dtype=np.int32) - 1
             sids = [int(seq_ids[i]) for i, _ in batch]
+            self._check_batch(len(sids))
             self._begin(self.kv, self._Shape(sids), self._Shape(lens))
             try:
                 logits, self.kv = self.vm["prefill"](tvm.runtime.tensor(ids), tvm.runtime.tensor(positions), self.kv, self.params)
@@ -141,6 +166,7 @@ class Decoder:
                 raise EdgeJitError(f"sequence {sid} reached the context length ({self.context} tokens)")
         sids = [int(s) for s in seq_ids]
         batch = len(sids)
+        self._check_batch(batch)
         fn, kind = self._decode_fn(batch)
         self._begin(self.kv, self._Shape(sids), self._Shape([1] * batch))
         start = time.perf_counter()

@@ -6,6 +6,13 @@ Each step it admits queued requests while sequence slots are free, runs at most 
 decode step for every request that is generating, so a new request joins the running batch at
 the next step and a long prompt is split instead of freezing everyone's stream. A cancelled or
 timed-out request leaves the batch at the next step and its KV pages are freed.
+
+KV memory: the decoder's page pool is shared by the running sequences and the prefix cache's
+retained ones (edge/generate/prefix_cache.py). A request is admitted when a sequence slot is free
+and the pool can hold its whole prompt + max_tokens on top of what the running requests may still
+grow to; otherwise it waits in the queue, after the least recently used retained sequences have
+been evicted to make room. A finished sequence is kept for the prefix cache; a new prompt starts
+from the retained sequence sharing its longest prefix and prefills only the rest.
 """
 
 from __future__ import annotations
@@ -18,10 +25,14 @@ import time
 from dataclasses import dataclass, field
 
 from edge.errors import EdgeJitError
+from edge.generate.decoder import pages_for
+from edge.generate.prefix_cache import PrefixCache
 from edge.generate.sampler import Sampler, SamplingParams
 from edge.generate.tokenizer import StreamDecoder
 
 log = logging.getLogger("edgejit.generate")
+
+DEFAULT_PREFIX_CACHE_TOKENS = 2048  # KV tokens retained for repeated prefixes (45 KiB each for SmolLM2-135M)
 
 
 class QueueFull(EdgeJitError):
@@ -31,6 +42,7 @@ class QueueFull(EdgeJitError):
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed)
     completion_tokens: int = 0
     queued_s: float = 0.0  # submit -> admitted into the batch
     ttft_s: float = 0.0  # submit -> first token
@@ -134,6 +146,8 @@ class _Request:
     out: queue.Queue = field(default_factory=queue.Queue)
     finished: threading.Event = field(default_factory=threading.Event)
     history: list[int] = field(default_factory=list)
+    seq: int = 0  # its sequence in the KV cache (a retained one when taken over from the prefix cache)
+    reserved: int = 0  # KV pages held for it: its whole prompt + max_tokens
     prefilled: int = 0  # prompt tokens already in the KV cache
     next_token: int | None = None  # sampled, not yet fed to decode
     admitted: float = 0.0
@@ -144,7 +158,8 @@ class _Request:
 class Engine:
     """Continuous batching over one decoder (edge.generate.loader.LoadedDecoder)."""
 
-    def __init__(self, model, *, max_queue: int = 64, prefill_chunk: int | None = None, timeout_s: float | None = None):
+    def __init__(self, model, *, max_queue: int = 64, prefill_chunk: int | None = None, timeout_s: float | None = None,
+                 prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS):
         self.model = model
         self.dec = model.decoder
         self.tokenizer = model.tokenizer
@@ -153,6 +168,9 @@ class Engine:
         self.prefill_chunk = int(prefill_chunk or self.dec.prefill_chunk)
         self.timeout_s = timeout_s
         self.stop_ids = set(model.stop_ids)
+        self.cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
+        self._reserved = 0  # KV pages reserved by the running requests
+        self._pages_in_use = self.dec.pages_in_use()  # read by the loop thread only (stats() reads this copy)
         self._ids = itertools.count(1)
         self._cv = threading.Condition()
         self._queued: list[_Request] = []
@@ -196,11 +214,19 @@ class Engine:
         return Handle(self, req)
 
     def stats(self) -> dict:
+        """Counters and gauges. kv_tokens_in_use: tokens of the running sequences; kv_bytes_in_use:
+        KV pages held by running and retained sequences; prefix_cached_tokens: tokens retained."""
         with self._cv:
+            cache = self.cache
             return {
                 "running": len(self._running), "queued": len(self._queued), "max_seqs": self.max_seqs,
-                "max_queue": self.max_queue, "kv_bytes_total": self.dec.kv_bytes,
-                "kv_tokens_in_use": sum(self.dec.lengths.values()), "context": self.dec.context, **self.counters,
+                "max_queue": self.max_queue, "kv_bytes_total": self.dec.kv_bytes, "kv_bytes_limit": self.dec.kv_bytes,
+                "kv_bytes_in_use": self._pages_in_use * self.dec.page_bytes,
+                "kv_tokens_in_use": sum(self.dec.lengths[r.seq] for r in self._running), "context": self.dec.context,
+                "prefix_cache_tokens": cache.capacity_tokens if cache else 0,
+                "prefix_cached_tokens": cache.tokens if cache else 0, "prefix_entries": len(cache) if cache else 0,
+                "prefix_lookups": 0, "prefix_hits": 0, "prefix_tokens_reused": 0,
+                **(cache.counters if cache else {}), **self.counters,
             }
 
     def close(self) -> None:
@@ -232,20 +258,83 @@ class Engine:
                     self._queued.remove(req)
                     self._finish(req, "cancelled" if req.cancelled else "timeout",
                                  None if req.cancelled else EdgeJitError("the request timed out while queued"))
-                while self._queued and len(self._running) < self.max_seqs:
+                # in order: a request waiting for KV memory holds back the ones behind it
+                while self._queued and len(self._running) < self.max_seqs and self._admit(self._queued[0]):
                     req = self._queued.pop(0)
                     self._running.append(req)
                     req.admitted = time.perf_counter()
                     req.stats.queued_s = req.admitted - req.submitted
-                    self.dec.add_sequence(req.id)
+                self._pages_in_use = self.dec.pages_in_use()
+                if not self._running:  # everyone queued is waiting for KV memory held by no one: cannot happen
+                    self._cv.wait(0.05)
+                    continue
             try:
                 self._step()
             except Exception as e:  # a failing step fails its requests, never the engine
                 log.exception("generation step failed")
                 for req in list(self._running):
                     self._finish(req, "error", EdgeJitError(f"generation failed: {e}"))
+            self._pages_in_use = self.dec.pages_in_use()
         for req in pending:
             self._finish(req, "cancelled", EdgeJitError("the engine was closed"))
+        if self.cache is not None:  # the decoder may serve another engine: leave its KV cache empty
+            for sid in self.cache.clear():
+                self.dec.remove_sequence(sid)
+
+    # -- KV memory and the prefix cache (under self._cv, on the loop thread) ----------------
+    def _free_pages(self) -> int:
+        retained = sum(pages_for(len(e)) for e in self.cache) if self.cache is not None else 0
+        return self.dec.total_pages - self._reserved - retained
+
+    def _admit(self, req: _Request) -> bool:
+        """Give `req` its sequence (from the prefix cache when a retained one shares its prefix)
+        and reserve KV pages for its whole length, evicting retained sequences (least recently
+        used first) to make room. False: not enough KV memory now, it waits."""
+        need = pages_for(min(len(req.prompt) + req.params.max_tokens, self.dec.context))
+        match = self.cache.match(req.prompt) if self.cache is not None else None
+        while True:
+            # a taken-over entry's pages become part of the request's own reservation
+            own = pages_for(len(match.entry)) if match is not None and match.take_over else 0
+            if self._free_pages() + own >= need:
+                break
+            victim = self.cache.evict(keep=match.entry if match else None) if self.cache is not None else None
+            if victim is None:
+                if match is None:
+                    return False
+                self.cache.take(match.entry)  # the match itself was in the way
+                victim, match = match.entry.seq_id, None
+            self.dec.remove_sequence(victim)
+        if self.cache is not None:
+            self.cache.count(match)
+        if match is None:
+            req.seq = req.id
+            self.dec.add_sequence(req.seq)
+        else:
+            entry, n = match.entry, match.length
+            if match.take_over:
+                self.cache.take(entry)
+                req.seq = entry.seq_id
+                self.dec.pop_tokens(req.seq, len(entry) - n)
+            else:
+                req.seq = req.id
+                self.dec.fork_sequence(entry.seq_id, req.seq, n)
+            req.prefilled = req.stats.cached_tokens = n
+        req.reserved = need
+        self._reserved += need
+        return True
+
+    def _release(self, req: _Request, keep: bool) -> None:
+        """The request's sequence leaves the batch: retained for the prefix cache, or removed."""
+        self._running.remove(req)
+        self._reserved -= req.reserved
+        length = self.dec.lengths.get(req.seq, 0)
+        if keep and self.cache is not None and req.prefilled >= len(req.prompt):
+            drop = self.cache.add(req.seq, req.history[:length])  # the tokens its KV holds
+        else:
+            drop = [req.seq]
+        for sid in drop:
+            self.dec.remove_sequence(sid)
+        self._pages_in_use = self.dec.pages_in_use()  # before the request is seen finished
 
     def _step(self) -> None:
         now = time.perf_counter()
@@ -262,7 +351,7 @@ class Engine:
                 break
             if req.prefilled < len(req.prompt):
                 take = req.prompt[req.prefilled: req.prefilled + budget]
-                ids.append(req.id)
+                ids.append(req.seq)
                 chunks.append(take)
                 reqs.append(req)
                 budget -= len(take)
@@ -278,7 +367,7 @@ class Engine:
         # one decode step for every request that has a token to feed
         active = [r for r in self._running if r.next_token is not None and not r.cancelled]
         if active:
-            logits = self.dec.decode([r.id for r in active], [r.next_token for r in active])
+            logits = self.dec.decode([r.seq for r in active], [r.next_token for r in active])
             for req, row in zip(active, logits):
                 req.next_token = None
                 self._accept(req, req.sampler(row, req.history))
@@ -296,7 +385,7 @@ class Engine:
         if stopped:
             req.stops.pending = ""
             return self._finish(req, "stop", flushed=True)
-        if st.completion_tokens >= req.params.max_tokens or self.dec.lengths[req.id] + 1 >= self.dec.context:
+        if st.completion_tokens >= req.params.max_tokens or self.dec.lengths[req.seq] + 1 >= self.dec.context:
             return self._finish(req, "length")
         req.next_token = token
 
@@ -315,8 +404,7 @@ class Engine:
                 req.out.put(tail)
         if req in self._running:
             with self._cv:  # stats() sums the decoder's sequence lengths under this lock
-                self._running.remove(req)
-                self.dec.remove_sequence(req.id)
+                self._release(req, keep=reason in ("stop", "length"))
         if error is not None:
             req.out.put(error)
         self.counters["finished"] += 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from edge.errors import EdgeJitError
-from edge.generate.engine import Engine, GenerationStats
+from edge.generate.engine import DEFAULT_PREFIX_CACHE_TOKENS, Engine, GenerationStats
 from edge.generate.sampler import SamplingParams
 
 
@@ -22,15 +22,18 @@ def check_text(text, what: str) -> None:
 
 class Generator:
     """Generation from a decoder artifact. Generations started from several threads are queued
-    and decoded together, up to `max_batch` at a time."""
+    and decoded together, up to `max_batch` at a time. The prefix cache keeps the KV of up to
+    `prefix_cache_tokens` tokens of finished generations (0: off), so that the next turn of a chat
+    prefills only what is new."""
 
     def __init__(self, artifact, *, context: int | None = None, threads: int | None = None, max_batch: int = 1, trust=None,
-                 jit=None, cache_dir=None, state_dir=None, listeners=()):
+                 jit=None, cache_dir=None, state_dir=None, listeners=(), prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS):
         from edge.generate.loader import load_decoder
 
         self.model = load_decoder(artifact, context=context, threads=threads, max_batch=max_batch, trust=trust,
-                                  jit=jit, cache_dir=cache_dir, state_dir=state_dir, listeners=listeners)
-        self.engine = Engine(self.model)
+                                  jit=jit, cache_dir=cache_dir, state_dir=state_dir, listeners=listeners,
+                                  extra_kv_tokens=prefix_cache_tokens)
+        self.engine = Engine(self.model, prefix_cache_tokens=prefix_cache_tokens)
         self.tokenizer = self.model.tokenizer
         self.template = self.model.template
         self.stats = GenerationStats()  # of the last generation started

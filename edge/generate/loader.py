@@ -13,7 +13,6 @@ from edge.errors import ArtifactError, EdgeJitError
 from edge.generate.chat_template import ChatTemplate
 from edge.generate.decoder import Decoder
 from edge.generate.tokenizer import Tokenizer
-from edge.runtime.module import load_library
 
 
 @dataclass
@@ -53,9 +52,14 @@ class _JitHost:
 
 
 def load_decoder(artifact, *, context: int | None = None, threads: int | None = None, max_batch: int = 1,
-                 trust=None, jit=None, cache_dir=None, state_dir=None, listeners=()) -> LoadedDecoder:
+                 trust=None, jit=None, cache_dir=None, state_dir=None, listeners=(), kv_tokens: int | None = None,
+                 extra_kv_tokens: int = 0) -> LoadedDecoder:
     """Load a decoder artifact. With `jit` (a JitPolicy, a policy file, or "default"), decode steps
-    are specialized by batch size in the background (edge/jit, docs/jit.md)."""
+    are specialized by batch size in the background (edge/jit, docs/jit.md). The KV cache holds
+    `kv_tokens` tokens in all (default: `context` for each of `max_batch` sequences, plus
+    `extra_kv_tokens`, e.g. the prefix cache's budget)."""
+    import tvm
+
     from edge import machine
 
     art = open_decoder_artifact(artifact, trust=trust)
@@ -66,13 +70,15 @@ def load_decoder(artifact, *, context: int | None = None, threads: int | None = 
     for name in (info.tokenizer.file, info.chat_template):
         if name and name not in art.manifest.files:
             raise ArtifactError(f"{art.path}: {name} is not listed (with its checksum) in the manifest")
-    lib = load_library(art.file("generic.so"))
+    lib = tvm.runtime.load_module(str(art.file("generic.so")))
     params = art.device_params()
     if len(params) != len(info.param_names):
         raise ArtifactError(f"{art.path}: params.npz has {len(params)} weights, the manifest names {len(info.param_names)}")
     threads = threads or machine.cores()
+    if kv_tokens is None:
+        kv_tokens = context * max_batch + int(extra_kv_tokens)
     decoder = Decoder(lib, params, info.config, context=context, max_batch=max_batch,
-                      prefill_chunk=info.prefill_chunk, threads=threads)
+                      prefill_chunk=info.prefill_chunk, threads=threads, kv_tokens=kv_tokens)
     decoder.name = art.name
     decoder.listeners = list(listeners)
     if jit is not None:
