@@ -52,6 +52,8 @@ class GenerationConfig:
     request_timeout_s: float = 300.0  # waiting + generating; then the request ends (KV freed)
     context: int = 0  # KV context per sequence in tokens; 0: the artifact's default context
     prefill_chunk: int = 0  # most prompt tokens per prefill step; 0: the artifact's
+    prefix_cache_tokens: int = 2048  # KV of finished sequences kept for repeated prefixes (tokens); 0: off
+    kv_cache_mb: float = 0.0  # KV memory in all (running + prefix cache); 0: max_seqs x context + prefix_cache_tokens
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,7 @@ _RANGES = {
     "generation": {
         "max_seqs": (1, True, 4096), "max_queue": (1, True, _LIMIT), "request_timeout_s": (0, False, _LIMIT),
         "context": (0, True, 1 << 24), "prefill_chunk": (0, True, 1 << 24),
+        "prefix_cache_tokens": (0, True, 1 << 24), "kv_cache_mb": (0, True, _LIMIT),
     },
 }
 

@@ -68,15 +68,17 @@ class GenerationModel:
     @classmethod
     def load(cls, path, *, context: int | None, max_seqs: int, max_queue: int, timeout_s: float,
              prefill_chunk: int | None, threads: int | None, trust, jit=None, cache_dir=None, state_dir=None,
-             listeners=()) -> "GenerationModel":
+             listeners=(), prefix_cache_tokens: int = 0, kv_cache_mb: float = 0) -> "GenerationModel":
         from edge.generate.engine import Engine
         from edge.generate.loader import load_decoder
 
         loaded = load_decoder(path, context=context or None, max_batch=max_seqs, threads=threads, trust=trust,
-                              jit=jit, cache_dir=cache_dir, state_dir=state_dir, listeners=listeners)
+                              jit=jit, cache_dir=cache_dir, state_dir=state_dir, listeners=listeners,
+                              kv_bytes=int(kv_cache_mb * 2**20) or None, extra_kv_tokens=prefix_cache_tokens)
         try:
             cls._check_logits(loaded)
-            engine = Engine(loaded, max_queue=max_queue, prefill_chunk=prefill_chunk or None, timeout_s=timeout_s)
+            engine = Engine(loaded, max_queue=max_queue, prefill_chunk=prefill_chunk or None, timeout_s=timeout_s,
+                            prefix_cache_tokens=prefix_cache_tokens)
         except BaseException:
             if loaded.decoder.specializer is not None:
                 loaded.decoder.specializer.close()

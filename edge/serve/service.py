@@ -198,6 +198,7 @@ class Daemon:
         try:
             return GenerationModel.load(path, context=g.context, max_seqs=g.max_seqs, max_queue=g.max_queue,
                                         timeout_s=g.request_timeout_s, prefill_chunk=g.prefill_chunk,
+                                        prefix_cache_tokens=g.prefix_cache_tokens, kv_cache_mb=g.kv_cache_mb,
                                         threads=self.cfg.threads or machine.cores(), trust=self._trust, **kwargs)
         finally:
             self.progress.end(task)
@@ -482,7 +483,8 @@ class Daemon:
             ("edgejit_generation_sequences_running", "sequences being generated (continuous batch)", [((("model", n),), st["running"]) for n, st in gen]),
             ("edgejit_generation_sequences_queued", "generation requests waiting for a sequence slot", [((("model", n),), st["queued"]) for n, st in gen]),
             ("edgejit_generation_kv_tokens_in_use", "tokens held in the KV cache by running sequences", [((("model", n),), st["kv_tokens_in_use"]) for n, st in gen]),
-            ("edgejit_generation_kv_bytes", "KV cache memory allocated (max_seqs x context)", [((("model", n),), st["kv_bytes_total"]) for n, st in gen]),
+            ("edgejit_generation_kv_bytes", "KV cache memory allocated (running sequences and the prefix cache)", [((("model", n),), st["kv_bytes_total"]) for n, st in gen]),
+            ("edgejit_generation_kv_bytes_in_use", "KV cache memory held by running and prefix-cached sequences", [((("model", n),), st["kv_bytes_in_use"]) for n, st in gen]),
             ("edgejit_generation_kv_bytes_in_use", "KV cache memory in use (running sequences and, with a prefix cache, retained prefixes)", [((("model", n),), g["kv_bytes"]) for n, g in gen_gauges]),
             ("edgejit_generation_prefix_cache_hits", "prompts that reused a cached prefix (since the model loaded)", [((("model", n),), g["prefix_hits"]) for n, g in gen_gauges if "prefix_hits" in g]),
             ("edgejit_generation_prefix_cache_lookups", "prompts looked up in the prefix cache (since the model loaded)", [((("model", n),), g["prefix_lookups"]) for n, g in gen_gauges if "prefix_lookups" in g]),
