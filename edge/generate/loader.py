@@ -11,7 +11,7 @@ from edge.artifact.trust import Trust
 from edge.errors import ArtifactError, EdgeJitError
 
 from edge.generate.chat_template import ChatTemplate
-from edge.generate.decoder import Decoder
+from edge.generate.decoder import Decoder, kv_bytes_per_token
 from edge.generate.tokenizer import Tokenizer
 
 
@@ -52,11 +52,11 @@ class _JitHost:
 
 
 def load_decoder(artifact, *, context: int | None = None, threads: int | None = None, max_batch: int = 1,
-                 trust=None, jit=None, cache_dir=None, state_dir=None, listeners=(), kv_tokens: int | None = None,
+                 trust=None, jit=None, cache_dir=None, state_dir=None, listeners=(), kv_bytes: int | None = None,
                  extra_kv_tokens: int = 0) -> LoadedDecoder:
     """Load a decoder artifact. With `jit` (a JitPolicy, a policy file, or "default"), decode steps
-    are specialized by batch size in the background (edge/jit, docs/jit.md). The KV cache holds
-    `kv_tokens` tokens in all (default: `context` for each of `max_batch` sequences, plus
+    are specialized by batch size in the background (edge/jit, docs/jit.md). The KV cache takes
+    `kv_bytes` in all (default: `context` tokens for each of `max_batch` sequences, plus
     `extra_kv_tokens`, e.g. the prefix cache's budget)."""
     import tvm
 
@@ -75,7 +75,9 @@ def load_decoder(artifact, *, context: int | None = None, threads: int | None = 
     if len(params) != len(info.param_names):
         raise ArtifactError(f"{art.path}: params.npz has {len(params)} weights, the manifest names {len(info.param_names)}")
     threads = threads or machine.cores()
-    if kv_tokens is None:
+    if kv_bytes:
+        kv_tokens = int(kv_bytes) // kv_bytes_per_token(info.config)
+    else:
         kv_tokens = context * max_batch + int(extra_kv_tokens)
     decoder = Decoder(lib, params, info.config, context=context, max_batch=max_batch,
                       prefill_chunk=info.prefill_chunk, threads=threads, kv_tokens=kv_tokens)

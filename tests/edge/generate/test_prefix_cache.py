@@ -168,10 +168,12 @@ def test_the_cache_stays_within_its_budget(model):
 def test_kv_memory_cap_queues_instead_of_failing(tiny_llamas):
     """A KV cache of one context (256 tokens = 16 pages) and 4 sequence slots: requests needing
     8 pages each run two at a time, the others wait in the queue, and all get their replies."""
-    from edge.generate.loader import load_decoder
+    from edge.generate.decoder import kv_bytes_per_token
+    from edge.generate.loader import load_decoder, open_decoder_artifact
 
     _, art = tiny_llamas["gqa_tied"]
-    small = load_decoder(art, context=256, max_batch=4, kv_tokens=256)
+    per_token = kv_bytes_per_token(open_decoder_artifact(art).manifest.decoder.config)
+    small = load_decoder(art, context=256, max_batch=4, kv_bytes=256 * per_token)
     prompts = [model_ids[:40] for model_ids in (small.tokenizer.encode(t) for t in _real_texts(4, seed=4))]
     want = _alone(small, prompts, 80)
     engine = Engine(small, prefix_cache_tokens=0)
@@ -189,7 +191,7 @@ def test_kv_memory_cap_queues_instead_of_failing(tiny_llamas):
     finally:
         engine.close()
     with pytest.raises(Exception, match="cannot hold one sequence"):
-        load_decoder(art, context=256, kv_tokens=100)
+        load_decoder(art, context=256, kv_bytes=100 * per_token)
 
 
 # -- the real SmolLM2 ---------------------------------------------------------------------------
