@@ -44,6 +44,9 @@ MODEL_PATH = re.compile(r"^/v1/models/([^/]+)(?:/(infer|reload))?/?$")
 OPENAI_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings"}
 
 
+STREAM_SNDBUF = 16 << 10  # bytes of SSE events the kernel may hold for a client that is not reading
+
+
 class HttpError(EdgeJitError):
     def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
@@ -633,7 +636,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def _stream_reply(self, name: str, handle, reply: Reply, include_usage: bool) -> int:
         """Server-Sent Events as OpenAI sends them, over a chunked HTTP/1.1 response. A write that
-        fails (the client went away) cancels the request: its KV is freed at the engine's next step."""
+        fails cancels the request (its KV is freed at the engine's next step): the client went away,
+        or it stopped reading and a write made no progress for idle_timeout_s. The engine never
+        waits for a reader (its pieces queue here), so a slow reader delays nobody else."""
+        # A small send buffer, so a client that reads nothing fills it (and is cut off) after a
+        # few KB of events instead of after the megabytes the kernel would buffer for it.
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
