@@ -8,7 +8,7 @@ them) and the rules schedule every PrimFunc that is not already scheduled.
 
 from __future__ import annotations
 
-from edge.kernels.target import tile_rows, vector_lanes
+from edge.kernels.target import decode_tile_rows, tile_rows, vector_lanes
 
 
 def optimize(mod, target, *, tuning=None):
@@ -37,7 +37,7 @@ def lower(mod, target):
 
     mod = attention.replace_attention_kernels(mod)
     with target:
-        mod = packing.rewrite_packed_dense(mod, tile_rows(target))
+        mod = packing.rewrite_packed_dense(mod, tile_rows(target), function_rows={"decode": decode_tile_rows(target)})
         mod = packing.rewrite_packed_gather(mod)
         mod = graph.expand_small_powers(mod)
         mod = graph.rewrite_softmax(mod, vector_lanes(target))

@@ -92,8 +92,11 @@ def _uses(func) -> dict:
     return {v: as_arg.get(v, []) + [None] * (n - len(as_arg.get(v, []))) for v, n in seen.items()}
 
 
-def rewrite_packed_dense(mod, rows: int):
-    """Build side: matmul(x, reshape(permute_dims(Wp))) -> call_tir(packed dense kernel)."""
+def rewrite_packed_dense(mod, rows: int, *, function_rows: dict[str, int] | None = None):
+    """Build side: matmul(x, reshape(permute_dims(Wp))) -> call_tir(packed dense kernel).
+
+    `rows`: the register tile's rows where the row count is symbolic; `function_rows` overrides it
+    per Relax function (a decoder's `decode`, whose rows are the few sequences decoding together)."""
     import tvm
     from tvm import relax
 
@@ -108,7 +111,7 @@ def rewrite_packed_dense(mod, rows: int):
             m = 1
             for d in x.ty.shape.values[:-1]:
                 m = m * int(d.value) if m is not None and hasattr(d, "value") else None
-            tile = min(rows, m) if m else rows  # a static batch of fewer rows: no wasted rows
+            tile = min(self.rows, m) if m else self.rows  # a static batch of fewer rows: no wasted rows
             quant = dequant_args(self, wp)
             if quant is not None:  # weight-only quantized: dequantized in the kernel's inner loop
                 return self.builder_.call_te(dense.compute_quant, x, *quant, tile, primfunc_name_hint="dense_quant")
@@ -128,6 +131,7 @@ def rewrite_packed_dense(mod, rows: int):
     rewriter = _Rewriter(mod)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
+            rewriter.rows = (function_rows or {}).get(gv.name_hint, rows)
             rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
     mod = rewriter.builder_.get()
     # Output-elementwise-fusable (a matmul): FuseOps then folds bias/activation/residual into it.

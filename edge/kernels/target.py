@@ -53,6 +53,15 @@ def tile_rows(target) -> int:
     return 4
 
 
+def decode_tile_rows(target) -> int:
+    """Rows of the dense register tile for a decode step with a symbolic number of sequences
+    (usually 1-8). Past the last row a tile re-reads that row, so an 8-row tile costs a single
+    sequence 8 rows of work. One Zen 5 core, SmolLM2's 576 x 3072 4-bit matrix, CPU time: 8 rows
+    163 us for 1-8 sequences; 4 rows 67 us for 1-4, 137 us for 8; 2 rows 51 us for 1-2, 204 us for 8.
+    JIT variants for the decode batch sizes seen get a tile of exactly their rows."""
+    return min(4, tile_rows(target))
+
+
 def tile_panels(target) -> int:
     """16-column weight panels per dense register tile (see tile_rows)."""
     return 2 if vector_bits(target) >= 512 else 1

@@ -4,6 +4,7 @@ variants; aarch64 builds; pre-scheduled functions are left alone; the thread cou
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -297,3 +298,33 @@ def test_set_threads_controls_parallelism():
     assert _busy_threads(run, 300) == 1
     set_threads(2)
     assert _busy_threads(run, 300) == 2
+
+
+def test_decode_gets_a_small_row_tile(tiny_llamas):
+    """A decoder's `decode` (rows: the few sequences decoding together) gets `decode_tile_rows`,
+    `prefill` (rows: the chunk's tokens) the full tile: an 8-row tile cost one sequence 8 rows."""
+    import tvm
+    from tvm import relax
+
+    _, artifact = next(iter(tiny_llamas.values()))
+    mod = tvm.ir.load_json((artifact / "module.json").read_text())
+    target = _tvm_target("x86-64-avx512")
+    assert (ktarget.tile_rows(target), ktarget.decode_tile_rows(target)) == (8, 4)
+    mod = packing.rewrite_packed_dense(mod, 8, function_rows={"decode": 4})
+
+    def tile_rows_called_by(name):
+        rows = set()
+
+        def visit(e):
+            if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir":
+                func = mod[e.args[0]]
+                if e.args[0].name_hint.startswith(("dense_quant", "dense_packed")):
+                    # the tile buffer [ceil(M / rows), panels, rows, 16]
+                    lines = [ln for ln in func.script().splitlines() if dense.BLOCK_NAME + " = T.sblock_alloc_buffer" in ln]
+                    rows.update(int(re.findall(r"(\d+)\)?, T\.int64\(16\)\)\)", ln)[-1]) for ln in lines)
+
+        relax.analysis.post_order_visit(mod[name].body, visit)
+        return rows
+
+    assert tile_rows_called_by("decode") == {4}
+    assert tile_rows_called_by("prefill") == {8}
