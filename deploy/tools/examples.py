@@ -255,7 +255,8 @@ def export_decoder_with_past(model, directory, *, exporter: str = "torchscript",
     ids = torch.randint(0, c.vocab_size, (batch, seq), generator=g)
     mask = torch.ones(batch, past_len + seq, dtype=torch.long)
     pos = torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous()
-    past = tuple(torch.randn(batch, kv_heads, past_len, head_dim, generator=g) for _ in range(2 * layers))
+    dtype = next(model.parameters()).dtype
+    past = tuple(torch.randn(batch, kv_heads, past_len, head_dim, generator=g).to(dtype) for _ in range(2 * layers))
     module = decoder_with_past_module(model)
     with tempfile.TemporaryDirectory() as td, torch.no_grad():
         raw = Path(td) / "model.onnx"

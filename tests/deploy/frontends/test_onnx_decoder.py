@@ -225,3 +225,20 @@ def test_gpt2_example_generates_text(smollm2_gguf, tmp_path):
     r = run("generate", art, "--raw-prompt", "Once upon a time", "--max-tokens", "8", "--ignore-eos", "--no-jit")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() and "generated 8 tokens" in r.stderr
+
+
+def test_fp16_graph_is_read_and_checked(smollm2_gguf, tmp_path):
+    """A graph exported in float16: weights read as fp32, the check runs ONNX Runtime in fp16
+    (within its looser tolerance) and the mapped weights are the fp16 values exactly."""
+    from deploy.frontends.onnx import decoder
+    from deploy.tools.examples import export_decoder_with_past
+    from tests.fixtures.hf_checkpoints import write_checkpoint, write_tokenizer
+
+    fx = write_checkpoint(tmp_path / "hf", "qwen2", smollm2_gguf, seed=6)
+    model = fx["model"].half()
+    export_decoder_with_past(model, tmp_path / "onnx")
+    write_tokenizer(tmp_path / "onnx", smollm2_gguf, eos_ids=[2])
+    d = decoder.read(tmp_path / "onnx", log=lambda *a: None)
+    assert d.arch == "qwen2" and d.source["check"]["max_rel_diff"] < 3e-2
+    want = model.state_dict()["model.layers.1.self_attn.k_proj.weight"].float().numpy()
+    np.testing.assert_array_equal(d.weights["model.layers.1.self_attn.k_proj.weight"], want)
