@@ -484,7 +484,6 @@ class Daemon:
             ("edgejit_generation_sequences_queued", "generation requests waiting for a sequence slot", [((("model", n),), st["queued"]) for n, st in gen]),
             ("edgejit_generation_kv_tokens_in_use", "tokens held in the KV cache by running sequences", [((("model", n),), st["kv_tokens_in_use"]) for n, st in gen]),
             ("edgejit_generation_kv_bytes", "KV cache memory allocated (running sequences and the prefix cache)", [((("model", n),), st["kv_bytes_total"]) for n, st in gen]),
-            ("edgejit_generation_kv_bytes_in_use", "KV cache memory held by running and prefix-cached sequences", [((("model", n),), st["kv_bytes_in_use"]) for n, st in gen]),
             ("edgejit_generation_kv_bytes_in_use", "KV cache memory in use (running sequences and, with a prefix cache, retained prefixes)", [((("model", n),), g["kv_bytes"]) for n, g in gen_gauges]),
             ("edgejit_generation_prefix_cache_hits", "prompts that reused a cached prefix (since the model loaded)", [((("model", n),), g["prefix_hits"]) for n, g in gen_gauges if "prefix_hits" in g]),
             ("edgejit_generation_prefix_cache_lookups", "prompts looked up in the prefix cache (since the model loaded)", [((("model", n),), g["prefix_lookups"]) for n, g in gen_gauges if "prefix_lookups" in g]),
