@@ -63,7 +63,8 @@ class _DeadlineReader(io.RawIOBase):
     """The connection's read side, with two clocks: while it waits for a request's first byte, an
     idle timeout (keep-alive); from that byte on, a deadline for the whole request head and body,
     however slowly it trickles in (a client sending a byte every few seconds is cut off all the
-    same). Writes keep the idle timeout."""
+    same). Writes keep the idle timeout. While it waits or reads, the server may evict it to make
+    room for a new connection (`evict()`): its read then fails at once."""
 
     def __init__(self, sock, idle_s: float, read_s: float):
         self.sock, self.idle_s, self.read_s = sock, idle_s, read_s
@@ -71,13 +72,24 @@ class _DeadlineReader(io.RawIOBase):
         self.reading = True  # False once the request is read: reads then use the socket's timeout
         self.expired = False
         self.got_bytes = False
+        self.since = time.monotonic()  # when it began waiting for, or reading, this request
+        self.evicted = False
 
     def readable(self) -> bool:
         return True
 
     def next_request(self) -> None:
         self.deadline, self.reading, self.expired, self.got_bytes = None, True, False, False
+        self.since = time.monotonic()
         self.sock.settimeout(self.idle_s)
+
+    def evict(self) -> None:
+        """Close the read side (from the accepting thread): a blocked read returns at once."""
+        self.evicted = True
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
 
     def request_read(self) -> None:
         """The request is read: what follows (the reply) is not under the read deadline."""
@@ -100,7 +112,11 @@ class _DeadlineReader(io.RawIOBase):
             raise
         finally:
             self.sock.settimeout(self.idle_s)
+        if self.evicted:
+            raise ConnectionAbortedError("closed to make room for another connection")
         if n:
+            if not self.got_bytes:
+                self.since = time.monotonic()
             self.got_bytes = True
             if self.deadline is None:
                 self.deadline = time.monotonic() + self.read_s
@@ -128,11 +144,24 @@ class Server(ThreadingHTTPServer):
         self.service = service
         self._connections = 0
         self._conn_lock = threading.Lock()
+        self._readers: dict[int, _DeadlineReader] = {}  # open connections' read sides, by fd
         super().__init__(address, Handler)
 
     def process_request(self, request, client_address):
+        """Admit a connection. When every slot is taken, the connection that has waited longest
+        without a whole request (idle keep-alive first, then one still trickling its request in)
+        is closed to make room: slow clients cannot hold slots that requests ready to run need.
+        Only when every connection has a request in progress is the new one turned away (503)."""
         with self._conn_lock:
-            full = self._connections >= self.service.cfg.server.max_connections
+            evicting = sum(1 for r in self._readers.values() if r.evicted)
+            full = self._connections - evicting >= self.service.cfg.server.max_connections
+            if full:
+                victim = min((r for r in self._readers.values() if r.reading and not r.evicted),
+                             key=lambda r: (r.got_bytes, r.since), default=None)
+                if victim is not None:
+                    victim.evict()
+                    self.service.metrics.count_rejected("evicted_idle" if not victim.got_bytes else "evicted_slow")
+                    full = False
             if not full:
                 self._connections += 1
         if full:
@@ -155,6 +184,11 @@ class Server(ThreadingHTTPServer):
         finally:
             with self._conn_lock:
                 self._connections -= 1
+                self._readers.pop(id(request), None)
+
+    def register(self, request, reader: "_DeadlineReader") -> None:
+        with self._conn_lock:
+            self._readers[id(request)] = reader
 
     def handle_error(self, request, client_address):
         """A client that resets its connection (e.g. one that walked away from a stream) is not a
@@ -189,6 +223,7 @@ class Handler(BaseHTTPRequestHandler):
         super().setup()
         self._reader = _DeadlineReader(self.connection, srv.idle_timeout_s, srv.read_timeout_s)
         self.rfile = io.BufferedReader(self._reader, 1 << 16)
+        self.server.register(self.request, self._reader)
 
     def handle_one_request(self):
         """http.server's, with a deadline on reading the request and JSON answers for what it
@@ -202,6 +237,16 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         except (ConnectionError, ValueError):  # the client went away (ValueError: I/O on a closed file)
             self.close_connection = True
+            if self._reader.evicted:  # closed to make room: a half-sent request is told why
+                access_log.info("%s: connection closed to make room (%s)", self.client_address[0],
+                                "mid-request" if self._reader.got_bytes else "idle")
+                if self._reader.got_bytes and not self._responded:
+                    try:
+                        self._raw_error(503, "too many open connections: this slow request was closed to make room; retry",
+                                        {"Retry-After": "1"})
+                    except OSError:
+                        pass
+                return
             access_log.debug("%s: connection closed by the client", self.client_address[0])
             return
         if self._reader.expired and not self._responded:
@@ -279,6 +324,8 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
     def _dispatch(self, method: str) -> None:
+        if self.headers.get("Content-Length") is None and "Transfer-Encoding" not in self.headers:
+            self._reader.request_read()  # no body to wait for: the request is here, work on it
         try:
             self._dispatch1(method)
         except (ConnectionError, TimeoutError, ValueError) as e:  # the client went away / stopped reading
@@ -337,6 +384,9 @@ class Handler(BaseHTTPRequestHandler):
         except (ConnectionError, TimeoutError):  # the client went away (or stopped reading the reply)
             self.close_connection = True
             status = 499
+            if self._reader.evicted and not self._responded:  # its body trickled in too slowly, and a slot was needed
+                status = self._error(503, "too many open connections: this slow request was closed to make room; retry",
+                                     {"Retry-After": "1"})
         except Exception as e:  # a bug: report it, keep serving
             log.exception("internal error on %s %s", method, path)
             status = self._error(500, f"internal error: {type(e).__name__}: {e}")

@@ -318,3 +318,54 @@ def test_reload_needs_the_admin_token_when_one_is_set(tiny_artifact, reference, 
         serves_correctly(d, reference)  # inference needs no token
         assert 'edgejit_rejected_total{reason="unauthorized"} 8.0' in d.get("/metrics")[1]
     assert "Traceback" not in d.log()
+
+
+# -- case 2: slots for real work that slow clients cannot take ----------------------------------------
+def _reply(sock, timeout: float) -> bytes:
+    """What the daemon sent on this socket until it closed it ('' if it sent nothing in `timeout`)."""
+    sock.settimeout(timeout)
+    reply = b""
+    try:
+        while chunk := sock.recv(65536):
+            reply += chunk
+    except TimeoutError:
+        pass
+    return reply
+
+
+def test_slow_and_idle_connections_make_room_for_real_requests(tiny_artifact, reference, tmp_path):
+    """Every connection slot held by clients that trickle their requests in (well within a long
+    read deadline): a new client's request is still served at once, by closing the connection that
+    has waited longest without a whole request, which is told so (503 JSON); an idle keep-alive
+    connection goes before any slow one (closed without a reply)."""
+    slots = 4
+    port = free_port()
+    cfg = write_config(tmp_path / "daemon.toml", {"tiny": tiny_artifact},
+                       server={"port": port, "max_connections": slots, "read_timeout_s": 120.0, "idle_timeout_s": 120.0})
+    with DaemonProcess(cfg, port, tmp_path / "daemon.log") as d:
+        slow = []
+        for _ in range(slots):
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            s.sendall(b"POST /v1/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"inp")
+            slow.append(s)
+            time.sleep(0.1)
+        time.sleep(0.3)
+        start = time.monotonic()
+        serves_correctly(d, reference)  # all slots held by slow clients: the oldest one makes room
+        assert time.monotonic() - start < 5
+        head, _, body = _reply(slow[0], 5).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and b"Connection: close" in head and b"Retry-After: 1" in head, head
+        assert_json_error(503, json.loads(body), 503, "closed to make room")
+        idle = d.conn()  # a keep-alive connection, idle after its request: full again
+        idle.request("GET", "/health")
+        assert idle.getresponse().read()
+        serves_correctly(d, reference)  # the idle connection goes first, though the slow ones are older
+        assert _reply(idle.sock, 5) == b""
+        assert all(_reply(s, 0.5) == b"" for s in slow[1:])  # still open, still waiting
+        for s in slow:
+            s.close()
+        idle.close()
+        rejected = {k: v for k, v in d.metrics().items() if k.startswith("edgejit_rejected_total")}
+        assert rejected['edgejit_rejected_total{reason="evicted_slow"}'] >= 1, rejected
+        assert rejected['edgejit_rejected_total{reason="evicted_idle"}'] >= 1, rejected  # (connections closing meanwhile may count too)
+    assert "Traceback" not in d.log()
