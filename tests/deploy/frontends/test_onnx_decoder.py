@@ -124,6 +124,25 @@ def _graph(path: Path, inputs: list[str], outputs: list[str]) -> Path:
     return path
 
 
+def _merged(path: Path) -> Path:
+    """A graph shaped like optimum's merged decoder: an If on use_cache_branch."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def vi(name, t=TensorProto.FLOAT, shape=("batch", 2, "past", 16)):
+        return helper.make_tensor_value_info(name, t, list(shape))
+
+    branch = [helper.make_graph([helper.make_node("Identity", ["past_key_values.0.key"], [y])], y, [], [vi(y)]) for y in ("a", "b")]
+    nodes = [helper.make_node("If", ["use_cache_branch"], ["logits"], then_branch=branch[0], else_branch=branch[1], name="optimum::if"),
+             helper.make_node("Identity", ["past_key_values.0.key"], ["present.0.key"]),
+             helper.make_node("Identity", ["past_key_values.0.value"], ["present.0.value"])]
+    inputs = [vi("input_ids", TensorProto.INT64, ("batch", "seq")), vi("past_key_values.0.key"), vi("past_key_values.0.value"),
+              vi("use_cache_branch", TensorProto.BOOL, (1,))]
+    g = helper.make_graph(nodes, "merged", inputs, [vi("logits"), vi("present.0.key"), vi("present.0.value")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
 def _bad_inputs(tmp: Path, good: Path, bert_onnx) -> dict:
     def copy(name, edit=None, drop=()):
         d = tmp / name
@@ -150,6 +169,8 @@ def _bad_inputs(tmp: Path, good: Path, bert_onnx) -> dict:
                       [], "half_past.onnx: past_key_values.0.key/value missing"),
         "not_a_model": (_graph(tmp / "identity.onnx", ["input_ids", *past], ["logits", "present.0.key", "present.0.value"]),
                         [], "identity.onnx: the graph's 0 linear layers do not form a Llama / Qwen2 / Mistral or GPT-2 decoder"),
+        "merged": (_merged(tmp / "decoder_model_merged.onnx"), [],
+                   "decoder_model_merged.onnx: control flow (If at node 'optimum::if', e.g. optimum's merged decoder) is not read"),
         "config_disagrees": (copy("heads", lambda c: c.update(num_attention_heads=2, head_dim=16)), [],
                              "config.json: num_attention_heads is 2, but the graph model.onnx has 4"),
         "architecture": (copy("arch", lambda c: c.update(architectures=["GPTNeoXForCausalLM"])), [],
@@ -176,7 +197,8 @@ def test_compile_bad_graph_fails_with_one_line(bad_inputs, case, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("case", ["foreign_input", "no_present", "half_past", "not_a_model", "architecture", "no_tokenizer"])
+@pytest.mark.parametrize("case", ["foreign_input", "no_present", "half_past", "not_a_model", "merged", "architecture",
+                                  "no_tokenizer"])
 def test_bad_graph_is_refused_in_one_line(bad_inputs, case, tmp_path):
     from edge.errors import ModelError
 

@@ -183,7 +183,6 @@ class Mapped:
 
 
 def map_graph(g: Graph) -> Mapped:
-    layers, kv_heads, head_size = g.check_signature()
     for n in g.nodes:
         if n.domain not in ("", "ai.onnx"):
             raise ModelError(f"{g.name}: operator {n.domain}.{n.op_type} at node '{n.name}' (an ONNX Runtime-optimized or "
@@ -191,6 +190,7 @@ def map_graph(g: Graph) -> Mapped:
         if n.op_type in ("If", "Loop", "Scan"):
             raise ModelError(f"{g.name}: control flow ({n.op_type} at node '{n.name}', e.g. optimum's merged decoder) is not "
                              "read: use the decoder with past key values on its own (model.onnx / decoder_with_past_model.onnx)")
+    layers, kv_heads, head_size = g.check_signature()
     linears = find_linears(g)
     gs = groups(linears)
     sizes = [len(x) for x in gs]
