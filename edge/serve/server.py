@@ -144,7 +144,7 @@ class Server(ThreadingHTTPServer):
         self.service = service
         self._connections = 0
         self._conn_lock = threading.Lock()
-        self._readers: dict[int, _DeadlineReader] = {}  # open connections' read sides, by fd
+        self._readers: dict[int, _DeadlineReader] = {}  # open connections' read sides, by socket
         super().__init__(address, Handler)
 
     def process_request(self, request, client_address):
