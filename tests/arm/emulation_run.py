@@ -17,6 +17,7 @@ JIT_TARGET, JIT_SEQ = "rpi5", 24
 # SmolLM2's vocabulary) compiled for the host and rpi5; greedy tokens on the Cortex-A76 model.
 DECODER = "tiny_llama"
 QDECODER = "tiny_llama_q4_1"  # the same shape with Q4_1 weights: the weight-only 4-bit kernels on ARM
+GPT2_DECODER = "tiny_gpt2"  # GPT-2 as llama.cpp writes it (tests/fixtures/gguf_gpt2.py): positions, LayerNorm, GELU
 GENERATION_TARGETS = ("rpi5",)
 PROMPTS = arm_emulation.DEFAULT_PROMPTS  # plain text and a ChatML turn, SmolLM2 token ids
 NEW_TOKENS = 16
@@ -25,6 +26,7 @@ summaries: list[str] = []  # printed at the end of the pytest run (tests/arm/con
 
 
 def run(request, tmp_path_factory) -> arm_emulation.Report:
+    from tests.fixtures.gguf_gpt2 import write_gpt2_checkpoint, write_gpt2_gguf
     from tests.fixtures.gguf_llama import write_llama_gguf
 
     models = {name.removesuffix("_onnx"): request.getfixturevalue(name) for name in MODELS}
@@ -32,10 +34,13 @@ def run(request, tmp_path_factory) -> arm_emulation.Report:
     vocab = request.getfixturevalue("smollm2_gguf")
     gguf = write_llama_gguf(gguf_dir / f"{DECODER}.gguf", vocab)
     qgguf = write_llama_gguf(gguf_dir / f"{QDECODER}.gguf", vocab, seed=4, weight_type="Q4_1", embed_type="Q8_0")
+    gpt2_model = write_gpt2_checkpoint(gguf_dir / "gpt2", vocab, seed=1)["model"]
+    gpt2 = write_gpt2_gguf(gguf_dir / f"{GPT2_DECODER}.gguf", gpt2_model, vocab)
     start = time.perf_counter()
     report = arm_emulation.verify(
         models, tmp_path_factory.mktemp("arm"), targets=TARGETS, precisions=PRECISIONS, lengths=LENGTHS,
-        jit_target=JIT_TARGET, jit_seq=JIT_SEQ, decoders={DECODER: gguf["path"], QDECODER: qgguf["path"]}, prompts=PROMPTS,
+        jit_target=JIT_TARGET, jit_seq=JIT_SEQ, prompts=PROMPTS,
+        decoders={DECODER: gguf["path"], QDECODER: qgguf["path"], GPT2_DECODER: gpt2},
         new_tokens=NEW_TOKENS, generation_targets=GENERATION_TARGETS, log=lambda *a, **k: None,
     )
     report.timings["total"] = time.perf_counter() - start
