@@ -632,6 +632,7 @@ class Handler(BaseHTTPRequestHandler):
                 svc._done()
             return name, status
         finally:
+            self._gen_runtime = None  # a keep-alive connection must not hold a swapped-out version
             svc.registry.release(name, version)
 
     def _watch_disconnect(self, handle) -> None:
