@@ -150,15 +150,11 @@ def _forward_hits(g: Graph, lin: Linear, linear_nodes: set) -> set:
     while todo:
         t = todo.popleft()
         for n, slot in g.consumers.get(t, []):
-            if id(n) in seen and n.op_type != "MatMul":
-                continue
-            if n.op_type == "Shape" or id(n) in linear_nodes:
-                continue
-            if n.op_type == "MatMul":
+            if n.op_type == "MatMul" and id(n) not in linear_nodes:
                 hits.add((id(n), slot))
-                continue
-            seen.add(id(n))
-            todo.extend(n.output)
+            elif n.op_type != "Shape" and id(n) not in linear_nodes and id(n) not in seen:
+                seen.add(id(n))
+                todo.extend(n.output)
     return hits
 
 
@@ -194,7 +190,7 @@ def map_graph(g: Graph) -> Mapped:
     linears = find_linears(g)
     gs = groups(linears)
     sizes = [len(x) for x in gs]
-    if sizes[:1] == [3] and sizes == [3, 1, 2, 1] * layers + [1]:
+    if sizes == [3, 1, 2, 1] * layers + [1]:
         return _llama(g, gs, layers, kv_heads, head_size, set(id(lin.node) for lin in linears))
     if sizes == [1, 1, 1, 1] * layers + [1] and gs[0][0].shape[0] == 3 * gs[0][0].shape[1]:
         return _gpt2(g, gs, layers, kv_heads, head_size)
