@@ -57,7 +57,6 @@ def _is_gguf(path: str) -> bool:
 
 def main(args) -> int:
     import os
-    import sys
 
     from deploy.frontends.onnx.decoder import kind as graph_kind
 
@@ -76,10 +75,6 @@ def main(args) -> int:
     if args.context is not None:
         raise EdgeJitError("--context applies to GGUF models, Hugging Face checkpoint directories and ONNX decoders with past "
                            "key values (text generation)")
-    if onnx_kind == "without_past":
-        print(f"note: {os.path.basename(args.model)} has no past_key_values inputs: compiled as a tensor model (input_ids -> "
-              "logits at every position, `edgejit run`), not for text generation; export it with past key values "
-              "(optimum: --task text-generation-with-past) to generate with a KV cache (docs/models.md)", file=sys.stderr)
     compile_model(
         args.model, args.target, args.output, name=args.name, precision=args.precision or "fp32",
         max_seq=args.max_seq, seq_dim=args.seq_dim, force=args.force, sign=args.sign,
@@ -88,4 +83,8 @@ def main(args) -> int:
         min_accuracy=args.min_accuracy, accept_accuracy=args.accept_accuracy,
         tune=args.tune, tune_lengths=args.tune_lengths, tune_dir=args.tune_dir,
     )
+    if onnx_kind == "without_past":
+        print(f"note: {os.path.basename(args.model)} has no past_key_values inputs: compiled as a tensor model (input_ids -> "
+              "logits at every position, `edgejit run`), not for text generation; export it with past key values "
+              "(optimum: --task text-generation-with-past) to generate with a KV cache (docs/models.md)")
     return 0

@@ -213,8 +213,9 @@ def test_bad_graph_is_refused_in_one_line(bad_inputs, case, tmp_path):
 
 
 def test_a_decoder_without_past_gets_a_clear_message(gpt2_onnx, tmp_path):
-    """`edgejit compile` keeps a graph without past as a tensor model (and says so); asked to compile
-    it for generation, the decoder compile refuses it in one line."""
+    """`edgejit compile` keeps a graph without past as a tensor model and says so (`edgejit generate`
+    then refuses the artifact); asked to compile it for generation, the decoder compile refuses it in
+    one line."""
     from edge.errors import ModelError
 
     from deploy.compiler.decoder import compile_decoder
@@ -225,6 +226,19 @@ def test_a_decoder_without_past_gets_a_clear_message(gpt2_onnx, tmp_path):
                                          r"--task text-generation-with-past\)"):
         compile_decoder(gpt2_onnx, "host", tmp_path / "out", log=lambda *a: None)
     assert not (tmp_path / "out").exists()
+
+    import subprocess
+    import sys
+
+    from tests.fixtures.cli import ROOT
+
+    run = lambda *a: subprocess.run([sys.executable, "-m", "edge.cli", *map(str, a)], capture_output=True, text=True,  # noqa: E731
+                                    timeout=600, cwd=ROOT)
+    r = run("compile", gpt2_onnx, "-o", tmp_path / "tensor")
+    assert r.returncode == 0, r.stderr
+    assert "note: model.onnx has no past_key_values inputs: compiled as a tensor model" in r.stdout
+    r = run("generate", tmp_path / "tensor", "--raw-prompt", "hi")
+    assert r.returncode == 1 and "not a text-generation model" in r.stderr.strip().splitlines()[-1], r.stderr
 
 
 def test_gpt2_example_generates_text(smollm2_gguf, tmp_path):
