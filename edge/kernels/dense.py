@@ -116,7 +116,12 @@ def _tiled(x, panels, k_dim, n, rows: int, weight):
 def schedule(sch, block, *, lanes: int, panels: int = 1) -> None:
     """Schedule the dense tile block and everything after it (its layout block and the fused
     elementwise epilogue: bias, activation, residual) in place. The register tile is
-    `rows x (panels * n)`: with 2 panels every broadcast row value feeds two FMAs."""
+    `rows x (panels * n)`: with 2 panels every broadcast row value feeds two FMAs.
+
+    A tile of few rows (a decode step) has too few accumulators to hide the FMA latency: one row x
+    2 panels is 2 dependency chains as long as K. The K loop is then split into `KCHAINS // tile`
+    interleaved partial sums (rfactor), added up once at the end. 576 x 3072 4-bit, one Zen 5 core,
+    CPU time: 1 row 49 -> 37 us, 2 rows 50 -> 44 us."""
     after = _blocks_after(sch, block)
     for b in after[:-1]:
         try:
@@ -124,17 +129,43 @@ def schedule(sch, block, *, lanes: int, panels: int = 1) -> None:
         except Exception:  # e.g. shapes FuseTIR left in a form the inliner can't match: own loop
             _schedule_elementwise(sch, b, lanes)
     q, jo, mi, ji, k = sch.get_loops(block)
-    if panels > 1 and int(sch.get(jo).extent) % panels == 0:
+    panels = panels if panels > 1 and int(sch.get(jo).extent) % panels == 0 else 1
+    rows = int(sch.get(mi).extent)
+    split = _k_split(rows * panels, sch.get(k).extent)
+    if split > 1:
+        ko, kl = sch.split(k, factors=[None, split])
+        final, block = block, sch.rfactor(kl, factor_axis=0)
+        q, jo, mi, ji, k, kl = sch.get_loops(block)
+    if panels > 1:
         jo, jp = sch.split(jo, factors=[None, panels])
-        sch.reorder(jo, q, k, mi, jp, ji)
+        sch.reorder(jo, q, k, *([kl] if split > 1 else []), mi, jp, ji)
         sch.unroll(jp)
     else:
-        sch.reorder(jo, q, k, mi, ji)
+        sch.reorder(jo, q, k, *([kl] if split > 1 else []), mi, ji)
+    if split > 1:
+        sch.unroll(kl)
+        sch.reverse_compute_at(final, q)  # the partial sums added up per tile, still in registers
+        loops = sch.get_loops(final)
+        inner = loops[[sch.get(lp).same_as(sch.get(q)) for lp in loops].index(True) + 1:]
+        fji = next(lp for lp in inner if int(sch.get(lp).extent) == int(sch.get(ji).extent))
+        fkl = next(lp for lp in inner if int(sch.get(lp).extent) == split)
+        sch.reorder(fkl, fji)
+        sch.vectorize(fji)
     sch.unroll(mi)
     sch.vectorize(ji)
     sch.parallel(jo)
     _schedule_elementwise(sch, after[-1], lanes)
     sch.decompose_reduction(block, k)
+
+
+KCHAINS = 4  # independent accumulators a tile needs to keep the FMA units busy (measured on Zen 5)
+
+
+def _k_split(accumulators: int, k_extent) -> int:
+    if accumulators >= KCHAINS or not hasattr(k_extent, "value"):
+        return 1
+    split = KCHAINS // accumulators
+    return split if int(k_extent) % split == 0 else 1
 
 
 def _schedule_elementwise(sch, block, lanes: int) -> None:
