@@ -26,9 +26,11 @@ built with other flags.
     CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" CXXFLAGS="$CFLAGS" CMAKE_ARGS="-DLLAVA_BUILD=OFF" \\
         pip install --no-binary llama-cpp-python --no-cache-dir -e ".[bench]"
 
-Our weights are fp32 today (the GGUF is dequantized on the host), so for every --formats entry
-edgejit runs the same fp32 arithmetic on that file's (dequantized) values; only llama.cpp's cost
-changes with the format.
+edgejit keeps Q4_0/Q4_1/Q8_0 weights quantized (weight-only kernels, fp32 activations); other types
+are dequantized to fp32 on the host. It runs as `edgejit chat`/`generate` and the daemon run it: with the
+JIT on, so decode steps of one sequence run on the JIT's batch-1 variant once it is compiled (the
+worker waits for it before measuring; `--no-jit` measures the generic module alone). Prefill always
+runs on the generic module.
 """
 
 from __future__ import annotations
@@ -170,10 +172,29 @@ def _say(**msg) -> None:
 
 
 class EdgejitEngine:
-    def __init__(self, model: str, threads: int):
+    def __init__(self, model: str, threads: int, jit_cache: str | None = None):
         from edge.generate.loader import load_decoder
 
-        self.dec = load_decoder(model, context=N_CTX, threads=threads).decoder
+        jit = dict(jit="default", cache_dir=jit_cache) if jit_cache else {}
+        self.dec = load_decoder(model, context=N_CTX, threads=threads, **jit).decoder
+
+    def warm_jit(self, timeout_s: float = 600.0) -> float:
+        """Decode steps of one sequence until the JIT serves them from its batch-1 variant (compiled
+        in the background, or loaded from the disk cache); returns the seconds it took."""
+        dec = self.dec
+        t = time.perf_counter()
+        dec.add_sequence(0)
+        try:
+            tok = int(np.argmax(dec.prefill([0], [[504] * 16])[0]))
+            while dec.specializer.route(1, {"num_seqs": 1}) is None:
+                if time.perf_counter() - t > timeout_s:
+                    raise RuntimeError("the JIT did not compile the batch-1 decode variant in time")
+                tok = int(np.argmax(dec.decode([0], [tok])[0]))
+                dec.pop_tokens(0, 1)
+                time.sleep(0.05)
+        finally:
+            dec.remove_sequence(0)
+        return time.perf_counter() - t
 
     def prefill(self, ids):
         self.dec.add_sequence(0)
@@ -231,7 +252,7 @@ class LlamaEngine:
         return ttft, time.perf_counter() - t1, toks
 
 
-def worker(engine: str, model: str, threads: int, load_only: bool) -> int:
+def worker(engine: str, model: str, threads: int, load_only: bool, jit_cache: str | None = None) -> int:
     sys.stdout = sys.stderr  # the protocol owns the real stdout
     if engine == "edgejit":
         import tvm  # noqa: F401  (imports are not load time)
@@ -244,11 +265,13 @@ def worker(engine: str, model: str, threads: int, load_only: bool) -> int:
         cls = LlamaEngine
     base = _status()
     t = time.perf_counter()
-    eng = cls(model, threads)
+    eng = cls(model, threads, jit_cache) if cls is EdgejitEngine else cls(model, threads)
     load_s = time.perf_counter() - t
     _say(load_s=load_s, base_hwm=base["VmHWM"], **_status())
     if load_only:
         return 0
+    if jit_cache and cls is EdgejitEngine:
+        print(f"edgejit worker: JIT batch-1 decode variant ready after {eng.warm_jit():.1f} s", file=sys.stderr, flush=True)
     for line in sys.stdin:
         req = json.loads(line)
         op = req["op"]
@@ -268,10 +291,12 @@ def worker(engine: str, model: str, threads: int, load_only: bool) -> int:
 
 
 class Worker:
-    def __init__(self, engine: str, model: Path, threads: int, load_only: bool = False):
+    def __init__(self, engine: str, model: Path, threads: int, load_only: bool = False, jit_cache: Path | None = None):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", engine, "--model", str(model), "--threads", str(threads)]
         if load_only:
             cmd.append("--load-only")
+        if jit_cache and engine == "edgejit":
+            cmd += ["--jit-cache", str(jit_cache)]
         self.engine = engine
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         self.ready = self.read()
@@ -451,7 +476,7 @@ def med(xs) -> float:
 
 
 def run_block(fmt: str, gguf_path: Path, art: Path, threads: int, reps: int, reply_reps: int, n_decode: int,
-              load_reps: int, ids: dict, chat: list[int], log) -> dict:
+              load_reps: int, ids: dict, chat: list[int], log, jit_cache: Path | None) -> dict:
     """Both engines at `threads` threads on one file, interleaved; returns the raw samples."""
     engines = ("edgejit", "llama.cpp")
     model = {"edgejit": art, "llama.cpp": gguf_path}
@@ -467,7 +492,7 @@ def run_block(fmt: str, gguf_path: Path, art: Path, threads: int, reps: int, rep
             w.p.wait(60)
     workers = {}
     for e in engines:
-        workers[e] = Worker(kind[e], model[e], threads)
+        workers[e] = Worker(kind[e], model[e], threads, jit_cache=jit_cache)
         res[e]["load"].append(workers[e].ready["load_s"])
         res[e]["load_hwm"].append(workers[e].ready["VmHWM"])
     try:
@@ -507,10 +532,12 @@ def main() -> int:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate.md"))
     ap.add_argument("--worker", choices=["edgejit", "llama"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--no-jit", action="store_true", help="edgejit without its JIT: every decode step on the generic module")
     ap.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--jit-cache", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker, args.model, args.threads[0], args.load_only)
+        return worker(args.worker, args.model, args.threads[0], args.load_only, args.jit_cache)
 
     try:
         import llama_cpp
@@ -549,7 +576,8 @@ def main() -> int:
     for fmt in args.formats:
         for th in args.threads:
             log(f"{fmt}, {th} thread(s): load {os.getloadavg()[0]:.2f}")
-            results[(fmt, th)] = run_block(fmt, files[fmt], arts[fmt], th, reps, reply_reps, n_decode, load_reps, ids, chat, log)
+            jit_cache = None if args.no_jit else work / f"jit-cache-{fmt}-{th}"
+            results[(fmt, th)] = run_block(fmt, files[fmt], arts[fmt], th, reps, reply_reps, n_decode, load_reps, ids, chat, log, jit_cache)
     for th in args.threads:
         bw[th] += bandwidth(work, th)
     log("profiling one edgejit decode step")
@@ -560,12 +588,14 @@ def main() -> int:
     theirs = {fmt: gguf_summary(files[fmt]) for fmt in args.formats}
     loads = [la for r in results.values() for la in r["loadavg"]]
     MiB = 2**20
+    jit_arg = "" if args.no_jit else ", jit='default'"
     L = []
     L.append(
         f"SmolLM2-135M-Instruct (30 layers, hidden 576, vocab 49152, tied embedding) from the bundled GGUF"
         f"{' and copies rewritten from it with gguf-py' if len(args.formats) > 1 else ''}. edgejit: the file compiled with "
-        f"`compile_decoder(..., 'host', context={N_CTX})`, fp32 weights (dequantized on the host), `load_decoder(threads=N)`, "
-        f"the Decoder's prefill/decode. llama.cpp: llama-cpp-python {llama_cpp.__version__} built from source "
+        f"`compile_decoder(..., 'host', context={N_CTX})`, Q4_0/Q4_1/Q8_0 weights kept quantized (others dequantized "
+        f"on the host), `load_decoder(threads=N{jit_arg})`, the Decoder's prefill/decode"
+        f"{' (generic module only: --no-jit)' if args.no_jit else '; decode on the JIT batch-1 variant, which the worker waits for before measuring'}. llama.cpp: llama-cpp-python {llama_cpp.__version__} built from source "
         f"(no-AMX CFLAGS, docs/generation.md \"Speed\"), `Llama(path, n_threads=N, n_threads_batch=N, n_ctx={N_CTX})`, "
         "`eval()` of the same token ids. Both greedy (numpy argmax of the fp32 logits), EOS ignored, each engine in its own "
         f"process, measurements interleaved (who goes first alternates). Medians of {reps} (prefill), {reply_reps} "
