@@ -28,7 +28,7 @@ class Decoder:
                  prefill_chunk: int = 512, threads: int | None = None, kv_tokens: int | None = None):
         import tvm
         import tvm_ffi
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # tvm.relax needs the compiler library
 
         from edge.runtime.module import set_threads
 
@@ -36,7 +36,7 @@ class Decoder:
             set_threads(threads)
         self.config = config
         self.threads = threads
-        self.vm = relax.VirtualMachine(lib, tvm.cpu())
+        self.vm = VirtualMachine(lib, tvm.cpu())
         self.params = params
         self.context = int(context)
         self.max_batch = int(max_batch)  # sequences per forward call (the decode batch)
