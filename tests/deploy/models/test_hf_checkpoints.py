@@ -2,7 +2,8 @@
 transformers on the same model object: tiny random-weight models written by transformers'
 save_pretrained (fp32 / bf16 / fp16, one file or shards with their index, tied and untied heads,
 llama3 RoPE scaling, q/k/v biases, a sliding window), compiled once per session; greedy tokens
-equal for 32 steps on three prompts, logits close; the same weights as GGUF give the same tokens;
+equal for 32 steps on three prompts, logits close; the same weights as GGUF (Llama, Qwen2, and
+Mistral as llama.cpp writes it: general.architecture llama) give the same tokens;
 bad directories fail with one line through the real CLI."""
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ CHECKPOINTS = {
                                               max_shard_size="2MB")),
     "mistral_window": ("mistral", dict(seed=3, sliding_window=64)),
 }
-GGUFS = {"llama_gqa_tied": "llama", "qwen2_tied": "qwen2"}  # the same weights as GGUF in llama.cpp's layout
+# The same weights as GGUF in llama.cpp's layout: name -> general.architecture (llama.cpp's converter
+# writes MistralForCausalLM as llama, without the window: within it the model is the same)
+GGUFS = {"llama_gqa_tied": "llama", "qwen2_tied": "qwen2", "mistral_window": "llama"}
 
 
 @pytest.fixture(scope="session")
@@ -122,6 +125,7 @@ def test_manifest_describes_the_checkpoint(hf_checkpoints):
     d = {name: m.decoder for name, m in man.items()}
     assert [d[n].architecture for n in CHECKPOINTS] == ["llama", "llama", "qwen2", "qwen2", "mistral"]
     assert d["gguf:qwen2_tied"].architecture == "qwen2" and d["qwen2_tied"].config["qkv_bias"]
+    assert d["gguf:mistral_window"].architecture == "llama"  # llama.cpp's name for Mistral; no window in the file
     assert not d["llama_gqa_tied"].config["qkv_bias"]
     assert d["qwen2_tied"].config["tie_word_embeddings"] and not d["qwen2_untied_f16_shards"].config["tie_word_embeddings"]
     assert d["qwen2_tied"].config["rope_theta"] == 1e6
@@ -199,7 +203,7 @@ def _bad_dirs(tmp: Path, good: Path) -> dict:
         "shape": (copy("shape", lambda c: c.update(intermediate_size=96)), [],
                   "tensor model.layers.0.mlp.gate_proj.weight has shape [128, 64], but config.json implies [96, 64]"),
         "no_tokenizer": (copy("no_tokenizer", drop=["tokenizer.json"]), [], "no_tokenizer: no tokenizer.json"),
-        "onnx_option": (good, ["--precision", "int8"], "--precision applies to ONNX models, not to Hugging Face checkpoints"),
+        "onnx_option": (good, ["--precision", "int8"], "--precision int8 applies to ONNX tensor models, not to Hugging Face checkpoints"),
         "window": (good.parent / "mistral_window", ["--context", "128"],
                    "--context 128 is longer than the model's sliding attention window (64)"),
     }
