@@ -16,9 +16,8 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from edge.artifact.manifest import MANIFEST, Manifest, TargetInfo, Versions
+from edge.artifact.params import write_params
 from edge.artifact.reader import edgejit_version, sha256_file, tvm_versions
 from edge.errors import EdgeJitError
 from edge.files import atomic_dir
@@ -86,10 +85,9 @@ class ArtifactWriter:
         return p
 
     def write_params(self, params, name: str = "params.npz") -> Path:
-        """The weights as numpy arrays p0, p1, ... in the order the module takes them (no pickle)."""
-        p = self.path(name)
-        np.savez(p, **{f"p{i}": np.asarray(a) for i, a in enumerate(params)})
-        return p
+        """The weights as numpy arrays p0, p1, ... in the order the module takes them (no pickle),
+        each 64-byte aligned in the file so that the device maps them in place (edge/artifact/params.py)."""
+        return write_params(self.path(name), params)
 
     def commit(self, manifest: Manifest, *, signing_key=None, log=print) -> Manifest:
         """Fill in the manifest's file checksums, write manifest.json and, with `signing_key`

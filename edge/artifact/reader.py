@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from edge import machine
+from edge.artifact import params as params_file
 from edge.artifact.manifest import FORMAT_VERSION, MANIFEST, REQUIRED_FILES, Manifest, ManifestError, TensorSpec
 from edge.artifact.trust import Trust
 from edge.errors import ArtifactError
@@ -25,11 +27,17 @@ __all__ = ["Artifact", "FORMAT_VERSION", "MANIFEST", "Manifest", "TensorSpec", "
 
 
 def sha256_file(path: Path) -> str:
+    return _sha256_and_stat(path)[0]
+
+
+def _sha256_and_stat(path: Path) -> tuple[str, os.stat_result]:
+    """The file's sha256 and the stat of the very file that was hashed."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()
+    return h.hexdigest(), st
 
 
 def edgejit_version() -> str:
@@ -58,6 +66,7 @@ class Artifact:
         self.signed_by: str | None = None  # id of the trusted key that signed it, if checked
         self.inputs = manifest.inputs
         self.outputs = manifest.outputs
+        self._verified: dict[str, os.stat_result] = {}  # file name -> its stat when its checksum matched
 
     # -- facts from the manifest -------------------------------------------------
     @property
@@ -92,12 +101,9 @@ class Artifact:
             return [z[f"p{i}"] for i in range(len(z.files))]
 
     def device_params(self) -> list:
-        """The weights as TVM tensors, read one at a time (peak memory: the weights once, plus
-        the largest single array)."""
-        import tvm
-
-        with np.load(self.file("params.npz"), allow_pickle=False) as z:
-            return [tvm.runtime.tensor(z[f"p{i}"]) for i in range(len(z.files))]
+        """The weights as TVM tensors, mapped from the verified file in place where its layout
+        allows, else copied one array at a time: never two copies of the weights (params.py)."""
+        return params_file.device_tensors(self.file("params.npz"), expect_stat=self._verified.get("params.npz"))
 
     # -- loading and checks --------------------------------------------------------
     @classmethod
@@ -141,8 +147,10 @@ class Artifact:
             p = self.path / name
             if not p.is_file():
                 raise ArtifactError(f"{self.path}: file {name} listed in the manifest is missing")
-            if sha256_file(p) != digest:
+            actual, st = _sha256_and_stat(p)
+            if actual != digest:
                 raise ArtifactError(f"{self.path}: checksum mismatch for {name} (file changed or corrupt)")
+            self._verified[name] = st
 
     def check_host(self) -> None:
         tgt = self.manifest.target
