@@ -15,9 +15,11 @@ def add_arguments(p) -> None:
     p.add_argument("--target", "-t", default="host", help="target preset (see `edgejit targets`; default: host)")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--name", help="model name in the manifest (default: the file's stem)")
-    p.add_argument("--precision", choices=["fp32", "int8"],
-                   help="ONNX: fp32 (default) or int8. GGUF: by default matrices keep the file's quantization "
-                        "(Q8_0/Q4_0/Q4_1 exactly, other types requantized to 4/8 bits; weight-only kernels), fp32 dequantizes all")
+    p.add_argument("--precision", choices=["fp32", "int8", "q4", "q8"],
+                   help="ONNX tensor models: fp32 (default) or int8. Decoders (Hugging Face directories, ONNX decoders with past, "
+                        "float GGUF files): fp32 (default), q8 (8-bit weights, like Q8_0) or q4 (4-bit weights like Q4_1, LM head 8-bit), "
+                        "quantized per group of 32 with an accuracy report (docs/generation.md#quantization). A quantized GGUF "
+                        "keeps its file's quantization (Q8_0/Q4_0/Q4_1 exactly, other types requantized to 4/8 bits); fp32 dequantizes all")
     p.add_argument("--context", type=int, help="GGUF / Hugging Face directory: context the runtime allocates by default "
                    "(default: the model's, at most 4096)")
     p.add_argument("--max-seq", type=int, help="longest sequence the artifact accepts (default: the model's position-embedding rows, at most 512)")
@@ -30,7 +32,8 @@ def add_arguments(p) -> None:
                    help="activation scales: per token at run time (default) or per tensor from --calibrate")
     q.add_argument("--keep-float", metavar="OPS", help="comma-separated ops kept in float: categories "
                    "(embeddings, layernorm, softmax, head) and/or weight-name globs (default: embeddings,layernorm,softmax,head)")
-    q.add_argument("--min-accuracy", type=float, help="threshold of the accuracy report (encoder: mean cosine, default 0.99; decoder: top-1 agreement, default 0.90)")
+    q.add_argument("--min-accuracy", type=float, help="threshold of the accuracy report (encoder: mean cosine, default 0.99; "
+                   "decoder: top-1 agreement, default 0.90; q4/q8 decoders: top-1 agreement with fp32, no default)")
     q.add_argument("--accept-accuracy", action="store_true", help="write the artifact even when accuracy is below the threshold")
     t = p.add_argument_group("tuning (see docs/kernels.md)")
     t.add_argument("--tune", type=int, metavar="TRIALS", help="tune with MetaSchedule: TRIALS measured candidates per "
@@ -64,14 +67,23 @@ def main(args) -> int:
     if os.path.isdir(args.model) or _is_gguf(args.model) or onnx_kind == "with_past":
         from deploy.compiler.decoder import compile_decoder
 
-        given = [o for o in ONNX_ONLY if getattr(args, o) is not None] + (["precision"] if args.precision == "int8" else [])
+        weight_only = args.precision in ("q4", "q8")
+        given = [o for o in ONNX_ONLY if getattr(args, o) is not None and not (o == "min_accuracy" and weight_only)]
+        what = "Hugging Face checkpoints" if os.path.isdir(args.model) else "GGUF files" if not onnx_kind \
+            else "ONNX decoders with past key values"
+        if args.precision == "int8":
+            raise EdgeJitError(f"--precision int8 applies to ONNX tensor models, not to {what} (text generation: fp32, q4 or q8)")
         if given:
-            what = "Hugging Face checkpoints" if os.path.isdir(args.model) else "GGUF files" if not onnx_kind \
-                else "ONNX decoders with past key values"
             raise EdgeJitError(f"--{given[0].replace('_', '-')} applies to ONNX models, not to {what}")
+        if args.accept_accuracy and not weight_only:
+            raise EdgeJitError("--accept-accuracy applies to int8 ONNX models and q4/q8 decoders")
         compile_decoder(args.model, args.target, args.output, name=args.name, context=args.context,
-                        precision=args.precision, force=args.force, sign=args.sign)
+                        precision=args.precision, min_accuracy=args.min_accuracy, accept_accuracy=args.accept_accuracy,
+                        force=args.force, sign=args.sign)
         return 0
+    if args.precision in ("q4", "q8"):
+        raise EdgeJitError(f"--precision {args.precision} applies to decoders (GGUF files, Hugging Face checkpoint directories, "
+                           "ONNX decoders with past key values); ONNX tensor models take fp32 or int8")
     if args.context is not None:
         raise EdgeJitError("--context applies to GGUF models, Hugging Face checkpoint directories and ONNX decoders with past "
                            "key values (text generation)")

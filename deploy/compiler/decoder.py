@@ -124,13 +124,47 @@ def _precision(cfg) -> str:
     return "fp32" if not bits else "w" + "/".join(f"q{b}" for b in bits)
 
 
-def _quantization(cfg) -> dict | None:
+def _quantization(cfg, host: dict | None = None) -> dict | None:
+    """`host`: what --precision q4|q8 did (deploy/quantize/weight_only/schemes.py), else the file's own quantization."""
     quant = getattr(cfg, "quant", {})
     if not quant:
         return None
     counts = collections.Counter(f"q{b}" for b in quant.values())
     return {"scheme": "weight-only", "group": 32, "activations": "fp32", "layers": dict(counts),
-            "kernel": "edge/kernels/dense.compute_quant (codes dequantized in the inner loop)"}
+            "kernel": "edge/kernels/dense.compute_quant (codes dequantized in the inner loop)", **(host or {})}
+
+
+FLOAT_GGUF_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+def _host_quantize(m: LoadedModel, precision: str, log) -> tuple[dict, dict]:
+    """--precision q4|q8 on a model read in float: its linear layers quantized on the host
+    (deploy/quantize/weight_only/schemes.py) -> (the fp32 state dict, the manifest's quantization extras)."""
+    from deploy.quantize.weight_only import schemes
+
+    scheme = schemes.get(precision)
+    model = registry.get(m.arch)
+    fp32 = dict(m.weights)
+    t0 = time.perf_counter()
+    done = schemes.quantize_linears(m.weights, model.linear_weights(m.config), scheme)
+    model.plan_quantization(m.weights, m.config)
+    log(f"{precision}: {len(done['quantized'])} linear layers quantized on the host like {scheme.like} (group 32, round to nearest"
+        f"{', LM head 8-bit' if scheme.head_bits != scheme.bits else ''})"
+        + (f"; {len(done['float'])} kept fp32 (inputs not a multiple of 32): {', '.join(done['float'][:3])}" if done["float"] else "")
+        + f" ({time.perf_counter() - t0:.1f}s)")
+    return fp32, {"precision": precision, "from": "fp32 weights, quantized on the host (round to nearest)",
+                  "like": scheme.like, "head_bits": scheme.head_bits, "float_layers": done["float"]}
+
+
+def _accuracy(m: LoadedModel, fp32_weights: dict, precision: str, executable, params: list, min_accuracy, accept, log) -> dict:
+    from deploy.quantize.weight_only import accuracy, schemes
+
+    # a module that does not run here is measured as its weights: the numpy pass on them dequantized
+    deq = schemes.dequantized(m.weights, registry.get(m.arch).linear_weights(m.config)) if executable is None else None
+    info = m.tokenizer_info
+    return accuracy.report(m.arch, m.config, fp32_weights, deq, precision=precision,
+                           executable=executable, params=params, tokenizer=m.tokenizer, bos_id=info["bos_id"],
+                           add_bos=info["add_bos"], min_accuracy=min_accuracy, accept=accept, log=log)
 
 
 def compile_decoder(
@@ -141,12 +175,16 @@ def compile_decoder(
     name: str | None = None,
     context: int | None = None,
     precision: str | None = None,
+    min_accuracy: float | None = None,
+    accept_accuracy: bool = False,
     force: bool = False,
     sign: str | Path | None = None,
     log=print,
 ) -> Path:
     """Compile a GGUF model, a Hugging Face checkpoint directory or an ONNX decoder with past key values
-    (a .onnx file or optimum's output directory) into the decoder artifact `out`."""
+    (a .onnx file or optimum's output directory) into the decoder artifact `out`. `precision`: None (float
+    inputs in fp32, GGUF files keep their quantization), "fp32", or "q4" / "q8" (weight-only, quantized on the host
+    with an accuracy report; `min_accuracy` refuses to write below that top-1 agreement unless `accept_accuracy`)."""
     import tvm
 
     preset = get_preset(target) if isinstance(target, str) else target
@@ -155,14 +193,24 @@ def compile_decoder(
     preset.check_linker()
     model_path = Path(model_path)
     t0 = time.perf_counter()
-    if precision not in (None, "fp32"):
-        raise EdgeJitError(f"--precision {precision}: a GGUF model keeps the quantization of its file (default) or is compiled in fp32")
+    if precision not in (None, "fp32", "q4", "q8"):
+        raise EdgeJitError(f"--precision {precision}: a decoder is compiled in fp32 or weight-only q4 / q8")
+    host_quant = precision in ("q4", "q8")
+    if min_accuracy is not None and not host_quant:
+        raise EdgeJitError("--min-accuracy applies to a decoder only with --precision q4 or q8 (its accuracy report)")
     fmt = input_format(model_path)
+    if fmt == "gguf" and host_quant:
+        f = GGUFFile(model_path)
+        types = sorted({f.tensor_type(n) for n in f.tensors} - set(FLOAT_GGUF_TYPES))
+        if types:
+            raise EdgeJitError(f"--precision {precision}: {model_path.name} is already quantized ({', '.join(types)}) and keeps its "
+                               "file's quantization: compile it without --precision (requantizing would add a second rounding)")
     if fmt == "gguf":
-        m = load_gguf(model_path, log=log, quantized=precision != "fp32")
+        m = load_gguf(model_path, log=log, quantized=precision is None)
     else:
         m = (load_hf if fmt == "hf" else load_onnx)(model_path, log=log)
     cfg = m.config
+    fp32_weights, host_report = _host_quantize(m, precision, log) if host_quant else (None, None)
     trained = int(cfg.context_window_size)
     if context is not None and context > trained and getattr(cfg, "sliding_window", 0):
         raise EdgeJitError(f"--context {context} is longer than the model's sliding attention window ({cfg.sliding_window}): "
@@ -182,6 +230,10 @@ def compile_decoder(
         ex = pipeline.build(mod, preset.target)
         pipeline.export(ex, w.path("generic.so"), preset.target)
         log(f"built the generic module for {preset.name} ({time.perf_counter() - t1:.1f}s)")
+        accuracy = None
+        if host_quant:
+            accuracy = _accuracy(m, fp32_weights, precision, ex if preset.runs_here() else None, [params[n] for n in names],
+                                 min_accuracy, accept_accuracy, log)
         w.write_text("module.json", module_json)
         w.write_params([params[n] for n in names])
         m.tokenizer.save(str(w.path("tokenizer.json")))
@@ -208,7 +260,8 @@ def compile_decoder(
             seq_dim="num_seqs",
             dims={"num_seqs": DimRange(1, MAX_DECODE_BATCH), "num_tokens": DimRange(1, trained)},
             precision=_precision(cfg),
-            quantization=_quantization(cfg),
+            quantization=_quantization(cfg, host_report),
+            accuracy=accuracy,
             **build_fields(preset),
         )
         w.commit(manifest, signing_key=signing_key, log=log)

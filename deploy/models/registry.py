@@ -19,8 +19,9 @@ HF = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausa
 
 def get(arch: str, *, source: str = "model"):
     """The model package for `arch`: it provides Config, Model, config_from_gguf / weights_from_gguf
-    and config_from_hf / weights_from_hf (Hugging Face names and layout) and params (the model's own
-    parameters from those)."""
+    and config_from_hf / weights_from_hf (Hugging Face names and layout), params (the model's own
+    parameters from those), linear_weights / plan_quantization (which matrices make each linear
+    layer; which layers run weight-only quantized)."""
     if arch not in ARCHITECTURES:
         raise ModelError(f"{source}: architecture '{arch}' is not supported (supported: {', '.join(ARCHITECTURES)})")
     return importlib.import_module(ARCHITECTURES[arch])

@@ -111,9 +111,7 @@ def weights_from_hf(ckpt, cfg: GPT2Config) -> dict[str, np.ndarray]:
     out = {}
     for name, shape in shapes(cfg).items():
         stored = name if name == "lm_head.weight" else prefix + name.removeprefix(T)
-        got = ckpt.shape(stored)
-        if got != shape:
-            raise ModelError(f"{ckpt.path.name}: tensor {stored} has shape {list(got)}, but config.json implies {list(shape)}")
+        ckpt.check_shape(stored, shape)
         out[name] = ckpt.tensor(stored)
     return out
 
@@ -164,13 +162,20 @@ def _swap(w):
     return w if isinstance(w, QWeight) else w.T
 
 
-def _linears(sd: dict, cfg: GPT2Config) -> dict[str, list]:
-    """Each linear layer of the model -> its matrix [out, in] (a one-element list, as Llama's fused parts)."""
-    out = {"lm_head": [sd[T + "wte.weight"] if cfg.tie_word_embeddings else sd["lm_head.weight"]]}
+def linear_weights(cfg: GPT2Config) -> dict[str, list[tuple[str, bool]]]:
+    """Each linear layer of the model -> its state-dict matrix (a one-element list, as Llama's fused
+    parts) and whether the state dict stores it transposed ([in, out]: the Conv1D matrices)."""
+    out = {"lm_head": [(T + "wte.weight" if cfg.tie_word_embeddings else "lm_head.weight", False)]}
     for i in range(cfg.num_hidden_layers):
         for c in CONV1D:
-            out[f"h.{i}.{c}"] = [_swap(sd[f"{T}h.{i}.{c}.weight"])]
+            out[f"h.{i}.{c}"] = [(f"{T}h.{i}.{c}.weight", True)]
     return out
+
+
+def _linears(sd: dict, cfg: GPT2Config) -> dict[str, list]:
+    """Each linear layer of the model -> its matrix [out, in]."""
+    return {layer: [_swap(sd[n]) if transposed else sd[n] for n, transposed in parts]
+            for layer, parts in linear_weights(cfg).items()}
 
 
 def plan_quantization(sd: dict, cfg: GPT2Config) -> dict[str, int]:

@@ -137,9 +137,7 @@ def weights_from_hf(ckpt, cfg: LlamaConfig) -> dict[str, np.ndarray]:
                      L + "self_attn.v_proj.bias": (hkv * d,)}
     out = {}
     for name, shape in want.items():
-        got = ckpt.shape(name)
-        if got != shape:
-            raise ModelError(f"{ckpt.path.name}: tensor {name} has shape {list(got)}, but config.json implies {list(shape)}")
+        ckpt.check_shape(name, shape)
         out[name] = ckpt.tensor(name)
     _, scaling = _hf_rope(ckpt.config, "config.json")
     if scaling is not None:
@@ -202,16 +200,22 @@ def weights_from_gguf(f: GGUFFile, cfg: LlamaConfig, *, permuted: bool = True, q
     return out
 
 
-def _linears(hf: dict, cfg: LlamaConfig) -> dict[str, list]:
-    """Each linear layer of the model -> the checkpoint matrices fused into it, in row order."""
-    out = {"lm_head": [hf["model.embed_tokens.weight"] if cfg.tie_word_embeddings else hf["lm_head.weight"]]}
+def linear_weights(cfg: LlamaConfig) -> dict[str, list[tuple[str, bool]]]:
+    """Each linear layer of the model -> the checkpoint matrices fused into it, in row order, each
+    with whether the checkpoint stores it transposed ([in, out]; never for Llama)."""
+    out = {"lm_head": [("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight", False)]}
     for i in range(cfg.num_hidden_layers):
         L = f"model.layers.{i}."
-        out[f"layers.{i}.self_attn.qkv_proj"] = [hf[L + f"self_attn.{n}_proj.weight"] for n in "qkv"]
-        out[f"layers.{i}.self_attn.o_proj"] = [hf[L + "self_attn.o_proj.weight"]]
-        out[f"layers.{i}.mlp.gate_up_proj"] = [hf[L + "mlp.gate_proj.weight"], hf[L + "mlp.up_proj.weight"]]
-        out[f"layers.{i}.mlp.down_proj"] = [hf[L + "mlp.down_proj.weight"]]
+        out[f"layers.{i}.self_attn.qkv_proj"] = [(L + f"self_attn.{n}_proj.weight", False) for n in "qkv"]
+        out[f"layers.{i}.self_attn.o_proj"] = [(L + "self_attn.o_proj.weight", False)]
+        out[f"layers.{i}.mlp.gate_up_proj"] = [(L + "mlp.gate_proj.weight", False), (L + "mlp.up_proj.weight", False)]
+        out[f"layers.{i}.mlp.down_proj"] = [(L + "mlp.down_proj.weight", False)]
     return out
+
+
+def _linears(hf: dict, cfg: LlamaConfig) -> dict[str, list]:
+    """Each linear layer of the model -> the checkpoint matrices fused into it, in row order."""
+    return {layer: [hf[n] for n, _ in parts] for layer, parts in linear_weights(cfg).items()}
 
 
 def plan_quantization(hf: dict, cfg: LlamaConfig) -> dict[str, int]:

@@ -84,17 +84,24 @@ def from_gguf(kind: str, raw: np.ndarray, shape: tuple[int, int]) -> QWeight | N
 
 
 def quantize(w: np.ndarray, bits: int, source: str) -> QWeight:
-    """fp32 [out, in] -> QWeight: 8 bits symmetric (absmax), 4 bits affine (min/max) per group."""
+    """fp32 [out, in] -> QWeight: 8 bits symmetric (absmax), 4 bits affine (min/max) per group;
+    the codes are those of llama.cpp's reference quantizers (ggml-quants.c quantize_row_q8_0_ref /
+    q4_1_ref: x times the reciprocal of the scale, rounded half away from zero); the scale and zero
+    stay fp32 (GGUF rounds them to fp16)."""
     out, cols = w.shape
     g = w.reshape(out, cols // GROUP, GROUP).astype(np.float32)
     if bits == 8:
-        amax = np.abs(g).max(axis=2)
-        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-        q = np.clip(np.rint(g / scale[..., None]), -127, 127).astype(np.int8)
+        d = np.abs(g).max(axis=2) / np.float32(127)
+        inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+        x = g * inv[..., None]
+        q = (np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))).astype(np.int8)  # roundf
+        scale = np.where(d > 0, d, 1).astype(np.float32)  # any scale decodes all-zero codes
         return QWeight(q.reshape(out, cols), scale, np.zeros_like(scale), 8, source)
     lo, hi = g.min(axis=2), g.max(axis=2)
-    scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint((g - lo[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
+    d = (hi - lo) / np.float32(15)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    q = np.clip(np.trunc((g - lo[..., None]) * inv[..., None] + np.float32(0.5)), 0, 15).astype(np.uint8)
+    scale = np.where(d > 0, d, 1).astype(np.float32)
     return QWeight(q.reshape(out, cols), scale, lo.astype(np.float32), 4, source)
 
 

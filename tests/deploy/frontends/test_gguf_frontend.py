@@ -68,7 +68,7 @@ def _bad_files(tmp: Path, tiny: Path) -> dict:
         "architecture": (tmp / "mamba.gguf", [], "architecture 'mamba' is not supported (supported: llama, qwen2, gpt2)"),
         "quant_type": (tmp / "iq2.gguf", [], "tensor blk.0.attn_q.weight has quantization type IQ2_XXS, which edgejit does not read"),
         "missing": (tmp / "nowhere.gguf", [], "cannot read"),
-        "onnx_option": (tiny, ["--precision", "int8"], "--precision applies to ONNX models, not to GGUF files"),
+        "onnx_option": (tiny, ["--precision", "int8"], "--precision int8 applies to ONNX tensor models, not to GGUF files"),
     }
 
 
