@@ -1,4 +1,4 @@
-"""Giving memory back to the system after a large release (a model version closed or replaced)."""
+"""Giving memory back to the system after a large release (a model version closed or replaced), and the process's peak."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import sys
 
 log = logging.getLogger("edgejit.runtime")
 
@@ -34,3 +35,11 @@ def release_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def peak_rss_bytes() -> int:
+    """The most resident memory this process has had (Linux counts it in KiB, macOS in bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from edge.runtime.memory import peak_rss_bytes
+
 # The exposition format generate_latest writes (with its default escaping) is the 0.0.4 text format;
 # prometheus_client >= 0.22 announces it as 1.0.0 in CONTENT_TYPE_LATEST, which older scrapers do not
 # know. Say 0.0.4 (what CONTENT_TYPE_LATEST was before) so every Prometheus version accepts it.
@@ -87,6 +89,9 @@ class Metrics:
         r.register(_ScrapeGauges(self.gauges))
         Gauge("edgejit_uptime_seconds", "seconds since the daemon started",
               registry=r).set_function(lambda: time.time() - self.started)
+        prometheus_client.ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, fds (Linux)
+        Gauge("edgejit_process_peak_resident_memory_bytes", "the most resident memory the daemon process has had",
+              registry=r).set_function(peak_rss_bytes)
 
     @property
     def rejected(self) -> dict[str, float]:
