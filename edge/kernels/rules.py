@@ -38,7 +38,7 @@ def schedule_func(func, target, name: str = "?"):
         sch = s_tir.Schedule(func)
         try:
             if rule(sch, target):
-                return sch if rule is not _reduction_rule else _reduction_rule.result
+                return rule.result if rule in (_reduction_rule, _dense_rule) else sch
         except Exception as e:  # a rule that does not fit this function: try the next one
             if _DEBUG:
                 print(f"edgejit kernels: {rule.__name__} failed on {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
@@ -50,7 +50,11 @@ def _dense_rule(sch, target) -> bool:
     blocks = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint == dense.BLOCK_NAME]
     if len(blocks) != 1:
         return False
-    dense.schedule(sch, blocks[0], lanes=vector_lanes(target), panels=tile_panels(target))
+    from tvm import s_tir
+
+    panels, split = dense.schedule(sch, blocks[0], lanes=vector_lanes(target), panels=tile_panels(target))
+    func = sch.mod["main"]
+    _dense_rule.result = s_tir.Schedule(dense.add_prefetch(func, panels=panels, split=split) if split > 1 else func)
     return True
 
 

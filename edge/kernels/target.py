@@ -55,10 +55,11 @@ def tile_rows(target) -> int:
 
 def decode_tile_rows(target) -> int:
     """Rows of the dense register tile for a decode step with a symbolic number of sequences
-    (usually 1-8). Past the last row a tile re-reads that row, so an 8-row tile costs a single
-    sequence 8 rows of work. One Zen 5 core, SmolLM2's 576 x 3072 4-bit matrix, CPU time: 8 rows
-    163 us for 1-8 sequences; 4 rows 67 us for 1-4, 137 us for 8; 2 rows 51 us for 1-2, 204 us for 8.
-    JIT variants for the decode batch sizes seen get a tile of exactly their rows."""
+    (usually 1-8; the generic module). Past the last row a tile re-reads that row, so an 8-row tile
+    costs a single sequence 8 rows of work. 576 x 3072 4-bit, one Zen 5 core, CPU time, weights in
+    cache: 8 rows 163 us for 1-8 sequences; 4 rows 67 us for 1-4, 137 us for 8; 2 rows 51 us for
+    1-2, 204 us for 8. JIT variants for the decode batch sizes seen get a tile of exactly their rows
+    (and, with 1-2 rows, the K split and prefetches of edge/kernels/dense.py)."""
     return min(4, tile_rows(target))
 
 

@@ -328,3 +328,37 @@ def test_decode_gets_a_small_row_tile(tiny_llamas):
 
     assert tile_rows_called_by("decode") == {4}
     assert tile_rows_called_by("prefill") == {8}
+
+
+@pytest.mark.parametrize("rows,symbolic", [(1, False), (2, False), (2, True), (4, False)], ids=str)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quant_dense_few_rows_split_and_prefetch(rows, symbolic, bits):
+    """Few-row tiles of the weight-only dense with a static row count get the K split and the
+    prefetches; every tile still computes x @ dequant(W) (against numpy), static or symbolic."""
+    import tvm
+    from tvm import te, tirx
+
+    k_dim, n_cols, group = 256, 64, 32
+    m = tirx.Var("m", "int64") if symbolic else rows
+    x = te.placeholder((1, m, k_dim), "float32", name="x")
+    codes_shape = (n_cols // 16, k_dim // 2 if bits == 4 else k_dim, 16)
+    wq = te.placeholder(codes_shape, "uint8" if bits == 4 else "int8", name="wq")
+    sc = te.placeholder((n_cols // 16, k_dim // group, 16), "float32", name="sc")
+    ze = te.placeholder((n_cols // 16, k_dim // group, 16), "float32", name="ze")
+    func = te.create_prim_func([x, wq, sc, ze, dense.compute_quant(x, wq, sc, ze, rows)])
+    target = _tvm_target("host")
+    sch = rules.schedule_func(func, target)
+    script = sch.mod["main"].script()
+    assert ("llvm.prefetch" in script) == (rows <= 2 and not symbolic)
+    lib = tvm.compile(sch.mod, target=target)["main"]
+    rng = np.random.default_rng(rows * 10 + bits)
+    codes = rng.integers(0, 256, codes_shape).astype("uint8") if bits == 4 else rng.integers(-128, 128, codes_shape).astype("int8")
+    scale, zero = (rng.standard_normal((n_cols // 16, k_dim // group, 16)).astype("float32") for _ in range(2))
+    q = (np.stack([codes & 15, codes >> 4], axis=2).reshape(n_cols // 16, k_dim, 16) if bits == 4 else codes).astype("float32")
+    g = np.repeat(np.arange(k_dim // group), group)
+    w = (q * scale[:, g, :] + zero[:, g, :]).transpose(1, 0, 2).reshape(k_dim, n_cols)
+    for n in ((1, 2, 3, 5) if symbolic else (rows,)):
+        a = rng.standard_normal((1, n, k_dim)).astype("float32")
+        got = tvm.runtime.tensor(np.zeros((1, n, n_cols), "float32"))
+        lib(*(tvm.runtime.tensor(v) for v in (a, codes, scale, zero)), got)
+        np.testing.assert_allclose(got.numpy(), a @ w, rtol=1e-4, atol=1e-3)
