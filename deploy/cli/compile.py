@@ -68,7 +68,8 @@ def main(args) -> int:
         from deploy.compiler.decoder import compile_decoder
 
         weight_only = args.precision in ("q4", "q8")
-        given = [o for o in ONNX_ONLY if getattr(args, o) is not None and not (o == "min_accuracy" and weight_only)]
+        # --min-accuracy: compile_decoder says when it applies (q4/q8)
+        given = [o for o in ONNX_ONLY if getattr(args, o) is not None and o != "min_accuracy"]
         what = "Hugging Face checkpoints" if os.path.isdir(args.model) else "GGUF files" if not onnx_kind \
             else "ONNX decoders with past key values"
         if args.precision == "int8":
