@@ -130,6 +130,14 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(int(d) for d in self._info(name)["shape"])
 
+    def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        """A one-line error naming the safetensors file that holds `name` when its shape is not the one
+        config.json implies."""
+        got = self.shape(name)
+        if got != tuple(shape):
+            raise ModelError(f"{self.path.name}/{self._where[name].name}: tensor {name} has shape {list(got)}, "
+                             f"but config.json implies {list(shape)}")
+
     def _info(self, name: str) -> dict:
         try:
             f = self._where[name]

@@ -111,9 +111,7 @@ def weights_from_hf(ckpt, cfg: GPT2Config) -> dict[str, np.ndarray]:
     out = {}
     for name, shape in shapes(cfg).items():
         stored = name if name == "lm_head.weight" else prefix + name.removeprefix(T)
-        got = ckpt.shape(stored)
-        if got != shape:
-            raise ModelError(f"{ckpt.path.name}: tensor {stored} has shape {list(got)}, but config.json implies {list(shape)}")
+        ckpt.check_shape(stored, shape)
         out[name] = ckpt.tensor(stored)
     return out
 

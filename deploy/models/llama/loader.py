@@ -137,9 +137,7 @@ def weights_from_hf(ckpt, cfg: LlamaConfig) -> dict[str, np.ndarray]:
                      L + "self_attn.v_proj.bias": (hkv * d,)}
     out = {}
     for name, shape in want.items():
-        got = ckpt.shape(name)
-        if got != shape:
-            raise ModelError(f"{ckpt.path.name}: tensor {name} has shape {list(got)}, but config.json implies {list(shape)}")
+        ckpt.check_shape(name, shape)
         out[name] = ckpt.tensor(name)
     _, scaling = _hf_rope(ckpt.config, "config.json")
     if scaling is not None:

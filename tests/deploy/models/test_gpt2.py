@@ -218,7 +218,8 @@ def test_bad_gpt2_input_fails_with_one_line(gpt2_models, case, tmp_path):
         "inverse_layer_idx": (_edited(tmp_path, good, "layer_idx", scale_attn_by_inverse_layer_idx=True), [],
                               "config.json: scale_attn_by_inverse_layer_idx=true is not supported for GPT-2"),
         "shape": (_edited(tmp_path, good, "shape", n_inner=128), [],
-                  "tensor transformer.h.0.mlp.c_fc.weight has shape [64, 256], but config.json implies [64, 128]"),
+                  "shape/model.safetensors: tensor transformer.h.0.mlp.c_fc.weight has shape [64, 256], but config.json "
+                  "implies [64, 128]"),
     }[case]
     out = tmp_path / "out"
     r = compile_fails(path, out, *extra, message=message)

@@ -174,6 +174,36 @@ def test_llama3_factors_match_the_gguf_converter():
         assert len(set(want.tolist())) > 2  # low, high and smoothed frequencies all occur
 
 
+def test_compile_and_generate_without_torch(loaded, hf_checkpoints, tmp_path):
+    """`edgejit compile DIR` and `edgejit generate` in processes where torch and transformers cannot
+    be imported (safetensors' numpy API reads the weights): the artifact gives transformers' greedy
+    tokens and the generated text is their decode."""
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer
+
+    from edge.generate.loader import load_decoder
+    from tests.fixtures.cli import ROOT
+
+    fx, _ = loaded["qwen2_untied_f16_shards"]
+    blocked = ("import sys; sys.modules.update(torch=None, transformers=None); from edge.cli import main; "
+               "sys.exit(main(sys.argv[1:]))")
+    run = lambda *a: subprocess.run([sys.executable, "-c", blocked, *map(str, a)], capture_output=True, text=True,  # noqa: E731
+                                    timeout=600, cwd=ROOT)
+    art = tmp_path / "art"
+    r = run("compile", fx["path"], "-o", art)
+    assert r.returncode == 0, r.stderr
+    text = "The quick brown fox"
+    tok = Tokenizer.from_file(str(Path(fx["path"]) / "tokenizer.json"))
+    ids = tok.encode(text, add_special_tokens=False).ids
+    want = greedy(fx["model"], ids, N_NEW)[0]
+    assert _ours_greedy(load_decoder(art, context=256), ids, N_NEW)[0] == want
+    r = run("generate", art, "--raw-prompt", text, "--max-tokens", N_NEW, "--ignore-eos", "--no-jit")
+    assert r.returncode == 0 and f"generated {N_NEW} tokens" in r.stderr, r.stderr
+    assert r.stdout == tok.decode(want) + "\n"
+
+
 # -- bad directories: one-line errors through the real CLI -----------------------------------------
 def _bad_dirs(tmp: Path, good: Path) -> dict:
     def copy(name, edit=None, drop=()):
@@ -201,7 +231,8 @@ def _bad_dirs(tmp: Path, good: Path) -> dict:
         "dtype": (copy("int8", lambda c: c.update(dtype="int8")), [],
                   "torch_dtype 'int8' is not supported (supported: float32, float16, bfloat16)"),
         "shape": (copy("shape", lambda c: c.update(intermediate_size=96)), [],
-                  "tensor model.layers.0.mlp.gate_proj.weight has shape [128, 64], but config.json implies [96, 64]"),
+                  f"shape/{index['weight_map']['model.layers.0.mlp.gate_proj.weight']}: tensor model.layers.0.mlp.gate_proj.weight "
+                  "has shape [128, 64], but config.json implies [96, 64]"),  # the shard that holds it
         "no_tokenizer": (copy("no_tokenizer", drop=["tokenizer.json"]), [], "no_tokenizer: no tokenizer.json"),
         "onnx_option": (good, ["--precision", "int8"], "--precision int8 applies to ONNX tensor models, not to Hugging Face checkpoints"),
         "window": (good.parent / "mistral_window", ["--context", "128"],

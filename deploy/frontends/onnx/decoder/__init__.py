@@ -64,6 +64,11 @@ class _StateDict:
             raise ModelError(f"{self.path.name}: the graph has no weight for {name}")
         return tuple(self._t[name].shape)
 
+    def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        got = self.shape(name)
+        if got != tuple(shape):
+            raise ModelError(f"{self.path.name}: tensor {name} has shape {list(got)}, but config.json implies {list(shape)}")
+
     def tensor(self, name: str) -> np.ndarray:
         return np.ascontiguousarray(self._t[name], dtype=np.float32)
 
