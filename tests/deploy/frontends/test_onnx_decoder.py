@@ -280,23 +280,31 @@ def test_fp16_graph_is_read_and_checked(smollm2_gguf, tmp_path):
     np.testing.assert_array_equal(d.weights["model.layers.1.self_attn.k_proj.weight"], want)
 
 
-def test_smollm2_from_onnx_gives_the_gguf_tokens(smollm2_gguf, smollm2_fp32_artifact, tmp_path):
-    """A real checkpoint: SmolLM2-135M-Instruct (30 layers, GQA 9/3) as transformers loads the bundled
-    GGUF, exported to ONNX with past (weights in external data), compiles to the tokens of
-    transformers and of the GGUF file's own fp32 compile, 32 steps on three prompts."""
+def test_smollm2_from_all_three_formats_gives_the_same_tokens(smollm2_gguf, smollm2_fp32_artifact, tmp_path):
+    """A real checkpoint from every input format: SmolLM2-135M-Instruct (30 layers, GQA 9/3) as
+    transformers loads the bundled GGUF, saved by transformers as a Hugging Face directory
+    (save_pretrained: model.safetensors, fp32) and exported to ONNX with past (weights in external
+    data): both compile to the tokens of transformers and of the GGUF file's own fp32 compile,
+    32 steps on three prompts, logits within LOGIT_TOL of transformers'."""
     from deploy.compiler.decoder import compile_decoder
     from deploy.tools.examples import export_decoder_with_past
     from edge.generate.loader import load_decoder
     from tests.fixtures.hf_checkpoints import write_tokenizer
-    from tests.fixtures.hf_reference import load_gguf_model
+    from tests.fixtures.hf_reference import load_gguf_model, save_gguf_model
 
+    quiet = lambda *a: None  # noqa: E731
     ref = load_gguf_model(smollm2_gguf)
+    save_gguf_model(ref, tmp_path / "hf")
     export_decoder_with_past(ref, tmp_path / "onnx", external_data=True)
-    write_tokenizer(tmp_path / "onnx", smollm2_gguf, eos_ids=[2])
-    art = compile_decoder(tmp_path / "onnx", "host", tmp_path / "art", context=256, log=lambda *a: None)
-    ours, gguf = load_decoder(art, context=256), load_decoder(smollm2_fp32_artifact, context=256)
+    for d in ("hf", "onnx"):
+        write_tokenizer(tmp_path / d, smollm2_gguf, eos_ids=[2])
+    assert sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors")) == ["model.safetensors"]
+    arts = {d: compile_decoder(tmp_path / d, "host", tmp_path / f"{d}.art", context=256, log=quiet) for d in ("hf", "onnx")}
+    models = {"gguf": load_decoder(smollm2_fp32_artifact, context=256)} | {d: load_decoder(a, context=256) for d, a in arts.items()}
     for prompt in PROMPTS.values():
         want_toks, want_logits = greedy(ref, prompt, N_NEW)
-        toks, logits = greedy_decode(ours.decoder, prompt, N_NEW)
-        assert toks == want_toks == greedy_decode(gguf.decoder, prompt, N_NEW)[0]
-        assert np.abs(logits - want_logits).max() / np.abs(want_logits).max() < LOGIT_TOL
+        for name, m in models.items():
+            toks, logits = greedy_decode(m.decoder, prompt, N_NEW)
+            assert toks == want_toks, name
+            err = np.abs(logits - want_logits).max() / np.abs(want_logits).max()
+            assert err < LOGIT_TOL, f"{name}: logits differ by {err:.2e} of scale"
