@@ -30,7 +30,8 @@ def main(args) -> int:
 def _session(gen, args, sampling) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
-    print(f"edgejit chat: {gen.model.name} (context {gen.context} tokens, KV cache {gen.model.decoder.kv_bytes / 2**20:.0f} MiB). {HELP}", file=sys.stderr)
+    print(f"edgejit chat: {gen.model.name} (context {gen.context} tokens, weights {gen.model.artifact.manifest.decoder.weight_bytes / 2**20:.0f} MiB, "
+          f"KV cache {gen.model.decoder.kv_bytes / 2**20:.0f} MiB). {HELP}", file=sys.stderr)
     while True:
         try:
             line = input(">>> ")
@@ -71,7 +72,7 @@ def _session(gen, args, sampling) -> int:
             continue
         history.append({"role": "assistant", "content": "".join(reply)})
         if args.stats:
-            print(format_stats(gen.stats), file=sys.stderr)
+            print(format_stats(gen.stats, gen), file=sys.stderr)
 
 
 def _reply(gen, messages, sampling):

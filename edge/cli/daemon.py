@@ -79,8 +79,12 @@ def build_config(args):
 
 
 def main(args) -> int:
+    from edge.jit.policy import resolve
+    from edge.runtime.tvm_library import load_tvm, needs_compiler
+
     cfg = build_config(args)
     setup_logging(cfg.log_level)
+    load_tvm(compiler=needs_compiler(resolve(cfg.jit) if cfg.jit is not None else None))
     from edge.serve.service import Daemon
 
     logging.getLogger("edgejit.daemon").info(

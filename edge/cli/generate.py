@@ -43,13 +43,16 @@ def add_model_arguments(p, *, jit_default: bool) -> None:
 
 
 def open_generator(args):
-    from edge.generate import Generator
+    from edge.runtime.tvm_library import load_tvm, needs_compiler
 
     jit = None
     if args.jit:
         from edge.jit.policy import JitPolicy
 
         jit = JitPolicy.load(args.jit_policy)
+    load_tvm(compiler=needs_compiler(jit))
+    from edge.generate import Generator
+
     return Generator(args.artifact, context=args.context, threads=args.threads, jit=jit)
 
 
@@ -85,9 +88,13 @@ def _generate(gen, args, sampling) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    print(format_stats(gen.stats), file=sys.stderr)
+    print(format_stats(gen.stats, gen), file=sys.stderr)
 
 
-def format_stats(st) -> str:
+def format_stats(st, gen) -> str:
+    from edge.runtime.memory import peak_rss_bytes
+
     return (f"prompt {st.prompt_tokens} tokens, generated {st.completion_tokens} tokens ({st.finish_reason}); "
-            f"time to first token {st.ttft_s * 1000:.0f} ms; prompt {st.prefill_tok_s:.1f} tok/s; decode {st.decode_tok_s:.1f} tok/s")
+            f"time to first token {st.ttft_s * 1000:.0f} ms; prompt {st.prefill_tok_s:.1f} tok/s; decode {st.decode_tok_s:.1f} tok/s; "
+            f"peak RSS {peak_rss_bytes() / 2**20:.0f} MiB (weights {gen.model.artifact.manifest.decoder.weight_bytes / 2**20:.0f} MiB, "
+            f"KV cache {gen.model.decoder.kv_bytes / 2**20:.0f} MiB)")

@@ -49,6 +49,9 @@ def parse_inputs(specs, pairs: list[str]) -> dict[str, np.ndarray]:
 
 
 def main(args) -> int:
+    from edge.runtime.tvm_library import load_tvm
+
+    load_tvm()
     from edge.runtime.runtime import Runtime
 
     trust = args.trust

@@ -40,6 +40,7 @@ from pathlib import Path
 from edge.artifact.manifest import MANIFEST, Manifest
 from edge.errors import ArtifactError
 from edge.runtime.tuning_records import FILE as TUNING_FILE
+from edge.runtime.tvm_library import RUNTIME_LIB_ENV
 
 TEST_FAULT_ENV = "EDGEJIT_WORKER_TEST_FAULT"
 ERROR_PREFIX = "edgejit-worker: error: "
@@ -113,6 +114,7 @@ def compile_in_worker(
         },
     }
     env = dict(os.environ, TMPDIR=str(scratch), TVM_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    env.pop(RUNTIME_LIB_ENV, None)  # the worker compiles: the full TVM, whatever this process loaded
     root = str(Path(__file__).resolve().parents[2])  # so the worker imports this same edge package
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     timed_out = False

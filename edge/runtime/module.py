@@ -37,11 +37,11 @@ class CompiledModule:
         vm = getattr(self._local, "vm", None)
         if vm is None:
             import tvm
-            from tvm import relax
+            from tvm.runtime.vm import VirtualMachine  # tvm.relax needs the compiler library
 
             if self.threads:
                 set_threads(self.threads)
-            vm = relax.VirtualMachine(self.lib, tvm.cpu())
+            vm = VirtualMachine(self.lib, tvm.cpu())
             self._local.vm = vm
         return vm
 

@@ -58,3 +58,17 @@ sys.exit(main(["compile", "m.onnx", "-o", "x"]))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "runs on the build host" in r.stderr
+
+
+def test_device_commands_leave_tvm_to_load_tvm():
+    """Importing edge and the device commands' modules does not import TVM: each command chooses
+    the library first (edge.load_tvm: the runtime alone unless it compiles in-process)."""
+    code = BLOCK + """
+import sys
+import edge, edge.generate, edge.cli, edge.cli.generate, edge.cli.chat, edge.cli.run, edge.cli.daemon
+import edge.serve.config, edge.jit.policy
+print(sorted(m for m in ("tvm", "tvm_ffi", "torch") if m in sys.modules))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

@@ -1,0 +1,57 @@
+"""Which TVM this process loads: a process that only runs compiled modules (`edgejit generate`,
+`chat`, `run`, `daemon`; edge.Generator after edge.load_tvm()) loads TVM's runtime library alone.
+
+`import tvm` otherwise loads libtvm_compiler (~260 MB on disk, ~110 MiB resident once imported)
+and, through tvm_ffi, torch whenever it is installed (~185 MiB and ~1 s). Running an artifact
+needs neither: the relax VM, the paged KV cache builtins (vm.builtin.*) and module loading are in
+libtvm_runtime. What needs the compiler is a JIT compile in this process (policy isolate = false);
+the compile worker (edge/jit/worker.py) is a separate process that always loads the full TVM."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+RUNTIME_LIB_ENV = "TVM_USE_RUNTIME_LIB"  # read by tvm/base.py when tvm is first imported
+# Imported by tvm_ffi only if installed, used by nothing on the device path: torch (tvm_ffi imports
+# it eagerly) and ml_dtypes (numpy dtypes for bfloat16/float8: ~0.4 s of import; artifacts'
+# weights, inputs and outputs are int/float16/float32).
+_NOT_ON_THE_DEVICE = ("torch", "ml_dtypes")
+
+
+def load_tvm(*, compiler: bool = False) -> bool:
+    """Import TVM for this process, before anything else does: its runtime library alone unless
+    `compiler`, and without torch or ml_dtypes. Returns whether only the runtime library is loaded.
+    A process that has already imported TVM keeps the TVM it has."""
+    if "tvm" not in sys.modules:
+        blocked = [m for m in _NOT_ON_THE_DEVICE if m not in sys.modules]
+        saved_env = os.environ.get(RUNTIME_LIB_ENV)
+        for m in blocked:
+            sys.modules[m] = None  # `import m` raises ImportError, which tvm_ffi and tvm tolerate
+        if compiler:
+            os.environ.pop(RUNTIME_LIB_ENV, None)
+        else:
+            os.environ[RUNTIME_LIB_ENV] = "1"
+        try:
+            import tvm  # noqa: F401
+        finally:
+            for m in blocked:
+                if sys.modules.get(m, 0) is None:
+                    del sys.modules[m]
+            # Child processes choose for themselves (the compile worker needs the compiler).
+            if saved_env is None:
+                os.environ.pop(RUNTIME_LIB_ENV, None)
+            else:
+                os.environ[RUNTIME_LIB_ENV] = saved_env
+    return runtime_only()
+
+
+def runtime_only() -> bool:
+    """Whether this process's TVM is the runtime library alone (False before tvm is imported)."""
+    base = sys.modules.get("tvm.base")
+    return bool(getattr(base, "_RUNTIME_ONLY", False))
+
+
+def needs_compiler(jit_policy) -> bool:
+    """Whether a JIT with this policy (a JitPolicy or None) compiles in this process."""
+    return jit_policy is not None and jit_policy.mode in ("on", "redo") and not jit_policy.isolate
