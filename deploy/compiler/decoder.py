@@ -198,6 +198,8 @@ def compile_decoder(
     host_quant = precision in ("q4", "q8")
     if min_accuracy is not None and not host_quant:
         raise EdgeJitError("--min-accuracy applies to a decoder only with --precision q4 or q8 (its accuracy report)")
+    if min_accuracy is not None and not 0.0 <= min_accuracy <= 1.0:
+        raise EdgeJitError(f"--min-accuracy {min_accuracy} is not between 0 and 1 (a top-1 agreement)")
     fmt = input_format(model_path)
     if fmt == "gguf" and host_quant:
         f = GGUFFile(model_path)

@@ -221,6 +221,7 @@ def test_bad_flags_fail_with_one_line(weight_only, smollm2_gguf, tiny_onnx, tmp_
                                               "and keeps its file's quantization"),
         (tiny_onnx, ["--precision", "q8"], "--precision q8 applies to decoders"),
         (hf, ["--min-accuracy", "0.5"], "--min-accuracy applies to a decoder only with --precision q4 or q8"),
+        (hf, ["--precision", "q8", "--min-accuracy", "90"], "--min-accuracy 90.0 is not between 0 and 1"),
         (hf, ["--accept-accuracy"], "--accept-accuracy applies to int8 ONNX models and q4/q8 decoders"),
         (hf, ["--precision", "q4", "--min-accuracy", "0.99"], "q4 accuracy below threshold: top-1 agreement 0."),
     ]
