@@ -16,6 +16,11 @@ class Tokenizer:
             self._tok = _Tok.from_file(str(path))
         except Exception as e:  # the Rust library raises its own Exception type
             raise EdgeJitError(f"cannot read tokenizer {path}: {e}") from None
+        # Parsing tokenizer.json (3.5 MB for SmolLM2) leaves ~16 MiB of freed heap that glibc keeps
+        # resident: give it back before the weights and the KV cache fault in on top of it.
+        from edge.runtime.memory import trim_heap
+
+        trim_heap()
         self.bos_id, self.add_bos = bos_id, add_bos
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 

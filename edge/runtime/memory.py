@@ -32,6 +32,11 @@ def release_memory() -> None:
     swap left the last version's load buffers and weights resident (+50 MiB per swap of a small
     decoder), although nothing used them."""
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Return the heap's free pages to the system (glibc keeps them for reuse otherwise)."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
