@@ -37,7 +37,7 @@ def lower(mod, target):
 
     mod = attention.replace_attention_kernels(mod)
     with target:
-        mod = packing.rewrite_packed_dense(mod, tile_rows(target), function_rows={"decode": decode_tile_rows(target)})
+        mod = packing.rewrite_packed_dense(mod, tile_rows(target), var_rows={"num_seqs": decode_tile_rows(target)})
         mod = packing.rewrite_packed_gather(mod)
         mod = graph.expand_small_powers(mod)
         mod = graph.rewrite_softmax(mod, vector_lanes(target))

@@ -92,11 +92,12 @@ def _uses(func) -> dict:
     return {v: as_arg.get(v, []) + [None] * (n - len(as_arg.get(v, []))) for v, n in seen.items()}
 
 
-def rewrite_packed_dense(mod, rows: int, *, function_rows: dict[str, int] | None = None):
+def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = None):
     """Build side: matmul(x, reshape(permute_dims(Wp))) -> call_tir(packed dense kernel).
 
-    `rows`: the register tile's rows where the row count is symbolic; `function_rows` overrides it
-    per Relax function (a decoder's `decode`, whose rows are the few sequences decoding together)."""
+    `rows`: the register tile's rows where the row count is symbolic; `var_rows` overrides it when
+    every symbolic row dim is one of its variables (a decoder's `num_seqs`: a decode step's rows,
+    and the LM head's in prefill, are the few sequences in the batch, not their tokens)."""
     import tvm
     from tvm import relax
 
@@ -111,7 +112,10 @@ def rewrite_packed_dense(mod, rows: int, *, function_rows: dict[str, int] | None
             m = 1
             for d in x.ty.shape.values[:-1]:
                 m = m * int(d.value) if m is not None and hasattr(d, "value") else None
-            tile = min(self.rows, m) if m else self.rows  # a static batch of fewer rows: no wasted rows
+            symbolic = {str(v.name) for d in x.ty.shape.values[:-1] for v in tvm.tirx.analysis.undefined_vars(d)}
+            sym_rows = [var_rows[v] for v in symbolic if v in (var_rows or {})]
+            tile_rows = min(sym_rows) if sym_rows and len(sym_rows) == len(symbolic) else rows
+            tile = min(tile_rows, m) if m else tile_rows  # a static batch of fewer rows: no wasted rows
             quant = dequant_args(self, wp)
             if quant is not None:  # weight-only quantized: dequantized in the kernel's inner loop
                 return self.builder_.call_te(dense.compute_quant, x, *quant, tile, primfunc_name_hint="dense_quant")
@@ -131,7 +135,6 @@ def rewrite_packed_dense(mod, rows: int, *, function_rows: dict[str, int] | None
     rewriter = _Rewriter(mod)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
-            rewriter.rows = (function_rows or {}).get(gv.name_hint, rows)
             rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
     mod = rewriter.builder_.get()
     # Output-elementwise-fusable (a matmul): FuseOps then folds bias/activation/residual into it.

@@ -301,8 +301,9 @@ def test_set_threads_controls_parallelism():
 
 
 def test_decode_gets_a_small_row_tile(tiny_llamas):
-    """A decoder's `decode` (rows: the few sequences decoding together) gets `decode_tile_rows`,
-    `prefill` (rows: the chunk's tokens) the full tile: an 8-row tile cost one sequence 8 rows."""
+    """Dense layers whose rows are the sequences (`num_seqs`: every one in `decode`, the LM head in
+    `prefill`) get `decode_tile_rows`, those over a chunk's tokens the full tile: an 8-row tile
+    cost one sequence 8 rows."""
     import tvm
     from tvm import relax
 
@@ -310,7 +311,7 @@ def test_decode_gets_a_small_row_tile(tiny_llamas):
     mod = tvm.ir.load_json((artifact / "module.json").read_text())
     target = _tvm_target("x86-64-avx512")
     assert (ktarget.tile_rows(target), ktarget.decode_tile_rows(target)) == (8, 4)
-    mod = packing.rewrite_packed_dense(mod, 8, function_rows={"decode": 4})
+    mod = packing.rewrite_packed_dense(mod, 8, var_rows={"num_seqs": 4})
 
     def tile_rows_called_by(name):
         rows = set()
@@ -327,7 +328,7 @@ def test_decode_gets_a_small_row_tile(tiny_llamas):
         return rows
 
     assert tile_rows_called_by("decode") == {4}
-    assert tile_rows_called_by("prefill") == {8}
+    assert tile_rows_called_by("prefill") == {8, 4}  # the LM head takes one row per sequence
 
 
 @pytest.mark.parametrize("rows,symbolic", [(1, False), (2, False), (2, True), (4, False)], ids=str)
