@@ -326,17 +326,22 @@ class Worker:
 # profile of one edgejit decode step
 
 
-def profile_decode(art: Path, threads: int, steps: int = 30) -> str:
+def profile_decode(art: Path, threads: int, steps: int = 30, variant: bool = True) -> str:
     """Markdown: one decode step (context ~200 tokens) split into the VM call and the Python around
-    it, and TVM's VM profiler report of the decode function, kernel by kernel (top entries)."""
+    it, and the decode function kernel by kernel (top entries). `variant`: the module the JIT builds
+    for one sequence (what serves decode once it is compiled), else the generic module."""
     import tvm
     import tvm_ffi
     from tvm import relax
 
     from edge.generate.loader import load_decoder
+    from edge.runtime import pipeline
 
     loaded = load_decoder(art, context=N_CTX, threads=threads)
     dec = loaded.decoder
+    if variant:  # the JIT's pipeline, in process: the batch-1 decode variant
+        mod = tvm.ir.load_json((art / "module.json").read_text())
+        dec.vm = relax.VirtualMachine(pipeline.build(mod, loaded.artifact.target, bind={"num_seqs": 1}), tvm.cpu())
     S = tvm_ffi.Shape
     dec.add_sequence(0)
     dec.prefill([0], [list(range(1000, 1200))])
@@ -369,7 +374,8 @@ def profile_decode(art: Path, threads: int, steps: int = 30) -> str:
         dec._popn(dec.kv, 0, 1)
         dec.lengths[0] -= 1
     total = float(np.median(full)) * 1000
-    lines = [f"One decode step at {threads} thread(s), context 200 tokens, medians of {steps}: Decoder.decode() "
+    lines = [f"One decode step of one sequence at {threads} thread(s), context 200 tokens, on the "
+             f"{'JIT batch-1 variant' if variant else 'generic module'}, medians of {steps}: Decoder.decode() "
              f"{total:.1f} ms in all.", "", "| part | ms | share of decode() |", "|---|---|---|"]
     for k, v in parts.items():
         m = float(np.median(v)) * 1000
@@ -378,7 +384,7 @@ def profile_decode(art: Path, threads: int, steps: int = 30) -> str:
     # Kernel by kernel: an instrument on the VM timing every call instruction (this TVM's
     # VirtualMachine has no profile=True); calls are grouped by function and argument shapes.
     try:
-        vm = relax.VirtualMachine(tvm.runtime.load_module(str(art / "generic.so")), tvm.cpu())
+        vm = dec.vm
         calls: dict = {}
         state = {}
 
@@ -581,7 +587,7 @@ def main() -> int:
     for th in args.threads:
         bw[th] += bandwidth(work, th)
     log("profiling one edgejit decode step")
-    profiles = [profile_decode(arts[args.formats[0]], th) for th in (args.threads[:1] if args.quick else args.threads)]
+    profiles = [profile_decode(arts[args.formats[0]], th, variant=not args.no_jit) for th in (args.threads[:1] if args.quick else args.threads)]
 
     # -- report ---------------------------------------------------------------------------------
     ours_bytes = {fmt: Artifact.open(arts[fmt]).manifest.decoder.weight_bytes for fmt in args.formats}
