@@ -14,17 +14,20 @@ import sys
 
 RUNTIME_LIB_ENV = "TVM_USE_RUNTIME_LIB"  # read by tvm/base.py when tvm is first imported
 # Imported by tvm_ffi only if installed, used by nothing on the device path: torch (tvm_ffi imports
-# it eagerly) and ml_dtypes (numpy dtypes for bfloat16/float8: ~0.4 s of import; artifacts'
-# weights, inputs and outputs are int/float16/float32).
-_NOT_ON_THE_DEVICE = ("torch", "ml_dtypes")
+# it eagerly; the compile worker keeps it out too) and, when nothing compiles here, ml_dtypes (numpy
+# dtypes for bfloat16/float8: ~0.4 s of import; artifacts' weights, inputs and outputs are
+# int/float16/float32).
+_NOT_FOR_RUNNING = ("torch", "ml_dtypes")
+_NOT_FOR_COMPILING = ("torch",)
 
 
 def load_tvm(*, compiler: bool = False) -> bool:
     """Import TVM for this process, before anything else does: its runtime library alone unless
-    `compiler`, and without torch or ml_dtypes. Returns whether only the runtime library is loaded.
+    `compiler`; without torch (nor ml_dtypes, unless `compiler`). Returns whether only the runtime
+    library is loaded.
     A process that has already imported TVM keeps the TVM it has."""
     if "tvm" not in sys.modules:
-        blocked = [m for m in _NOT_ON_THE_DEVICE if m not in sys.modules]
+        blocked = [m for m in (_NOT_FOR_COMPILING if compiler else _NOT_FOR_RUNNING) if m not in sys.modules]
         saved_env = os.environ.get(RUNTIME_LIB_ENV)
         for m in blocked:
             sys.modules[m] = None  # `import m` raises ImportError, which tvm_ffi and tvm tolerate
