@@ -13,9 +13,10 @@ Host side (x86 build machine):
   It also runs one JIT specialization on the emulated device and checks the cache it writes, and,
   as a negative control, forces a dot-product artifact onto a CPU model without dotprod (qemu must
   kill it with SIGILL, so a clean run means the code fits the emulated CPU's instruction set).
-  Given GGUF files (`decoders=`), it compiles decoder artifacts for the host and the generation
-  targets, and checks that greedy generation (edge.generate) on the emulated CPU gives the host's
-  tokens, with logits close at every step.
+  Given text-generation models (`decoders=`: GGUF files, Hugging Face checkpoint directories or
+  ONNX decoders with past, anything `edgejit compile` makes a decoder of), it compiles decoder
+  artifacts for the host and the generation targets, and checks that greedy generation
+  (edge.generate) on the emulated CPU gives the host's tokens, with logits close at every step.
 
 Device side: `python -m deploy.tools.arm_emulation device JOB.json`, run by the emulated python; imports
 only edge, numpy and tvm. One process per emulated CPU does every check, because importing TVM under
@@ -369,7 +370,8 @@ def verify(
     """Compile, run on the host and under emulation, compare. Never raises for a wrong answer: every
     difference is a line in report.failures() naming target, precision, length and error size.
 
-    decoders: GGUF files ({name: path}) compiled for the host and each of generation_targets; the
+    decoders: text-generation models ({name: GGUF file, checkpoint directory or ONNX decoder with
+    past}) compiled for the host and each of generation_targets; the
     emulated process for each target's CPU (the same one that runs the ONNX checks) generates
     new_tokens greedy tokens from each prompt (token ids), which must be the host's, with logits
     within GENERATION_TOLERANCE at every step."""
@@ -415,7 +417,7 @@ def verify(
                 built[model, precision, name] = out
     report.timings["host compiles"] = time.perf_counter() - t
 
-    # Decoder artifacts (GGUF) for the host and the generation targets, and the host's tokens.
+    # Decoder artifacts for the host and the generation targets, and the host's tokens.
     decoder_artifacts: dict[tuple, Path] = {}  # (model, preset name or "x86") -> decoder artifact
     expected_generation: dict[str, list] = {}  # model -> [(tokens, logits [new_tokens, vocab]) per prompt]
     context = max(len(p) for p in prompts) + new_tokens if decoders else 0
@@ -525,7 +527,7 @@ def verify_generation(
     cache_dir: str | Path | None = None,
     log=print,
 ) -> Report:
-    """Generation alone: GGUF files compiled for the host and each target, greedy tokens on the
+    """Generation alone: decoders compiled for the host and each target, greedy tokens on the
     target's emulated CPU against the host's (verify() with no ONNX models)."""
     return verify({}, workdir, targets=targets, jit_target=None, decoders=decoders, prompts=prompts,
                   new_tokens=new_tokens, generation_targets=targets, cache_dir=cache_dir, log=log)
@@ -840,13 +842,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("setup", help="assemble (or find) the cached aarch64 user space and print its path")
     v = sub.add_parser("verify", help="compile models for ARM presets and check them under emulation")
-    v.add_argument("models", nargs="+", help="ONNX files, and GGUF files for the generation check")
+    v.add_argument("models", nargs="+", help="ONNX tensor models, and for the generation check GGUF files, "
+                                             "checkpoint directories or ONNX decoders with past")
     v.add_argument("-t", "--target", action="append", help="aarch64 preset (repeatable; default aarch64 and rpi5)")
     v.add_argument("--precision", action="append", choices=["fp32", "int8"], help="repeatable; default fp32")
     v.add_argument("--lengths", default="1,5,16,37,64", help="comma-separated sequence lengths")
     v.add_argument("--jit-seq", type=int, default=24)
-    v.add_argument("--prompt", action="append", help="token ids, comma-separated, for GGUF models (repeatable)")
-    v.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per prompt for GGUF models")
+    v.add_argument("--prompt", action="append", help="token ids, comma-separated, for the generation check (repeatable)")
+    v.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per prompt for the generation check")
     v.add_argument("--workdir", required=True)
     d = sub.add_parser("device", help=argparse.SUPPRESS)
     d.add_argument("job")
@@ -864,7 +867,10 @@ def main(argv: list[str] | None = None) -> int:
             print(us.root)
             return 0
         models = {Path(m).stem if Path(m).stem != "model" else Path(m).parent.name: Path(m) for m in args.models}
-        decoders = {k: v for k, v in models.items() if v.suffix == ".gguf"}
+        from deploy.frontends.onnx.decoder import kind
+
+        decoders = {k: v for k, v in models.items()
+                    if v.suffix == ".gguf" or v.is_dir() or (v.suffix == ".onnx" and kind(v) == "with_past")}
         targets = tuple(args.target or ("aarch64", "rpi5"))
         prompts = tuple(tuple(int(x) for x in p.split(",")) for p in args.prompt) if args.prompt else DEFAULT_PROMPTS
         report = verify({k: v for k, v in models.items() if k not in decoders}, args.workdir, targets=targets,

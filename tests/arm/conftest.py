@@ -8,8 +8,14 @@ from tests.arm import emulation_run
 
 
 @pytest.fixture(scope="session")
-def arm_report(request, tmp_path_factory):
-    return emulation_run.run(request, tmp_path_factory)
+def arm_decoders(smollm2_gguf, tmp_path_factory):
+    """{name: (model file or directory, transformers reference)} for the generation check."""
+    return emulation_run.decoders(smollm2_gguf, tmp_path_factory.mktemp("arm_decoders"))
+
+
+@pytest.fixture(scope="session")
+def arm_report(request, tmp_path_factory, arm_decoders):
+    return emulation_run.run(request, tmp_path_factory, arm_decoders)
 
 
 def pytest_terminal_summary(terminalreporter):
