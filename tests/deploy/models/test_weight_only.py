@@ -27,15 +27,12 @@ from tests.fixtures.hf_reference import greedy, teacher_forced_logits
 from tests.fixtures.onnx_decoders import write_onnx_decoder
 
 
-def _quiet(*a):
-    pass
-
-
 @pytest.fixture(scope="session")
 def weight_only(smollm2_gguf, tmp_path_factory):
     """{name: {"fx", "art", "precision", "log"}}: llama_q8 / llama_q4 (one tied Llama checkpoint; q4
-    compiled with --min-accuracy 0.99 --accept-accuracy, which it misses), gpt2_q4, qwen2_onnx_q8
-    (the CLI), llama_gguf_q8 (the Llama weights as an F32 GGUF)."""
+    compiled with --min-accuracy 0.99 --accept-accuracy, which it misses), llama_q8_rpi5 (cross-compiled:
+    measured without running the module), gpt2_q4, qwen2_onnx_q8 (the CLI), llama_gguf_q8 (the Llama
+    weights as an F32 GGUF)."""
     from deploy.compiler.decoder import compile_decoder
 
     root = tmp_path_factory.mktemp("weight_only")
@@ -43,11 +40,12 @@ def weight_only(smollm2_gguf, tmp_path_factory):
     gpt2 = {**write_gpt2_checkpoint(root / "gpt2", smollm2_gguf, seed=1), "arch": "gpt2"}
     qwen2 = write_onnx_decoder(root / "qwen2", "qwen2", smollm2_gguf, seed=2, tie_word_embeddings=False)
     out = {}
-    for name, fx, precision, kw in (("llama_q8", llama, "q8", {}),
-                                    ("llama_q4", llama, "q4", dict(min_accuracy=0.99, accept_accuracy=True)),
-                                    ("gpt2_q4", gpt2, "q4", {})):
+    for name, fx, precision, target, kw in (("llama_q8", llama, "q8", "host", {}),
+                                            ("llama_q4", llama, "q4", "host", dict(min_accuracy=0.99, accept_accuracy=True)),
+                                            ("llama_q8_rpi5", llama, "q8", "rpi5", {}),
+                                            ("gpt2_q4", gpt2, "q4", "host", {})):
         log = []
-        art = compile_decoder(fx["path"], "host", root / f"{name}.art", precision=precision, log=log.append, **kw)
+        art = compile_decoder(fx["path"], target, root / f"{name}.art", precision=precision, log=log.append, **kw)
         out[name] = {"fx": fx, "art": art, "precision": precision, "log": log}
     art = root / "qwen2_onnx_q8.art"
     r = subprocess.run([sys.executable, "-m", "edge.cli", "compile", qwen2["path"], "-o", str(art), "--target", "host",
@@ -88,7 +86,7 @@ def _dequantized_reference(fx, precision: str):
 
 @pytest.fixture(scope="module")
 def references(weight_only):
-    return {name: _dequantized_reference(w["fx"], w["precision"]) for name, w in weight_only.items() if name != "llama_gguf_q8"}
+    return {name: _dequantized_reference(weight_only[name]["fx"], weight_only[name]["precision"]) for name in GENERATING}
 
 
 # -- the quantizer ------------------------------------------------------------------------------
@@ -144,11 +142,13 @@ def test_manifest_describes_the_quantization(weight_only):
     assert "lm_head.qweight" in names and "layers.0.mlp.down_proj.qweight" in names and "lm_head.weight" not in names
 
 
-@pytest.mark.parametrize("name", ["llama_q8", "llama_q4", "gpt2_q4", "qwen2_onnx_q8", "llama_gguf_q8"])
+@pytest.mark.parametrize("name", ["llama_q8", "llama_q4", "llama_q8_rpi5", "gpt2_q4", "qwen2_onnx_q8", "llama_gguf_q8"])
 def test_accuracy_report_in_manifest_and_log(weight_only, name):
     acc = _manifest(weight_only[name]["art"])["accuracy"]
     assert acc["kind"] == "decoder" and acc["metric"] == "top1_agreement" and acc["tokens"] == 256
-    assert acc["precision"] == weight_only[name]["precision"] and acc["measured_on"].startswith("the compiled module")
+    assert acc["precision"] == weight_only[name]["precision"]
+    assert acc["measured_on"].startswith("numpy forward pass of the dequantized weights" if name.endswith("rpi5")
+                                         else "the compiled module")
     ppl = acc["perplexity"]
     assert ppl["ratio"] == pytest.approx(ppl["quantized"] / ppl["fp32"])
     line = next(x for x in weight_only[name]["log"] if "accuracy on 256 tokens of real text" in x)
@@ -186,21 +186,18 @@ def test_accuracy_numbers_match_transformers(weight_only, name):
     assert accuracy.perplexity(ours, ids) == pytest.approx(acc["perplexity"]["quantized"], rel=1e-4)
 
 
-def test_cross_target_measure_agrees_with_the_module(weight_only):
-    """A module that does not run here is measured as its dequantized weights in numpy: the same numbers."""
-    from deploy.compiler.decoder import _host_quantize, load_hf
-    from deploy.models import registry
-    from deploy.quantize.weight_only import accuracy, schemes
+def test_cross_compile_measure_agrees_with_the_module(weight_only):
+    """A module that does not run here (rpi5 on x86) is measured as its dequantized weights in numpy:
+    the numbers of the host module, and the same weights."""
+    from edge.artifact.reader import Artifact
 
-    m = load_hf(Path(weight_only["llama_q8"]["fx"]["path"]), log=_quiet)
-    fp32, _ = _host_quantize(m, "q8", _quiet)
-    deq = schemes.dequantized(m.weights, registry.get(m.arch).linear_weights(m.config))
-    r = accuracy.report(m.arch, m.config, fp32, deq, precision="q8", tokenizer=m.tokenizer, bos_id=m.tokenizer_info["bos_id"],
-                        add_bos=m.tokenizer_info["add_bos"], log=_quiet)
-    acc = _manifest(weight_only["llama_q8"]["art"])["accuracy"]
-    assert r["measured_on"].startswith("numpy forward pass of the dequantized weights")
-    assert abs(r["value"] - acc["value"]) <= 2 / 256
-    assert r["perplexity"]["quantized"] == pytest.approx(acc["perplexity"]["quantized"], rel=1e-4)
+    host, cross = (_manifest(weight_only[n]["art"])["accuracy"] for n in ("llama_q8", "llama_q8_rpi5"))
+    assert abs(cross["value"] - host["value"]) <= 2 / 256
+    assert cross["perplexity"]["quantized"] == pytest.approx(host["perplexity"]["quantized"], rel=1e-4)
+    assert cross["perplexity"]["fp32"] == host["perplexity"]["fp32"]
+    a, b = (Artifact.open(weight_only[n]["art"], check_host=False) for n in ("llama_q8", "llama_q8_rpi5"))
+    for x, y in zip(a.load_params(), b.load_params()):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_float_gguf_quantizes_as_the_checkpoint(weight_only):
