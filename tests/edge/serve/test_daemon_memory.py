@@ -201,7 +201,13 @@ def test_decoder_swaps_release_old_versions(tiny_llamas, tmp_path):
                     break
                 assert time.monotonic() < deadline, d.log()
                 time.sleep(0.2)
-            rss, libs = memory(d.proc.pid)
+            current = str((models / name).resolve() / "generic.so")
+            settle = time.monotonic() + 15
+            while True:  # the replaced version goes once its engine thread has let go of it
+                rss, libs = memory(d.proc.pid)
+                if [p for p in libs if p.endswith("generic.so")] == [current] or time.monotonic() > settle:
+                    break
+                time.sleep(0.2)
             samples.append((i + 1, name, round(rss, 1), libs))
         log = d.log()
     report = "\n".join(f"swap {i:2d} -> {n}: RSS {rss} MiB, {len(libs)} libraries mapped" for i, n, rss, libs in samples)
