@@ -255,9 +255,10 @@ class LlamaEngine:
 def worker(engine: str, model: str, threads: int, load_only: bool, jit_cache: str | None = None) -> int:
     sys.stdout = sys.stderr  # the protocol owns the real stdout
     if engine == "edgejit":
-        import tvm  # noqa: F401  (imports are not load time)
+        import edge  # as the device commands do: TVM's runtime library only (compiles run in workers)
 
-        import edge.generate.loader  # noqa: F401
+        edge.load_tvm()
+        import edge.generate.loader  # noqa: F401  (imports are not load time)
         cls = EdgejitEngine
     else:
         import llama_cpp  # noqa: F401
