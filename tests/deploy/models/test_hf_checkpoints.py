@@ -145,6 +145,16 @@ def test_manifest_describes_the_checkpoint(hf_checkpoints):
     assert (d["mistral_window"].config["sliding_window"], d["mistral_window"].context_length) == (64, 64)
 
 
+def test_mistral_context_past_the_window_is_refused_at_load(hf_checkpoints):
+    """The compile bounds Mistral's context by its window (test_compile_bad_checkpoint...[window]);
+    the runtime refuses a longer one too."""
+    from edge.errors import EdgeJitError
+    from edge.generate.loader import load_decoder
+
+    with pytest.raises(EdgeJitError, match=r"^context 65 is outside 1\.\.64 "):
+        load_decoder(hf_checkpoints["mistral_window"][1], context=65)
+
+
 def test_chat_prompt_matches_transformers_tokenizer(loaded, hf_checkpoints):
     """The shipped tokenizer.json and chat template give the ids transformers gives for the same
     directory (AutoTokenizer + apply_chat_template)."""
