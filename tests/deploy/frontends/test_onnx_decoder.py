@@ -143,6 +143,23 @@ def _merged(path: Path) -> Path:
     return path
 
 
+def _contrib(path: Path) -> Path:
+    """A decoder-shaped graph with an ONNX Runtime contrib operator, as ORT GenAI's model builder writes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def vi(name, t=TensorProto.FLOAT, shape=("batch", 2, "past", 16)):
+        return helper.make_tensor_value_info(name, t, list(shape))
+
+    past = ["past_key_values.0.key", "past_key_values.0.value"]
+    nodes = [helper.make_node("GroupQueryAttention", ["input_ids", *past], ["logits", "present.0.key", "present.0.value"],
+                              domain="com.microsoft", name="gqa")]
+    g = helper.make_graph(nodes, "gqa", [vi("input_ids", TensorProto.INT64, ("batch", "seq")), *map(vi, past)],
+                          [vi("logits"), vi("present.0.key"), vi("present.0.value")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]), str(path))
+    return path
+
+
 def _bad_inputs(tmp: Path, good: Path, bert_onnx) -> dict:
     def copy(name, edit=None, drop=()):
         d = tmp / name
@@ -171,6 +188,8 @@ def _bad_inputs(tmp: Path, good: Path, bert_onnx) -> dict:
                         [], "identity.onnx: the graph's 0 linear layers do not form a Llama / Qwen2 / Mistral or GPT-2 decoder"),
         "merged": (_merged(tmp / "decoder_model_merged.onnx"), [],
                    "decoder_model_merged.onnx: control flow (If at node 'optimum::if', e.g. optimum's merged decoder) is not read"),
+        "contrib": (_contrib(tmp / "gqa.onnx"), [], "gqa.onnx: operator com.microsoft.GroupQueryAttention at node 'gqa' (an ONNX "
+                    "Runtime-optimized or quantized graph) is not read"),
         "config_disagrees": (copy("heads", lambda c: c.update(num_attention_heads=2, head_dim=16)), [],
                              "config.json: num_attention_heads is 2, but the graph model.onnx has 4"),
         "architecture": (copy("arch", lambda c: c.update(architectures=["GPTNeoXForCausalLM"])), [],
@@ -197,8 +216,8 @@ def test_compile_bad_graph_fails_with_one_line(bad_inputs, case, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("case", ["foreign_input", "no_present", "half_past", "not_a_model", "merged", "architecture",
-                                  "no_tokenizer"])
+@pytest.mark.parametrize("case", ["foreign_input", "no_present", "half_past", "not_a_model", "merged", "contrib",
+                                  "architecture", "no_tokenizer"])
 def test_bad_graph_is_refused_in_one_line(bad_inputs, case, tmp_path):
     from edge.errors import ModelError
 
