@@ -13,6 +13,7 @@ from edge.errors import ArtifactError, EdgeJitError
 from edge.generate.chat_template import ChatTemplate
 from edge.generate.decoder import Decoder, kv_bytes_per_token
 from edge.generate.tokenizer import Tokenizer
+from edge.runtime.module import load_library
 
 
 @dataclass
@@ -58,19 +59,19 @@ def load_decoder(artifact, *, context: int | None = None, threads: int | None = 
     are specialized by batch size in the background (edge/jit, docs/jit.md). The KV cache takes
     `kv_bytes` in all (default: `context` tokens for each of `max_batch` sequences, plus
     `extra_kv_tokens`, e.g. the prefix cache's budget)."""
-    import tvm
-
     from edge import machine
 
     art = open_decoder_artifact(artifact, trust=trust)
     info = art.manifest.decoder
     context = info.default_context if context is None else int(context)
     if not 1 <= context <= info.context_length:
-        raise EdgeJitError(f"context {context} is outside 1..{info.context_length} (the model's trained context)")
+        window = int(info.config.get("sliding_window") or 0)
+        what = "its sliding attention window" if window and window == info.context_length else "the model's trained context"
+        raise EdgeJitError(f"context {context} is outside 1..{info.context_length} ({what})")
     for name in (info.tokenizer.file, info.chat_template):
         if name and name not in art.manifest.files:
             raise ArtifactError(f"{art.path}: {name} is not listed (with its checksum) in the manifest")
-    lib = tvm.runtime.load_module(str(art.file("generic.so")))
+    lib = load_library(art.file("generic.so"))
     params = art.device_params()
     if len(params) != len(info.param_names):
         raise ArtifactError(f"{art.path}: params.npz has {len(params)} weights, the manifest names {len(info.param_names)}")

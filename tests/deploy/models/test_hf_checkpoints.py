@@ -151,7 +151,7 @@ def test_mistral_context_past_the_window_is_refused_at_load(hf_checkpoints):
     from edge.errors import EdgeJitError
     from edge.generate.loader import load_decoder
 
-    with pytest.raises(EdgeJitError, match=r"^context 65 is outside 1\.\.64 "):
+    with pytest.raises(EdgeJitError, match=r"^context 65 is outside 1\.\.64 \(its sliding attention window\)"):
         load_decoder(hf_checkpoints["mistral_window"][1], context=65)
 
 
