@@ -259,8 +259,8 @@ def main() -> None:
             parts.append(bench_prefix(art, args.reps))
         if args.part in ("users", "all"):
             parts.append(bench_users(gguf, art, work, args.per_user, args.max_tokens))
-    note = ("The machine is shared with other jobs (2 vCPUs, several engineers' builds and tests running): "
-            "absolute numbers are noisy; compare the ratios from the same run.\n\n")
+    note = (f"Load average (1 min) at the end of the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} vCPUs. The machine "
+            "is shared with other jobs: absolute numbers are noisy; compare the ratios from the same run.\n\n")
     write_results(RESULTS, "Chat serving (bench/bench_serve.py)", note + "\n".join(parts))
 
 
