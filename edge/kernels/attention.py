@@ -104,6 +104,64 @@ def _sum(buf, n: int):
     return _tree(lambda a, b: a + b, (buf[r] for r in range(n)))
 
 
+def _attention_steps(G: int, P: int, d: int):
+    """TVMScript macros shared by both kernels, for the G query heads of one KV head:
+    `start` loads the scaled queries and resets the running softmax state; `attend` takes `rows`
+    (<= P) keys and values, read through `key(r, j)` / `value(r, j)`; `finish` writes the output
+    and the log2-sum-exp (both at `[first, kv_head * G + g, ...]`)."""
+    from tvm.script import tirx as T
+
+    L = LANES
+    C = d // L
+    log2e = math.log2(math.exp(1))
+
+    @T.macro
+    def start(q_s, o_s, m_s, l_s, query, first, hk, sm_scale):
+        for g in range(G):
+            for j in T.vectorized(d):
+                q_s[g, j] = query[first, hk * G + g, j] * (sm_scale * T.float32(log2e))
+                o_s[g, j] = T.float32(0)
+            m_s[g] = T.float32(-5e4)
+            l_s[g] = T.float32(1)
+
+    @T.macro
+    def attend(q_s, o_s, m_s, l_s, s_s, p_s, acc, half, quarter, rows, key, value):
+        for g in range(G):
+            for r in T.vectorized(P):
+                s_s[g, r] = T.float32(-1e30)
+            for r in range(rows):
+                for l in T.vectorized(L):
+                    acc[l] = q_s[g, l] * key(r, l)
+                for c in range(1, C):
+                    for l in T.vectorized(L):
+                        acc[l] = acc[l] + q_s[g, c * L + l] * key(r, c * L + l)
+                for l in T.vectorized(L // 2):
+                    half[l] = acc[l] + acc[l + L // 2]
+                for l in T.vectorized(L // 4):
+                    quarter[l] = half[l] + half[l + L // 4]
+                s_s[g, r] = _sum(quarter, L // 4)
+            new_m: T.let[T.float32] = T.max(m_s[g], _row_max(s_s, g, P))
+            rescale: T.let[T.float32] = _exp2(m_s[g] - new_m)
+            for r in T.vectorized(P):
+                p_s[r] = _exp2(s_s[g, r] - new_m)
+            l_s[g] = l_s[g] * rescale + _sum(p_s, P)
+            for j in T.vectorized(d):
+                o_s[g, j] = o_s[g, j] * rescale
+            for r in range(rows):
+                for j in T.vectorized(d):
+                    o_s[g, j] = o_s[g, j] + p_s[r] * value(r, j)
+            m_s[g] = new_m
+
+    @T.macro
+    def finish(o_s, m_s, l_s, output, lse, first, hk):
+        for g in range(G):
+            for j in T.vectorized(d):
+                output[first, hk * G + g, j] = o_s[g, j] / l_s[g]
+            lse[first, hk * G + g] = m_s[g] + T.log2(l_s[g])
+
+    return start, attend, finish
+
+
 def decode_paged_kv(h_kv: int, h_qo: int, d: int, page_size: int):
     """The PrimFunc: one query token per sequence against its pages; the stock kernel's signature,
     outputs (attention output and log2-sum-exp) and numerics (scores scaled by log2 e, exp2)."""
@@ -114,9 +172,7 @@ def decode_paged_kv(h_kv: int, h_qo: int, d: int, page_size: int):
     G = h_qo // h_kv
     P = page_size
     L = LANES
-    C = d // L
-    log2e = math.log2(math.exp(1))
-    NEG = -1e30
+    start, attend, finish = _attention_steps(G, P, d)
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv(
@@ -173,44 +229,13 @@ def decode_paged_kv(h_kv: int, h_qo: int, d: int, page_size: int):
                 hk: T.let[T.int32] = vbh % h_kv
                 begin: T.let[T.int32] = page_table_indptr[b]
                 n_pages: T.let[T.int32] = page_table_indptr[b + 1] - begin
-                for g in range(G):
-                    for j in T.vectorized(d):
-                        q_s[g, j] = Q[b, hk * G + g, j] * (sm_scale * T.float32(log2e))
-                        o_s[g, j] = T.float32(0)
-                    m_s[g] = T.float32(-5e4)
-                    l_s[g] = T.float32(1)
+                start(q_s, o_s, m_s, l_s, Q, b, hk, sm_scale)
                 for p in range(n_pages):
                     page_no: T.let[T.int32] = page_table_values[begin + p]
                     rows: T.let[T.int32] = T.if_then_else(p == n_pages - 1, last_page_len[b], P)
-                    for g in range(G):
-                        for r in T.vectorized(P):
-                            s_s[g, r] = T.float32(NEG)
-                        for r in range(rows):
-                            for l in T.vectorized(L):
-                                acc[l] = q_s[g, l] * pages[page_no, 0, hk, r, l]
-                            for c in range(1, C):
-                                for l in T.vectorized(L):
-                                    acc[l] = acc[l] + q_s[g, c * L + l] * pages[page_no, 0, hk, r, c * L + l]
-                            for l in T.vectorized(L // 2):
-                                half[l] = acc[l] + acc[l + L // 2]
-                            for l in T.vectorized(L // 4):
-                                quarter[l] = half[l] + half[l + L // 4]
-                            s_s[g, r] = _sum(quarter, L // 4)
-                        new_m: T.let[T.float32] = T.max(m_s[g], _row_max(s_s, g, P))
-                        rescale: T.let[T.float32] = _exp2(m_s[g] - new_m)
-                        for r in T.vectorized(P):
-                            p_s[r] = _exp2(s_s[g, r] - new_m)
-                        l_s[g] = l_s[g] * rescale + _sum(p_s, P)
-                        for j in T.vectorized(d):
-                            o_s[g, j] = o_s[g, j] * rescale
-                        for r in range(rows):
-                            for j in T.vectorized(d):
-                                o_s[g, j] = o_s[g, j] + p_s[r] * pages[page_no, 1, hk, r, j]
-                        m_s[g] = new_m
-                for g in range(G):
-                    for j in T.vectorized(d):
-                        output[b, hk * G + g, j] = o_s[g, j] / l_s[g]
-                    lse[b, hk * G + g] = m_s[g] + T.log2(l_s[g])
+                    attend(q_s, o_s, m_s, l_s, s_s, p_s, acc, half, quarter, rows,
+                           lambda r, j: pages[page_no, 0, hk, r, j], lambda r, j: pages[page_no, 1, hk, r, j])
+                finish(o_s, m_s, l_s, output, lse, b, hk)
 
     return batch_decode_paged_kv
 
@@ -225,9 +250,7 @@ def prefill_ragged(h_kv: int, h_qo: int, d: int):
     G = h_qo // h_kv
     P = 16  # keys per softmax update
     L = LANES
-    C = d // L
-    log2e = math.log2(math.exp(1))
-    NEG = -1e30
+    start, attend, finish = _attention_steps(G, P, d)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(
@@ -293,43 +316,12 @@ def prefill_ragged(h_kv: int, h_qo: int, d: int):
                 q_n: T.let[T.int32] = q_indptr[b_ + 1] - q_indptr[b_]
                 n_keys: T.let[T.int32] = T.max(T.min(T.if_then_else(
                     causal > 0, kv_n - q_n + (row - q_indptr[b_]) + 1, kv_n), kv_n), 0)
-                for g in range(G):
-                    for j in T.vectorized(d):
-                        q_s[g, j] = q[row, hk * G + g, j] * (sm_scale * T.float32(log2e))
-                        o_s[g, j] = T.float32(0)
-                    m_s[g] = T.float32(-5e4)
-                    l_s[g] = T.float32(1)
+                start(q_s, o_s, m_s, l_s, q, row, hk, sm_scale)
                 for c in range((n_keys + P - 1) // P):
                     rows: T.let[T.int32] = T.min(n_keys - c * P, P)
                     base: T.let[T.int32] = kv_begin + c * P
-                    for g in range(G):
-                        for r in T.vectorized(P):
-                            s_s[g, r] = T.float32(NEG)
-                        for r in range(rows):
-                            for l in T.vectorized(L):
-                                acc[l] = q_s[g, l] * k[base + r, hk, l]
-                            for cc in range(1, C):
-                                for l in T.vectorized(L):
-                                    acc[l] = acc[l] + q_s[g, cc * L + l] * k[base + r, hk, cc * L + l]
-                            for l in T.vectorized(L // 2):
-                                half[l] = acc[l] + acc[l + L // 2]
-                            for l in T.vectorized(L // 4):
-                                quarter[l] = half[l] + half[l + L // 4]
-                            s_s[g, r] = _sum(quarter, L // 4)
-                        new_m: T.let[T.float32] = T.max(m_s[g], _row_max(s_s, g, P))
-                        rescale: T.let[T.float32] = _exp2(m_s[g] - new_m)
-                        for r in T.vectorized(P):
-                            p_s[r] = _exp2(s_s[g, r] - new_m)
-                        l_s[g] = l_s[g] * rescale + _sum(p_s, P)
-                        for j in T.vectorized(d):
-                            o_s[g, j] = o_s[g, j] * rescale
-                        for r in range(rows):
-                            for j in T.vectorized(d):
-                                o_s[g, j] = o_s[g, j] + p_s[r] * v[base + r, hk, j]
-                        m_s[g] = new_m
-                for g in range(G):
-                    for j in T.vectorized(d):
-                        output[row, hk * G + g, j] = o_s[g, j] / l_s[g]
-                    lse[row, hk * G + g] = m_s[g] + T.log2(l_s[g])
+                    attend(q_s, o_s, m_s, l_s, s_s, p_s, acc, half, quarter, rows,
+                           lambda r, j: k[base + r, hk, j], lambda r, j: v[base + r, hk, j])
+                finish(o_s, m_s, l_s, output, lse, row, hk)
 
     return batch_prefill_ragged_kv
