@@ -20,5 +20,5 @@ edgejit compile .work/example/minilm-l6.onnx --target host -o .work/example/mini
 edgejit compile .work/example/minilm-l6.onnx --target rpi5 -o .work/example/minilm-rpi5 --force
 echo "== run on this machine"
 edgejit run .work/example/minilm-host --input 'input_ids=[[101,7592,2088,102]]'
-echo "== the whole system: broker, coordinator, daemon with JIT, a stream of real-text requests"
-edgejit demo
+echo "== the whole system: broker, coordinator, daemon with JIT, several users chatting through the OpenAI API"
+edgejit demo --artifact .work/example/smollm2-host
