@@ -118,9 +118,8 @@ def test_queue_limit_and_bad_requests(model):
             engine.submit([10**9], SamplingParams())
         handles = []
         with pytest.raises(QueueFull):
-            for _ in range(20):  # 4 slots + 2 queued, then full
-                handles.append(engine.submit(PROMPTS[0], SamplingParams(max_tokens=50, ignore_eos=True)))
-                time.sleep(0.01)
+            for _ in range(20):  # 4 slots + 2 queued, then full (long replies: none finishes meanwhile)
+                handles.append(engine.submit(PROMPTS[0], SamplingParams(max_tokens=200, ignore_eos=True)))
         for h in handles:
             h.cancel()
     finally:
