@@ -107,3 +107,22 @@ def test_daemon_loads_the_compiler_only_to_compile_in_process(tiny_llamas, tmp_p
     assert "libtvm_runtime" in maps and "/torch/" not in maps
     assert metrics["process_resident_memory_bytes"] > 0
     assert metrics["edgejit_process_peak_resident_memory_bytes"] >= metrics["process_resident_memory_bytes"]
+
+
+def test_runtime_import_stays_small():
+    """TVM's import registers classes for types only the compiler library defines; those lookups
+    must not fail inside the library, whose first error maps libbacktrace's state for good (~30 MiB
+    of RSS: measured 52 MiB for the import with it, 19 without)."""
+    code = """
+import numpy, edge
+def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
+before = rss()
+assert edge.load_tvm()
+from tvm_ffi import core
+assert core._object_type_key_to_index('no.such.Type') is None
+assert core._object_type_key_to_index('ffi.Shape') is not None
+print(round(rss() - before, 1))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.split()[-1]) < 35, out.stdout
