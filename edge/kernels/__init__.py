@@ -24,7 +24,25 @@ def optimize(mod, target, *, tuning=None):
     with target:
         if tuning is not None:
             mod = tuning.apply(mod)
-        return rules.schedule_module(mod, target)
+        return mark_noalias(rules.schedule_module(mod, target))
+
+
+def mark_noalias(mod):
+    """Every PrimFunc marked `tirx.noalias` (its buffer arguments never overlap).
+
+    TVM 0.27's LLVM code generator applies the noalias flag of the module's last function (in
+    name order) to the bodies of all of them: one function without it (TVM's KV-cache kernels
+    `merge_state_inplace_cpu`, `tree_attn_paged_kv_cpu`, ... have none) and every kernel loses its
+    alias information, so LLVM keeps the dense register tiles in memory. Measured: the 193-token
+    prefill's 576 x 3072 4-bit dense 11.4 ms in the generic module vs 4.2 ms compiled alone.
+    TVM's KV-cache kernels take distinct tensors (or non-overlapping read-only views of one
+    auxiliary buffer), so the flag is true of them too."""
+    from tvm import tirx
+
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, tirx.PrimFunc) and not (func.attrs and func.attrs.get("tirx.noalias", False)):
+            mod[gv] = func.with_attr("tirx.noalias", True)
+    return mod
 
 
 def lower(mod, target):
