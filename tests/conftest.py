@@ -99,6 +99,7 @@ TINY_LLAMAS = {
     "q4_1_gqa": dict(seed=4, weight_type="Q4_1", embed_type="Q8_0"),
     "q4_0_untied": dict(seed=5, weight_type="Q4_0", tied=False),
     "q8_0_gqa": dict(seed=6, weight_type="Q8_0"),
+    "f16_gqa": dict(seed=7, weight_type="F16"),  # kept fp16, widened in the dense kernel
 }
 
 

@@ -25,6 +25,7 @@ from deploy.compiler.artifact_writer import ArtifactWriter, build_fields
 from deploy.frontends.gguf import tokenizer as gguf_tokenizer
 from deploy.frontends.gguf.reader import GGUFFile
 from deploy.models import registry
+from deploy.quantize.weight_only.layout import storage_name
 
 DEFAULT_CONTEXT = 4096  # what the runtime allocates unless told otherwise (llama.cpp's default too)
 PREFILL_CHUNK = 512  # most prompt tokens per prefill call: bounds activation memory
@@ -55,7 +56,9 @@ def load_gguf(path: Path, log=print, *, quantized: bool = True) -> LoadedModel:
     log(f"read {path.name}: {f.architecture}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
         f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}; tensors "
         + ", ".join(f"{n} {t}" for t, n in sorted(types.items(), key=lambda kv: -kv[1]))
-        + (f"; {len(cfg.quant)} linear layers kept quantized" if cfg.quant else ", dequantized to fp32")
+        + (f"; {len(cfg.quant)} linear layers kept as stored ("
+           + ", ".join(f"{n} {k}" for k, n in sorted(collections.Counter(storage_name(b) for b in cfg.quant.values()).items()))
+           + ")" if cfg.quant else ", dequantized to fp32")
         + f" ({time.perf_counter() - t0:.1f}s)")
     tok, info = gguf_tokenizer.build(f)
     if tok.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
@@ -121,7 +124,7 @@ def export_module(arch: str, cfg, target: dict):
 def _precision(cfg) -> str:
     """fp32, or the weight-only bit widths kept from the file (activations stay fp32)."""
     bits = sorted({b for b in getattr(cfg, "quant", {}).values()})
-    return "fp32" if not bits else "w" + "/".join(f"q{b}" for b in bits)
+    return "fp32" if not bits else "w" + "/".join(storage_name(b) for b in bits)
 
 
 def _quantization(cfg, host: dict | None = None) -> dict | None:
@@ -129,9 +132,10 @@ def _quantization(cfg, host: dict | None = None) -> dict | None:
     quant = getattr(cfg, "quant", {})
     if not quant:
         return None
-    counts = collections.Counter(f"q{b}" for b in quant.values())
+    counts = collections.Counter(storage_name(b) for b in quant.values())
     return {"scheme": "weight-only", "group": 32, "activations": "fp32", "layers": dict(counts),
-            "kernel": "edge/kernels/dense.compute_quant (codes dequantized in the inner loop)", **(host or {})}
+            "kernel": "edge/kernels/dense.compute_quant (codes dequantized in the inner loop; "
+                      "f16 layers: dense.compute, widened in the inner loop)", **(host or {})}
 
 
 FLOAT_GGUF_TYPES = ("F32", "F16", "BF16", "F64")

@@ -30,7 +30,21 @@ def compute(x, wp, rows: int):
     block even when M is symbolic, and the tail needs no predicate inside the K loop.
     """
     panels, k_dim, n = wp.shape
-    return _tiled(x, panels, k_dim, n, rows, lambda jo, k, ji: wp[jo, k, ji])
+    return _tiled(x, panels, k_dim, n, rows, lambda jo, k, ji: as_f32(wp[jo, k, ji]))
+
+
+def as_f32(value):
+    """A weight element as fp32: fp16 weights (a GGUF F16 file's) are widened where they are read."""
+    return value if str(value.dtype) == "float32" else value.astype("float32")
+
+
+def widen(w):
+    """fp16 packed weight -> fp32. Models write their fp16 matmuls as matmul(x, unpack(widen(W)));
+    the build reads W in the dense kernel instead (edge.kernels.packing), so this only runs if
+    that rewrite does not apply."""
+    from tvm import te
+
+    return te.compute(w.shape, lambda *i: w[i].astype("float32"), name="edgejit_widen")
 
 
 def compute_quant(x, wq, scale, zero, rows: int):

@@ -117,8 +117,9 @@ def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = No
             tile_rows = min(sym_rows) if sym_rows and len(sym_rows) == len(symbolic) else rows
             tile = min(tile_rows, m) if m else tile_rows  # a static batch of fewer rows: no wasted rows
             quant = dequant_args(self, wp)
-            if quant is not None:  # weight-only quantized: dequantized in the kernel's inner loop
+            if quant is not None and len(quant) == 3:  # weight-only quantized: dequantized in the kernel's inner loop
                 return self.builder_.call_te(dense.compute_quant, x, *quant, tile, primfunc_name_hint="dense_quant")
+            wp = quant[0] if quant is not None else wp  # fp16: widened in the kernel's inner loop
             return self.builder_.call_te(dense.compute, x, wp, tile, primfunc_name_hint="dense_packed")
 
         def _packed_weight(self, call):
@@ -156,7 +157,7 @@ def gather_compute(wp, ids):
 
     def body(*i):
         t = tirx.max(tirx.min(ids[i[:-1]], (rows - 1).astype(ids.dtype)), tirx.const(0, ids.dtype))  # clamped, as gathers are
-        return wp[t // n, i[-1], t % n]
+        return dense.as_f32(wp[t // n, i[-1], t % n])
 
     return te.compute((*ids.shape, wp.shape[1]), body, name="edgejit_gather_packed")
 
@@ -196,7 +197,8 @@ def unpacked_from(mutator, var, axes: list[int]):
 
 
 def dequant_args(mutator, var):
-    """(codes, scale, zero) when `var` is bound to the model's dequantize call, else None."""
+    """(codes, scale, zero) when `var` is bound to the model's dequantize call, (fp16 weight,)
+    when bound to its widening call (dense.widen), else None."""
     import tvm
     from tvm import relax
 
@@ -206,10 +208,10 @@ def dequant_args(mutator, var):
     if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
         return None
     gv = call.args[0]
-    if not (isinstance(gv, tvm.ir.GlobalVar) and gv.name_hint.startswith("dequant_q")):
+    if not (isinstance(gv, tvm.ir.GlobalVar) and gv.name_hint.startswith(("dequant_q", "widen_f16"))):
         return None
     args = list(call.args[1].fields)
-    return tuple(args) if len(args) == 3 else None
+    return tuple(args) if len(args) == (1 if gv.name_hint.startswith("widen_f16") else 3) else None
 
 
 def rewrite_packed_gather(mod):
@@ -229,8 +231,9 @@ def rewrite_packed_gather(mod):
             if wp is None:
                 return call
             quant = dequant_args(self, wp)
-            if quant is not None:
+            if quant is not None and len(quant) == 3:
                 return self.builder_.call_te(gather_quant_compute, *quant, call.args[1], primfunc_name_hint="gather_quant")
+            wp = quant[0] if quant is not None else wp
             return self.builder_.call_te(gather_compute, wp, call.args[1], primfunc_name_hint="gather_packed")
 
     rewriter = _Rewriter(mod)

@@ -18,7 +18,9 @@ JIT_TARGET, JIT_SEQ = "rpi5", 24
 # Cortex-A76 model against the host's and transformers'.
 DECODER = "tiny_llama"  # llama GGUF, GQA (tests/fixtures/gguf_llama.py)
 QDECODER = "tiny_llama_q4_1"  # the same shape with Q4_1 weights: the weight-only 4-bit kernels on ARM
-GPT2_DECODER = "tiny_gpt2"  # GPT-2 as llama.cpp writes it (tests/fixtures/gguf_gpt2.py): positions, LayerNorm, GELU
+# GPT-2 as llama.cpp writes it (tests/fixtures/gguf_gpt2.py): positions, LayerNorm, GELU; F16 matrices,
+# kept fp16 by the compile (the fp16-widening dense kernel on ARM)
+GPT2_DECODER = "tiny_gpt2"
 QWEN2_DECODER = "tiny_qwen2"  # Hugging Face directory (tests/fixtures/hf_checkpoints.py): q/k/v biases, untied head
 MISTRAL_DECODER = "tiny_mistral"  # Hugging Face directory: sliding window 64 (the context stays within it)
 DECODERS = (DECODER, QDECODER, GPT2_DECODER, QWEN2_DECODER, MISTRAL_DECODER)
@@ -34,14 +36,15 @@ def decoders(vocab, directory) -> dict[str, tuple[str, object]]:
     from tests.fixtures.gguf_gpt2 import write_gpt2_checkpoint, write_gpt2_gguf
     from tests.fixtures.gguf_llama import write_llama_gguf
     from tests.fixtures.hf_checkpoints import write_checkpoint
-    from tests.fixtures.hf_reference import hf_model
+    from tests.fixtures.hf_reference import hf_model, load_gguf_model
 
     out = {}
     for name, opts in {DECODER: {}, QDECODER: dict(seed=4, weight_type="Q4_1", embed_type="Q8_0")}.items():
         fx = write_llama_gguf(directory / f"{name}.gguf", vocab, **opts)
         out[name] = (fx["path"], hf_model(fx["config"], fx["state_dict"]))  # the file's (dequantized) values
     gpt2 = write_gpt2_checkpoint(directory / "gpt2", vocab, seed=1)["model"]
-    out[GPT2_DECODER] = (write_gpt2_gguf(directory / f"{GPT2_DECODER}.gguf", gpt2, vocab), gpt2)
+    path = write_gpt2_gguf(directory / f"{GPT2_DECODER}.gguf", gpt2, vocab, weight_type="F16")
+    out[GPT2_DECODER] = (path, load_gguf_model(path))  # the file's fp16 values
     for name, arch, opts in [(QWEN2_DECODER, "qwen2", dict(seed=2, tie_word_embeddings=False, rope_theta=1e6)),
                              (MISTRAL_DECODER, "mistral", dict(seed=3, sliding_window=64))]:
         fx = write_checkpoint(directory / name, arch, vocab, **opts)

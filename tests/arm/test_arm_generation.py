@@ -1,5 +1,5 @@
 """Text generation on the emulated Raspberry Pi 5: one tiny random-weight model per architecture in
-one input format each (llama GGUF in fp32 and Q4_1 kept quantized, GPT-2 GGUF, Qwen2 with q/k/v
+one input format each (llama GGUF in fp32 and Q4_1 kept quantized, GPT-2 GGUF in F16 kept fp16, Qwen2 with q/k/v
 biases and Mistral with a sliding window as Hugging Face directories), compiled for the rpi5 preset
 and run with edge.generate under qemu-aarch64 -cpu cortex-a76: 32 greedy tokens on two prompts equal
 the host's and transformers', logits within 1e-4 of the host's at every step. It runs in the emulated

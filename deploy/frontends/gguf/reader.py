@@ -116,11 +116,14 @@ class GGUFFile:
     def matrix(self, name: str):
         """A weight matrix as stored, in Hugging Face layout: Q8_0, Q4_0 and Q4_1 blocks become a
         QWeight exactly (deploy/quantize/weight_only); the other quantized types are requantized
-        from their values (Q4_K to 4 bits, Q5_*/Q6_K to 8 bits, group 32); float types -> fp32."""
+        from their values (Q4_K to 4 bits, Q5_*/Q6_K to 8 bits, group 32); F16 stays fp16 (numpy
+        float16), F32 and BF16 -> fp32."""
         from deploy.quantize.weight_only.layout import from_gguf, quantize
 
         kind = self.tensor_type(name)
-        if kind in ("F32", "F16", "BF16"):
+        if kind == "F16":
+            return self.tensor(name).astype(np.float16)  # exact: the values are fp16
+        if kind in ("F32", "BF16"):
             return self.tensor(name)
         t = self.tensors[name]
         shape = tuple(int(d) for d in reversed(t.shape))

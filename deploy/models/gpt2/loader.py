@@ -17,7 +17,7 @@ from edge.errors import ModelError
 from deploy.frontends.gguf.reader import GGUFFile
 from deploy.models.gpt2.model import GPT2Config
 from deploy.models.llama.loader import _linear_params
-from deploy.quantize.weight_only.layout import QWeight
+from deploy.quantize.weight_only.layout import QWeight, storage_of
 
 T = "transformer."
 # config.json activation_function -> the model's activation (gelu_new, gelu_fast and
@@ -179,8 +179,9 @@ def _linears(sd: dict, cfg: GPT2Config) -> dict[str, list]:
 
 
 def plan_quantization(sd: dict, cfg: GPT2Config) -> dict[str, int]:
-    """Set cfg.quant: a linear layer whose matrix came quantized keeps its 4 or 8 bits."""
-    cfg.quant = {name: parts[0].bits for name, parts in _linears(sd, cfg).items() if isinstance(parts[0], QWeight)}
+    """Set cfg.quant: a linear layer whose matrix came quantized keeps its 4 or 8 bits, one that
+    came fp16 stays fp16 (deploy/quantize/weight_only/layout.storage_of)."""
+    cfg.quant = {name: bits for name, parts in _linears(sd, cfg).items() if (bits := storage_of(parts))}
     return cfg.quant
 
 

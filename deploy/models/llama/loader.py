@@ -9,7 +9,7 @@ import numpy as np
 from edge.errors import ModelError
 
 from deploy.frontends.gguf.reader import GGUFFile
-from deploy.quantize.weight_only.layout import QWeight, concat_rows
+from deploy.quantize.weight_only.layout import F16, QWeight, concat_rows, storage_of
 from deploy.quantize.weight_only.layout import pack as pack_quant
 from deploy.models.llama.model import PANEL, LlamaConfig
 
@@ -220,14 +220,15 @@ def _linears(hf: dict, cfg: LlamaConfig) -> dict[str, list]:
 
 def plan_quantization(hf: dict, cfg: LlamaConfig) -> dict[str, int]:
     """Set cfg.quant from the weights: a linear layer whose matrices all came quantized keeps
-    4 or 8 bits (4-bit parts widen exactly when fused with 8-bit ones); any float part makes the
-    whole layer fp32."""
-    cfg.quant = {name: max(p.bits for p in parts) for name, parts in _linears(hf, cfg).items()
-                 if all(isinstance(p, QWeight) for p in parts)}
+    4 or 8 bits, one whose matrices all came fp16 stays fp16; any other mix makes the whole layer
+    fp32 (deploy/quantize/weight_only/layout.storage_of)."""
+    cfg.quant = {name: bits for name, parts in _linears(hf, cfg).items() if (bits := storage_of(parts))}
     return cfg.quant
 
 
 def _linear_params(name: str, parts: list, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+    if cfg.quant.get(name) == F16:
+        return {f"{name}.weight": pack(np.concatenate(parts, axis=0))}
     if name in cfg.quant:
         q, s, z = pack_quant(concat_rows(parts).as_bits(cfg.quant[name]))
         return {f"{name}.qweight": q, f"{name}.qscale": s, f"{name}.qzero": z}

@@ -17,6 +17,8 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
+from deploy.quantize.weight_only.layout import F16
+
 PANEL = 16
 GROUP = 32  # inputs per quantization group
 
@@ -35,8 +37,8 @@ class LlamaConfig:
     tie_word_embeddings: bool = True
     context_window_size: int = 2048
     qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections
-    # weight-only quantization per linear layer ("layers.3.mlp.down_proj", "lm_head", ...): 4 or 8
-    # bits (deploy/quantize/weight_only); layers not named here keep fp32 weights
+    # weight-only storage per linear layer ("layers.3.mlp.down_proj", "lm_head", ...): 4 or 8 bits,
+    # or F16 (16: fp16 weights) (deploy/quantize/weight_only/layout); layers not named here keep fp32
     quant: dict = dataclasses.field(default_factory=dict)
     sliding_window: int = 0  # Mistral / Qwen2 configs: attention window (0: none); the context stays within it
 
@@ -59,8 +61,8 @@ class PackedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, bits: int | None = None):
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         panels = padded(out_features) // PANEL
-        if bits is None:
-            self.weight = nn.Parameter((panels, in_features, PANEL), "float32")
+        if bits is None or bits == F16:  # fp16 weights are widened in the kernel (edge/kernels/dense.widen)
+            self.weight = nn.Parameter((panels, in_features, PANEL), "float16" if bits == F16 else "float32")
         else:  # group-quantized codes, scale and zero per 32 inputs (deploy/quantize/weight_only)
             codes = in_features // 2 if bits == 4 else in_features
             self.qweight = nn.Parameter((panels, codes, PANEL), "uint8" if bits == 4 else "int8")
@@ -75,6 +77,8 @@ class PackedLinear(nn.Module):
             return self.weight
         from edge.kernels import dense
 
+        if self.bits == F16:
+            return op.tensor_expr_op(dense.widen, "widen_f16", [self.weight])
         return op.tensor_expr_op(dense.dequant, f"dequant_q{self.bits}", [self.qweight, self.qscale, self.qzero])
 
     def forward(self, x: Tensor) -> Tensor:

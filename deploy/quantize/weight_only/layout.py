@@ -16,6 +16,25 @@ import numpy as np
 
 GROUP = 32
 PANEL = 16
+# A linear layer's storage in a model config's `quant` map: 4 / 8 (group-quantized codes, above) or
+# F16: fp16 weights as a GGUF F16 file holds them, packed [N / 16, K, 16] and widened to fp32 in
+# the kernel's inner loop (half the bytes of fp32, the same values).
+F16 = 16
+
+
+def storage_name(bits: int) -> str:
+    return "f16" if bits == F16 else f"q{bits}"
+
+
+def storage_of(parts: list) -> int | None:
+    """How a linear layer fused from these matrices is stored: 4 or 8 bits when all came
+    quantized (4-bit parts widen exactly when fused with 8-bit ones), F16 when all came fp16,
+    else None (fp32)."""
+    if all(isinstance(p, QWeight) for p in parts):
+        return max(p.bits for p in parts)
+    if all(isinstance(p, np.ndarray) and p.dtype == np.float16 for p in parts):
+        return F16
+    return None
 
 
 @dataclass

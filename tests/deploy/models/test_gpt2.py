@@ -25,14 +25,15 @@ CHECKPOINTS = {  # name -> write_gpt2_checkpoint options
     # options a GGUF file cannot carry (llama.cpp's gpt2 is always tanh GELU and scaled scores)
     "erf_gelu_unscaled": dict(seed=3, activation_function="gelu", scale_attn_weights=False),
 }
-GGUFS = {"gguf:tied": ("tied", "F32"), "gguf:untied_f16": ("untied_f16", "F32"), "gguf_q4_1:tied": ("tied", "Q4_1")}
+# the fp16 checkpoint as an F16 file: its matrices stay fp16 in the artifact (widened in the kernel)
+GGUFS = {"gguf:tied": ("tied", "F32"), "gguf:untied_f16": ("untied_f16", "F16"), "gguf_q4_1:tied": ("tied", "Q4_1")}
 
 
 @pytest.fixture(scope="session")
 def gpt2_models(smollm2_gguf, tmp_path_factory):
     """{name: (fixture dict, reference transformers model, host artifact)}. The reference of a GGUF
-    file is the checkpoint's model when the file holds its exact values (F32), else transformers'
-    own GGUF loader (the file's dequantized values)."""
+    file is the checkpoint's model when the file holds its exact values (F32, or F16 of the fp16
+    checkpoint), else transformers' own GGUF loader (the file's dequantized values)."""
     from deploy.compiler.decoder import compile_decoder
 
     root = tmp_path_factory.mktemp("gpt2")
@@ -44,7 +45,7 @@ def gpt2_models(smollm2_gguf, tmp_path_factory):
     for name, (source, weight_type) in GGUFS.items():
         fx = out[source][0]
         path = write_gpt2_gguf(root / f"{name.replace(':', '_')}.gguf", fx["model"], smollm2_gguf, weight_type=weight_type)
-        ref = fx["model"] if weight_type == "F32" else load_gguf_model(path)
+        ref = fx["model"] if weight_type in ("F32", "F16") else load_gguf_model(path)
         out[name] = ({**fx, "gguf": path}, ref, compile_decoder(path, "host", root / f"{name.replace(':', '_')}.art", log=quiet))
     return out
 

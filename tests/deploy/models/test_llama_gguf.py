@@ -25,7 +25,7 @@ def loaded(tiny_llamas):
     return {name: (fx, load_decoder(art, context=256, max_batch=4)) for name, (fx, art) in tiny_llamas.items()}
 
 
-@pytest.mark.parametrize("config", ["gqa_tied", "untied_mha", "llama3_scaling", "q4_1_gqa", "q4_0_untied", "q8_0_gqa"])
+@pytest.mark.parametrize("config", ["gqa_tied", "untied_mha", "llama3_scaling", "q4_1_gqa", "q4_0_untied", "q8_0_gqa", "f16_gqa"])
 @pytest.mark.parametrize("prompt", list(PROMPTS))
 def test_greedy_matches_transformers(loaded, config, prompt):
     """fp32 files run fp32 kernels; Q4_0/Q4_1/Q8_0 files keep their quantization (weight-only
@@ -115,8 +115,8 @@ def test_every_weight_type_reads_back_exactly(smollm2_gguf, tmp_path, weight_typ
 
 
 def test_quantized_files_stay_quantized(tiny_llamas):
-    """Q4_x/Q8_0 matrices are repacked, never expanded to fp32: the artifact's weights are a
-    fraction of the fp32 ones and the manifest says so."""
+    """Q4_x/Q8_0 matrices are repacked and F16 ones stay fp16, never expanded to fp32: the
+    artifact's weights are a fraction of the fp32 ones and the manifest says so."""
     from edge.artifact.reader import Artifact
 
     size = {name: Artifact.open(art).manifest.decoder.weight_bytes for name, (_, art) in tiny_llamas.items()}
@@ -124,3 +124,6 @@ def test_quantized_files_stay_quantized(tiny_llamas):
     assert m.precision == "wq4/q8" and m.quantization["layers"] == {"q4": 8, "q8": 1}
     assert Artifact.open(tiny_llamas["q8_0_gqa"][1]).manifest.precision == "wq8"
     assert size["q4_1_gqa"] < 0.35 * size["gqa_tied"] and size["q8_0_gqa"] < 0.35 * size["gqa_tied"]
+    f16 = Artifact.open(tiny_llamas["f16_gqa"][1]).manifest  # F16 matrices stay fp16: half the bytes
+    assert f16.precision == "wf16" and f16.quantization["layers"] == {"f16": 9}
+    assert size["f16_gqa"] < 0.6 * size["gqa_tied"]
