@@ -389,3 +389,29 @@ def test_quant_dense_few_rows_split_and_prefetch(rows, symbolic, bits):
         got = tvm.runtime.tensor(np.zeros((1, n, n_cols), "float32"))
         lib(*(tvm.runtime.tensor(v) for v in (a, codes, scale, zero)), got)
         np.testing.assert_allclose(got.numpy(), a @ w, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("rows,symbolic", [(1, False), (2, False), (4, False), (2, True)], ids=str)
+def test_f16_dense_widens_and_prefetches(rows, symbolic):
+    """The packed dense on fp16 weights (a GGUF F16 file's) computes x @ float32(W), and its
+    few-row static tiles get the K split and the prefetches like the quantized kernel's."""
+    import tvm
+    from tvm import te, tirx
+
+    k_dim, n_cols = 256, 64
+    m = tirx.Var("m", "int64") if symbolic else rows
+    x = te.placeholder((1, m, k_dim), "float32", name="x")
+    wp = te.placeholder((n_cols // 16, k_dim, 16), "float16", name="wp")
+    func = te.create_prim_func([x, wp, dense.compute(x, wp, rows)])
+    target = _tvm_target("host")
+    sch = rules.schedule_func(func, target)
+    assert ("llvm.prefetch" in sch.mod["main"].script()) == (rows <= 2 and not symbolic)
+    lib = tvm.compile(sch.mod, target=target)["main"]
+    rng = np.random.default_rng(rows)
+    w16 = rng.standard_normal((n_cols // 16, k_dim, 16)).astype("float16")
+    w = w16.astype("float32").transpose(1, 0, 2).reshape(k_dim, n_cols)
+    for n in ((1, 2, 3, 5) if symbolic else (rows,)):
+        a = rng.standard_normal((1, n, k_dim)).astype("float32")
+        got = tvm.runtime.tensor(np.zeros((1, n, n_cols), "float32"))
+        lib(tvm.runtime.tensor(a), tvm.runtime.tensor(w16), got)
+        np.testing.assert_allclose(got.numpy(), a @ w, rtol=1e-4, atol=1e-3)
