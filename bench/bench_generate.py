@@ -26,8 +26,8 @@ built with other flags.
     CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" CXXFLAGS="$CFLAGS" CMAKE_ARGS="-DLLAVA_BUILD=OFF" \\
         pip install --no-binary llama-cpp-python --no-cache-dir -e ".[bench]"
 
-edgejit keeps Q4_0/Q4_1/Q8_0 weights quantized (weight-only kernels, fp32 activations); other types
-are dequantized to fp32 on the host. It runs as `edgejit chat`/`generate` and the daemon run it: with the
+edgejit keeps Q4_0/Q4_1/Q8_0 weights quantized (weight-only kernels, fp32 activations) and F16 ones
+fp16 (widened in the kernels); other types are dequantized to fp32 on the host. It runs as `edgejit chat`/`generate` and the daemon run it: with the
 JIT on, so decode steps of one sequence run on the JIT's batch-1 variant once it is compiled (the
 worker waits for it before measuring; `--no-jit` measures the generic module alone). Prefill always
 runs on the generic module.
@@ -600,8 +600,8 @@ def main() -> int:
     L.append(
         f"SmolLM2-135M-Instruct (30 layers, hidden 576, vocab 49152, tied embedding) from the bundled GGUF"
         f"{' and copies rewritten from it with gguf-py' if len(args.formats) > 1 else ''}. edgejit: the file compiled with "
-        f"`compile_decoder(..., 'host', context={N_CTX})`, Q4_0/Q4_1/Q8_0 weights kept quantized (others dequantized "
-        f"on the host), `load_decoder(threads=N{jit_arg})`, the Decoder's prefill/decode"
+        f"`compile_decoder(..., 'host', context={N_CTX})`, Q4_0/Q4_1/Q8_0 weights kept quantized and F16 ones fp16 "
+        f"(others dequantized on the host), `load_decoder(threads=N{jit_arg})`, the Decoder's prefill/decode"
         f"{' (generic module only: --no-jit)' if args.no_jit else '; decode on the JIT batch-1 variant, which the worker waits for before measuring'}. llama.cpp: llama-cpp-python {llama_cpp.__version__} built from source "
         f"(no-AMX CFLAGS, docs/generation.md \"Speed\"), `Llama(path, n_threads=N, n_threads_batch=N, n_ctx={N_CTX})`, "
         "`eval()` of the same token ids. Both greedy (numpy argmax of the fp32 logits), EOS ignored, each engine in its own "
@@ -652,7 +652,7 @@ def main() -> int:
     L.append("Read bandwidth: a C sum over a 256 MiB float array (gcc -O3 -march=native, pthreads; larger than the "
              "L3), median of the passes measured before and after the run: "
              + "; ".join(f"{th} thread(s) {med(v):.1f} GB/s (range {min(v):.1f}-{max(v):.1f})" for th, v in bw.items())
-             + ". Bytes read per decoded token: edgejit the manifest's `decoder.weight_bytes` (4/8-bit codes with fp32 scales and zeros; the packed LM head "
+             + ". Bytes read per decoded token: edgejit the manifest's `decoder.weight_bytes` (4/8-bit codes with fp32 scales and zeros, or fp16 weights; the packed LM head "
              "is also the embedding table); llama.cpp all tensor bytes of the GGUF (the tied Q8_0/F16 embedding is read "
              "whole as the LM head). The KV cache (200-330 tokens x 45 KiB fp32 for us, half that in F16 for llama.cpp) "
              "is left out: 9-15 MB.")
