@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import threading
 import time
 import weakref
@@ -161,26 +160,8 @@ def serve(handler) -> tuple[str, int]:
     from edge.serve.server import HttpError, Saturated
 
     svc = handler.service
-    if svc.draining:
-        handler._drain_body()
-        svc.metrics.count_rejected("draining")
-        raise ApiError(503, "the daemon is shutting down", headers={"Retry-After": "5"})
-    body = handler._read_body(svc.max_body)
+    doc, name = handler._api_request(generation=False)
     start = time.perf_counter()
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError) as e:
-        raise ApiError(400, f"malformed JSON body: {e}") from None
-    if not isinstance(doc, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    name = doc.get("model")
-    if name is None or name == "":
-        enc = [s.name for s in svc.registry.slots() if s.current is not None and not getattr(s.current.runtime, "is_generation", False)]
-        if len(enc) != 1:
-            raise ApiError(400, "'model' is required (GET /v1/models lists them)", param="model")
-        name = enc[0]
-    if not isinstance(name, str):
-        raise ApiError(400, "'model' must be a string", param="model")
     dims = doc.get("dimensions")
     items, are_ids = parse_inputs(doc)
     fmt = encoding_format(doc)

@@ -576,15 +576,16 @@ class Handler(BaseHTTPRequestHandler):
         return self._json(200, result)
 
     # -- OpenAI-compatible generation ---------------------------------------------------------
-    def _generate(self, kind: str) -> tuple[str, int]:
-        """POST /v1/chat/completions (kind "chat") or /v1/completions: returns (model, status)."""
+    def _api_request(self, *, generation: bool) -> tuple[dict, str]:
+        """The start of every OpenAI-style POST: refused while draining (503), the body read as a
+        JSON object (400 otherwise), and the model it names, or the only loaded model of the kind
+        asked (text generation or not) when it names none. Returns (document, model name)."""
         svc = self.service
         if svc.draining:
             self._drain_body()
             svc.metrics.count_rejected("draining")
             raise ApiError(503, "the daemon is shutting down", headers={"Retry-After": "5"})
         body = self._read_body(svc.max_body)
-        self._timing = Timing()  # TTFT counts from here (prompt preparation included)
         try:
             doc = json.loads(body)
         except (ValueError, RecursionError) as e:
@@ -593,12 +594,20 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "the body must be a JSON object")
         name = doc.get("model")
         if name is None or name == "":
-            gen = [s.name for s in svc.registry.slots() if s.current is not None and getattr(s.current.runtime, "is_generation", False)]
-            if len(gen) != 1:
+            kind = [s.name for s in svc.registry.slots()
+                    if s.current is not None and getattr(s.current.runtime, "is_generation", False) == generation]
+            if len(kind) != 1:
                 raise ApiError(400, "'model' is required (GET /v1/models lists them)", param="model")
-            name = gen[0]  # one text-generation model: the default
+            name = kind[0]  # one model of that kind: the default
         if not isinstance(name, str):
             raise ApiError(400, "'model' must be a string", param="model")
+        return doc, name
+
+    def _generate(self, kind: str) -> tuple[str, int]:
+        """POST /v1/chat/completions (kind "chat") or /v1/completions: returns (model, status)."""
+        svc = self.service
+        doc, name = self._api_request(generation=True)
+        self._timing = Timing()  # TTFT counts from here (prompt preparation included)
         version = svc.registry.acquire(name)  # 404 unknown, 503 loading/failed
         self._gen_model = name
         try:
