@@ -112,6 +112,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _jit_compiles(port: int) -> tuple[int, int]:
+    """(compiles started, compiles ended) from the daemon's /metrics."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    count = {"compile_started": 0, "compile_finished": 0, "compile_failed": 0}
+    for line in text.splitlines():
+        if line.startswith("edgejit_jit_events_total{"):
+            for event in count:
+                if f'event="{event}"' in line:
+                    count[event] += int(float(line.rsplit(" ", 1)[1]))
+    return count["compile_started"], count["compile_finished"] + count["compile_failed"]
+
+
+def _settle_jit(port: int, model: str, users: int, requests: list, max_tokens: int, max_rounds: int = 30) -> int:
+    """Warm-up rounds (one request per user) until the daemon's JIT is idle and the last two rounds
+    started no compile; returns the rounds sent."""
+    quiet = 0
+    for rounds in range(1, max_rounds + 1):
+        started_before = _jit_compiles(port)[0]
+        _load(port, model, users, requests, max_tokens)
+        while True:
+            started, ended = _jit_compiles(port)
+            if started == ended:
+                break
+            time.sleep(0.5)
+        quiet = quiet + 1 if started == started_before else 0
+        if quiet == 2:
+            return rounds
+    return max_rounds
+
+
 class Server:
     def __init__(self, name: str, argv: list[str], port: int, log: Path, ready_path: str):
         self.name, self.port = name, port
@@ -213,11 +245,14 @@ def bench_users(gguf: Path, art: Path, work: Path, per_user: int, max_tokens: in
     texts = _texts(8 * per_user, seed=9)
     requests = [[{"role": "user", "content": t}] for t in texts]
     rows = []
+    warmups = {}
     try:
         for users in (1, 4, 8):
             reqs = requests[: users * per_user]
             for server, model in ((ours, "smol"), (theirs, str(gguf))):
                 _load(server.port, model, users, requests[-users:], max_tokens)  # warm: one request per user, not counted
+                if server is ours:
+                    warmups[users] = _settle_jit(server.port, model, users, requests[-users:], max_tokens)
                 r = _load(server.port, model, users, reqs, max_tokens)
                 rows.append((users, server.name, r))
                 print(users, server.name, r, flush=True)
@@ -236,7 +271,11 @@ def bench_users(gguf: Path, art: Path, work: Path, per_user: int, max_tokens: in
         "## Many users: edgejit daemon vs llama.cpp's OpenAI server\n\n"
         f"Same GGUF, same client (raw HTTP, streamed `/v1/chat/completions`, `temperature 0`, "
         f"`max_tokens {max_tokens}`), {per_user} requests per user sent one after another, prompts of real text "
-        f"(one Debian fortune each), interleaved edgejit / llama.cpp at each concurrency, each after one uncounted request per user (warm-up: the JIT compiles its decode variants then); tokens/s counts streamed "
+        f"(one Debian fortune each), interleaved edgejit / llama.cpp at each concurrency, each after uncounted warm-up "
+        f"requests: one per user for llama.cpp; for edgejit rounds of one per user until its JIT has nothing left to "
+        f"compile (no compile running and none started by the last round; steady state, as a daemon serving for a while "
+        f"is: rounds per concurrency {', '.join(f'{u} users {n}' for u, n in warmups.items())}; before that a variant "
+        f"compiling in the background takes one of the 2 cores); tokens/s counts streamed "
         f"content chunks (one per token for both) over the wall time of the whole run.\n\n"
         f"- edgejit: `{' '.join(ours_argv[1:])}` (max_seqs 8, context {CONTEXT}, JIT on, prefix cache default)\n"
         f"- llama.cpp: llama-cpp-python {llama_cpp.__version__}, `{' '.join(theirs_argv[1:]).replace(str(gguf), 'GGUF')}` "
