@@ -27,10 +27,10 @@ built with other flags.
         pip install --no-binary llama-cpp-python --no-cache-dir -e ".[bench]"
 
 edgejit keeps Q4_0/Q4_1/Q8_0 weights quantized (weight-only kernels, fp32 activations) and F16 ones
-fp16 (widened in the kernels); other types are dequantized to fp32 on the host. It runs as `edgejit chat`/`generate` and the daemon run it: with the
-JIT on, so decode steps of one sequence run on the JIT's batch-1 variant once it is compiled (the
-worker waits for it before measuring; `--no-jit` measures the generic module alone). Prefill always
-runs on the generic module.
+fp16 (widened in the kernels); other types are dequantized to fp32 on the host. It runs as `edgejit chat`/`generate` and the daemon run it:
+compiled like `edgejit compile` does (the batch-1 decode step built into the artifact) and with the
+JIT on, so decode steps of one sequence run on that variant (`--no-jit` measures the generic module
+alone). Prefill always runs on the generic module.
 """
 
 from __future__ import annotations
@@ -180,7 +180,8 @@ class EdgejitEngine:
 
     def warm_jit(self, timeout_s: float = 600.0) -> float:
         """Decode steps of one sequence until the JIT serves them from its batch-1 variant (compiled
-        in the background, or loaded from the disk cache); returns the seconds it took."""
+        into the artifact: at once; else compiled in the background or loaded from the disk cache);
+        returns the seconds it took."""
         dec = self.dec
         t = time.perf_counter()
         dec.add_sequence(0)
@@ -272,7 +273,7 @@ def worker(engine: str, model: str, threads: int, load_only: bool, jit_cache: st
     if load_only:
         return 0
     if jit_cache and cls is EdgejitEngine:
-        print(f"edgejit worker: JIT batch-1 decode variant ready after {eng.warm_jit():.1f} s", file=sys.stderr, flush=True)
+        print(f"edgejit worker: batch-1 decode variant ready after {eng.warm_jit():.1f} s", file=sys.stderr, flush=True)
     for line in sys.stdin:
         req = json.loads(line)
         op = req["op"]
@@ -570,7 +571,7 @@ def main() -> int:
         arts[fmt] = work / f"smollm2-{fmt}-host"
         if not (arts[fmt] / "manifest.json").exists():
             t = time.perf_counter()
-            compile_decoder(files[fmt], "host", arts[fmt], context=N_CTX, force=True, log=log)
+            compile_decoder(files[fmt], "host", arts[fmt], context=N_CTX, decode_variants=(1,), force=True, log=log)
             compile_s[fmt] = time.perf_counter() - t
     first = Artifact.open(arts[args.formats[0]])
     tmpl = first.manifest.decoder.chat_template
@@ -600,9 +601,10 @@ def main() -> int:
     L.append(
         f"SmolLM2-135M-Instruct (30 layers, hidden 576, vocab 49152, tied embedding) from the bundled GGUF"
         f"{' and copies rewritten from it with gguf-py' if len(args.formats) > 1 else ''}. edgejit: the file compiled with "
-        f"`compile_decoder(..., 'host', context={N_CTX})`, Q4_0/Q4_1/Q8_0 weights kept quantized and F16 ones fp16 "
+        f"`compile_decoder(..., 'host', context={N_CTX}, decode_variants=(1,))` (as `edgejit compile` does: the batch-1 "
+        f"decode step compiled into the artifact), Q4_0/Q4_1/Q8_0 weights kept quantized and F16 ones fp16 "
         f"(others dequantized on the host), `load_decoder(threads=N{jit_arg})`, the Decoder's prefill/decode"
-        f"{' (generic module only: --no-jit)' if args.no_jit else '; decode on the JIT batch-1 variant, which the worker waits for before measuring'}. llama.cpp: llama-cpp-python {llama_cpp.__version__} built from source "
+        f"{' (generic module only: --no-jit)' if args.no_jit else '; decode on the batch-1 variant'}. llama.cpp: llama-cpp-python {llama_cpp.__version__} built from source "
         f"(no-AMX CFLAGS, docs/generation.md \"Speed\"), `Llama(path, n_threads=N, n_threads_batch=N, n_ctx={N_CTX})`, "
         "`eval()` of the same token ids. Both greedy (numpy argmax of the fp32 logits), EOS ignored, each engine in its own "
         f"process, measurements interleaved (who goes first alternates). Medians of {reps} (prefill), {reply_reps} "

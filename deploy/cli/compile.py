@@ -22,6 +22,9 @@ def add_arguments(p) -> None:
                         "keeps its file's quantization (Q8_0/Q4_0/Q4_1 exactly, other types requantized to 4/8 bits); fp32 dequantizes all")
     p.add_argument("--context", type=int, help="GGUF / Hugging Face directory: context the runtime allocates by default "
                    "(default: the model's, at most 4096)")
+    p.add_argument("--decode-variants", metavar="N,N,...", help="decoders: decode batch sizes (sequences decoded "
+                   "together) compiled into the artifact, so the device decodes them on specialized code from the first "
+                   "token instead of waiting for its JIT (default: 1; 'none': leave them all to the JIT)")
     p.add_argument("--max-seq", type=int, help="longest sequence the artifact accepts (default: the model's position-embedding rows, at most 512)")
     p.add_argument("--seq-dim", help="name of the symbolic sequence dim (default: dim 1 of the first input)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact")
@@ -58,6 +61,20 @@ def _is_gguf(path: str) -> bool:
         return False
 
 
+def _decode_variants(text: str | None) -> tuple[int, ...]:
+    if text is None:
+        return (1,)
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        sizes = tuple(sorted({int(n) for n in text.split(",") if n.strip()}))
+    except ValueError:
+        raise EdgeJitError(f"--decode-variants {text}: expected batch sizes like 1,2,4 or 'none'") from None
+    if not sizes or min(sizes) < 1:
+        raise EdgeJitError(f"--decode-variants {text}: batch sizes are 1 or more")
+    return sizes
+
+
 def main(args) -> int:
     import os
 
@@ -80,8 +97,10 @@ def main(args) -> int:
             raise EdgeJitError("--accept-accuracy applies to int8 ONNX models and q4/q8 decoders")
         compile_decoder(args.model, args.target, args.output, name=args.name, context=args.context,
                         precision=args.precision, min_accuracy=args.min_accuracy, accept_accuracy=args.accept_accuracy,
-                        force=args.force, sign=args.sign)
+                        force=args.force, sign=args.sign, decode_variants=_decode_variants(args.decode_variants))
         return 0
+    if args.decode_variants is not None:
+        raise EdgeJitError("--decode-variants applies to decoders (text generation), not to ONNX tensor models")
     if args.precision in ("q4", "q8"):
         raise EdgeJitError(f"--precision {args.precision} applies to decoders (GGUF files, Hugging Face checkpoint directories, "
                            "ONNX decoders with past key values); ONNX tensor models take fp32 or int8")

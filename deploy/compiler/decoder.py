@@ -183,12 +183,15 @@ def compile_decoder(
     accept_accuracy: bool = False,
     force: bool = False,
     sign: str | Path | None = None,
+    decode_variants: tuple[int, ...] = (),
     log=print,
 ) -> Path:
     """Compile a GGUF model, a Hugging Face checkpoint directory or an ONNX decoder with past key values
     (a .onnx file or optimum's output directory) into the decoder artifact `out`. `precision`: None (float
     inputs in fp32, GGUF files keep their quantization), "fp32", or "q4" / "q8" (weight-only, quantized on the host
-    with an accuracy report; `min_accuracy` refuses to write below that top-1 agreement unless `accept_accuracy`)."""
+    with an accuracy report; `min_accuracy` refuses to write below that top-1 agreement unless `accept_accuracy`). `decode_variants`:
+    decode batch sizes also compiled with the batch bound (the device JIT's variants, shipped in the artifact:
+    `edgejit compile` builds batch 1 unless told otherwise)."""
     import tvm
 
     preset = get_preset(target) if isinstance(target, str) else target
@@ -200,6 +203,9 @@ def compile_decoder(
     if precision not in (None, "fp32", "q4", "q8"):
         raise EdgeJitError(f"--precision {precision}: a decoder is compiled in fp32 or weight-only q4 / q8")
     host_quant = precision in ("q4", "q8")
+    bad = [n for n in decode_variants if not 1 <= n <= MAX_DECODE_BATCH]
+    if bad:
+        raise EdgeJitError(f"decode variant for {bad[0]} sequences: batch sizes are 1..{MAX_DECODE_BATCH}")
     if min_accuracy is not None and not host_quant:
         raise EdgeJitError("--min-accuracy applies to a decoder only with --precision q4 or q8 (its accuracy report)")
     if min_accuracy is not None and not 0.0 <= min_accuracy <= 1.0:
@@ -236,6 +242,12 @@ def compile_decoder(
         ex = pipeline.build(mod, preset.target)
         pipeline.export(ex, w.path("generic.so"), preset.target)
         log(f"built the generic module for {preset.name} ({time.perf_counter() - t1:.1f}s)")
+        variants = {}
+        for n in decode_variants:
+            t1 = time.perf_counter()
+            variants[n] = f"decode-b{n}.so"
+            pipeline.export(pipeline.build(mod, preset.target, bind={"num_seqs": n}), w.path(variants[n]), preset.target)
+            log(f"built the decode step of {n} sequence(s) for {preset.name} ({time.perf_counter() - t1:.1f}s)")
         accuracy = None
         if host_quant:
             accuracy = _accuracy(m, fp32_weights, precision, ex if preset.runs_here() else None, [params[n] for n in names],
@@ -254,7 +266,7 @@ def compile_decoder(
             weight_bytes=weight_bytes, param_names=names,
             tokenizer=TokenizerInfo("tokenizer.json", info["kind"], info["bos_id"], info["eos_id"], info["stop_ids"],
                                     info["add_bos"], info["bos_token"], info["eos_token"]),
-            chat_template="chat_template.jinja" if template else None, source=m.source,
+            chat_template="chat_template.jinja" if template else None, source=m.source, variants=variants,
         )
         manifest = Manifest(
             kind="decoder",

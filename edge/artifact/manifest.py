@@ -157,20 +157,29 @@ class DecoderInfo:
     tokenizer: TokenizerInfo
     chat_template: str | None = None  # file with the Jinja chat template, if the model has one
     source: dict = field(default_factory=dict)  # what the weights came from (format, tensor types)
+    # decode steps of N sequences compiled at build time: {N: file}, the JIT's variants from the start
+    variants: dict = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, d: dict) -> "DecoderInfo":
+        try:
+            variants = {int(n): str(f) for n, f in (d.get("variants") or {}).items()}
+        except (TypeError, ValueError, AttributeError):
+            raise ManifestError(f"decoder.variants must map batch sizes to files, not {d.get('variants')!r}") from None
         return cls(d["architecture"], dict(d["config"]), int(d["context_length"]), int(d["default_context"]),
                    int(d["prefill_chunk"]), int(d["kv_bytes_per_token"]), int(d["weight_bytes"]),
                    list(d["param_names"]), TokenizerInfo.from_json(d["tokenizer"]), d.get("chat_template"),
-                   dict(d.get("source") or {}))
+                   dict(d.get("source") or {}), variants)
 
     def to_json(self) -> dict:
-        return {"architecture": self.architecture, "config": self.config, "context_length": self.context_length,
-                "default_context": self.default_context, "prefill_chunk": self.prefill_chunk,
-                "kv_bytes_per_token": self.kv_bytes_per_token, "weight_bytes": self.weight_bytes,
-                "param_names": list(self.param_names), "tokenizer": self.tokenizer.to_json(),
-                "chat_template": self.chat_template, "source": self.source}
+        d = {"architecture": self.architecture, "config": self.config, "context_length": self.context_length,
+             "default_context": self.default_context, "prefill_chunk": self.prefill_chunk,
+             "kv_bytes_per_token": self.kv_bytes_per_token, "weight_bytes": self.weight_bytes,
+             "param_names": list(self.param_names), "tokenizer": self.tokenizer.to_json(),
+             "chat_template": self.chat_template, "source": self.source}
+        if self.variants:
+            d["variants"] = {str(n): f for n, f in sorted(self.variants.items())}
+        return d
 
 
 _KNOWN = ("format", "kind", "decoder", "model", "inputs", "outputs", "seq_dim", "dims", "padding", "precision", "quantization",

@@ -96,7 +96,7 @@ class VariantState:
     error: str = ""
     cache_hits: int = 0
     cache_misses: int = 0
-    source: str = ""  # "compiled" or "cache"
+    source: str = ""  # "compiled", "cache" or "artifact" (compiled into it: compile --decode-variants)
 
 
 class Route:
@@ -144,9 +144,29 @@ class Specializer:
         self._workers: set = set()  # compile worker processes running now
         self.tuning = self._load_tuning()
         self._load_profile()
+        if self.policy.mode != "off":
+            self._load_shipped()
         if self.policy.mode != "off" and self.policy.preload == "startup":
             for length in self.hot_lengths():
                 self._submit(length)
+
+    def _load_shipped(self) -> None:
+        """The variants compiled into the artifact (a decoder's decode steps, `compile --decode-variants`),
+        ready before the first request: a short reply does not wait for a compile it would never see."""
+        decoder = getattr(self.artifact.manifest, "decoder", None)
+        for length, name in sorted((decoder.variants if decoder is not None else {}).items()):
+            st = self._states[length]
+            try:
+                if name not in self.artifact.manifest.files:
+                    raise FileNotFoundError(f"{name} is not one of the artifact's files")
+                module = CompiledModule.load(self.artifact.file(name), self._params, kind="variant",
+                                             bind={self.artifact.seq_dim: length}, threads=self._threads)
+            except Exception as e:  # the JIT builds it instead
+                log.error("not using %s's compiled variant %s: %s", self.artifact.name, name, e)
+                continue
+            self._variants[length] = module
+            st.state, st.source = "ready", "artifact"
+            self._emit("swapped_in", length, source="artifact")
 
     def _load_tuning(self):
         """The artifact's tuning records, or None (without them, or when they do not apply here)."""
