@@ -571,7 +571,8 @@ def main() -> int:
         arts[fmt] = work / f"smollm2-{fmt}-host"
         if not (arts[fmt] / "manifest.json").exists():
             t = time.perf_counter()
-            compile_decoder(files[fmt], "host", arts[fmt], context=N_CTX, decode_variants=(1,), force=True, log=log)
+            compile_decoder(files[fmt], "host", arts[fmt], context=N_CTX, decode_variants=(1,), decode_activations="int8",
+                            force=True, log=log)
             compile_s[fmt] = time.perf_counter() - t
     first = Artifact.open(arts[args.formats[0]])
     tmpl = first.manifest.decoder.chat_template
@@ -601,8 +602,9 @@ def main() -> int:
     L.append(
         f"SmolLM2-135M-Instruct (30 layers, hidden 576, vocab 49152, tied embedding) from the bundled GGUF"
         f"{' and copies rewritten from it with gguf-py' if len(args.formats) > 1 else ''}. edgejit: the file compiled with "
-        f"`compile_decoder(..., 'host', context={N_CTX}, decode_variants=(1,))` (as `edgejit compile` does: the batch-1 "
-        f"decode step compiled into the artifact), Q4_0/Q4_1/Q8_0 weights kept quantized and F16 ones fp16 "
+        f"`compile_decoder(..., 'host', context={N_CTX}, decode_variants=(1,), decode_activations='int8')` (as `edgejit compile` "
+        f"does: the batch-1 decode step compiled into the artifact; decode steps and the LM head on int8 activations where "
+        f"the target has AVX-512 VNNI, edge/kernels/dense_vnni.py), Q4_0/Q4_1/Q8_0 weights kept quantized and F16 ones fp16 "
         f"(others dequantized on the host), `load_decoder(threads=N{jit_arg})`, the Decoder's prefill/decode"
         f"{' (generic module only: --no-jit)' if args.no_jit else '; decode on the batch-1 variant'}. llama.cpp: llama-cpp-python {llama_cpp.__version__} built from source "
         f"(no-AMX CFLAGS, docs/generation.md \"Speed\"), `Llama(path, n_threads=N, n_threads_batch=N, n_ctx={N_CTX})`, "

@@ -48,7 +48,8 @@ def _models(work: Path) -> tuple[Path, Path]:
     from deploy.tools.examples import write_smollm2
 
     gguf = write_smollm2(work / "gguf", log=lambda *a: None)
-    art = compile_decoder(gguf, "host", work / "smollm2", context=CONTEXT, log=lambda *a: None)
+    art = compile_decoder(gguf, "host", work / "smollm2", context=CONTEXT, decode_variants=(1,), decode_activations="int8",
+                          log=lambda *a: None)  # as `edgejit compile` does
     return gguf, art
 
 

@@ -18,6 +18,7 @@ from edge.artifact.reader import sha256_file
 from edge.artifact.targets import Preset, get_preset
 from edge.errors import EdgeJitError
 from edge.generate.decoder import kv_bytes_per_token
+from edge import kernels
 from edge.runtime import pipeline
 
 from deploy.compiler import signing
@@ -127,14 +128,17 @@ def _precision(cfg) -> str:
     return "fp32" if not bits else "w" + "/".join(storage_name(b) for b in bits)
 
 
-def _quantization(cfg, host: dict | None = None) -> dict | None:
+def _quantization(cfg, host: dict | None = None, decode_activations: str = "fp32") -> dict | None:
     """`host`: what --precision q4|q8 did (deploy/quantize/weight_only/schemes.py), else the file's own quantization."""
     quant = getattr(cfg, "quant", {})
     if not quant:
         return None
     counts = collections.Counter(storage_name(b) for b in quant.values())
+    int8 = decode_activations == "int8"
     return {"scheme": "weight-only", "group": 32, "activations": "fp32", "layers": dict(counts),
-            "kernel": "edge/kernels/dense.compute_quant (codes dequantized in the inner loop; "
+            "decode_activations": "int8 per group of 32 (decode steps and the LM head)" if int8 else "fp32",
+            "kernel": ("edge/kernels/dense_vnni (decode and LM head: int8 activations, vpdpbusd); " if int8 else "")
+                      + "edge/kernels/dense.compute_quant (codes dequantized in the inner loop; "
                       "f16 layers: dense.compute, widened in the inner loop)", **(host or {})}
 
 
@@ -184,6 +188,7 @@ def compile_decoder(
     force: bool = False,
     sign: str | Path | None = None,
     decode_variants: tuple[int, ...] = (),
+    decode_activations: str = "fp32",
     log=print,
 ) -> Path:
     """Compile a GGUF model, a Hugging Face checkpoint directory or an ONNX decoder with past key values
@@ -191,7 +196,10 @@ def compile_decoder(
     inputs in fp32, GGUF files keep their quantization), "fp32", or "q4" / "q8" (weight-only, quantized on the host
     with an accuracy report; `min_accuracy` refuses to write below that top-1 agreement unless `accept_accuracy`). `decode_variants`:
     decode batch sizes also compiled with the batch bound (the device JIT's variants, shipped in the artifact:
-    `edgejit compile` builds batch 1 unless told otherwise)."""
+    `edgejit compile` builds batch 1 unless told otherwise). `decode_activations`: "int8" quantizes the
+    activations of decode steps and the LM head to int8 per group where the target has AVX-512 VNNI
+    (llama.cpp's Q4 x Q8 route, edge/kernels/dense_vnni.py; `edgejit compile`'s default), "fp32" keeps
+    them fp32 (logits as transformers' on the same weights)."""
     import tvm
 
     preset = get_preset(target) if isinstance(target, str) else target
@@ -200,6 +208,8 @@ def compile_decoder(
     preset.check_linker()
     model_path = Path(model_path)
     t0 = time.perf_counter()
+    if decode_activations not in kernels.DECODE_ACTIVATIONS:
+        raise EdgeJitError(f"--decode-activations {decode_activations}: expected {' or '.join(kernels.DECODE_ACTIVATIONS)}")
     if precision not in (None, "fp32", "q4", "q8"):
         raise EdgeJitError(f"--precision {precision}: a decoder is compiled in fp32 or weight-only q4 / q8")
     host_quant = precision in ("q4", "q8")
@@ -231,6 +241,7 @@ def compile_decoder(
         raise EdgeJitError(f"--context {context} is outside 1..{trained} (the model's trained context)")
     default_context = context or min(trained, DEFAULT_CONTEXT)
     mod, names = export_module(m.arch, cfg, preset.target)
+    mod = mod.with_attr(kernels.DECODE_ACTIVATIONS_ATTR, decode_activations)
     params = registry.get(m.arch).params(m.weights, cfg)
     missing = [n for n in names if n not in params]
     if missing:
@@ -278,7 +289,7 @@ def compile_decoder(
             seq_dim="num_seqs",
             dims={"num_seqs": DimRange(1, MAX_DECODE_BATCH), "num_tokens": DimRange(1, trained)},
             precision=_precision(cfg),
-            quantization=_quantization(cfg, host_report),
+            quantization=_quantization(cfg, host_report, decode_activations if kernels.int8_decode(mod, preset.tvm_target()) else "fp32"),
             accuracy=accuracy,
             **build_fields(preset),
         )

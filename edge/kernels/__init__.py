@@ -10,6 +10,21 @@ from __future__ import annotations
 
 from edge.kernels.target import decode_tile_rows, tile_rows, vector_lanes
 
+# A decoder module's choice of activations for its decode steps (set by the host compile, honored
+# by every build of the module: the generic one and the device JIT's variants alike).
+DECODE_ACTIVATIONS_ATTR = "edgejit_decode_activations"
+DECODE_ACTIVATIONS = ("int8", "fp32")
+
+
+def int8_decode(mod, target) -> bool:
+    """Whether `mod`'s decode steps and LM head multiply quantized weights by int8 activations on
+    `target`: asked for at compile time, and the target has AVX-512 VNNI (edge/kernels/dense_vnni.py).
+    Modules without the attribute (compiled before it existed) keep fp32, like their generic module."""
+    from edge.kernels import dense_vnni
+
+    asked = mod.attrs.get(DECODE_ACTIVATIONS_ATTR, "fp32") if mod.attrs else "fp32"
+    return str(asked) == "int8" and dense_vnni.supported(target)
+
 
 def optimize(mod, target, *, tuning=None):
     """Relax/TIR passes that make the module fast on `target`; returns the module to compile.
@@ -55,7 +70,8 @@ def lower(mod, target):
 
     mod = attention.replace_attention_kernels(mod)
     with target:
-        mod = packing.rewrite_packed_dense(mod, tile_rows(target), var_rows={"num_seqs": decode_tile_rows(target)})
+        mod = packing.rewrite_packed_dense(mod, tile_rows(target), var_rows={"num_seqs": decode_tile_rows(target)},
+                                           int8_decode=int8_decode(mod, target))
         mod = packing.rewrite_packed_gather(mod)
         mod = graph.expand_small_powers(mod)
         mod = graph.rewrite_softmax(mod, vector_lanes(target))

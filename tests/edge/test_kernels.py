@@ -415,3 +415,123 @@ def test_f16_dense_widens_and_prefetches(rows, symbolic):
         got = tvm.runtime.tensor(np.zeros((1, n, n_cols), "float32"))
         lib(tvm.runtime.tensor(a), tvm.runtime.tensor(w16), got)
         np.testing.assert_allclose(got.numpy(), a @ w, rtol=1e-4, atol=1e-3)
+
+
+# -- int8-activation decode dense (AVX-512 VNNI) -------------------------------------------------
+def _host_has_vnni() -> bool:
+    from edge.kernels import dense_vnni
+
+    return dense_vnni.supported(_tvm_target("host"))
+
+
+def _quant_weights(rng, bits: int, k_dim: int, n_cols: int, group: int):
+    """Packed codes, scale, zero in the kernels' layout, and the float weight [K, N] they stand for."""
+    codes_shape = (n_cols // 16, k_dim // 2 if bits == 4 else k_dim, 16)
+    codes = rng.integers(0, 256, codes_shape).astype("uint8") if bits == 4 else rng.integers(-128, 128, codes_shape).astype("int8")
+    scale = (rng.random((n_cols // 16, k_dim // group, 16)) * 0.02 + 0.01).astype("float32")
+    zero = (-8 * scale if bits == 4 else rng.standard_normal(scale.shape) * 0.01).astype("float32")  # Q4_1-like
+    q = (np.stack([codes & 15, codes >> 4], axis=2).reshape(n_cols // 16, k_dim, 16) if bits == 4 else codes).astype("float32")
+    g = np.repeat(np.arange(k_dim // group), group)
+    w = (q * scale[:, g, :] + zero[:, g, :]).transpose(1, 0, 2).reshape(k_dim, n_cols)
+    return codes, scale, zero, w
+
+
+@pytest.mark.skipif(not _host_has_vnni(), reason="the host CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_vnni_dense_is_the_dense_of_int8_activations(rows, bits):
+    """The VNNI decode dense computes x' @ W exactly (float rounding aside), where x' is x quantized
+    to int8 per weight group of 32 (scale max|x| / 127, as llama.cpp's Q8_1); and x' @ W is within
+    3% of x @ W with an outlier channel (30x) in the activations."""
+    import tvm
+
+    from edge.kernels import dense_vnni
+
+    k_dim, n_cols, group = 192, 64, 32
+    rng = np.random.default_rng(rows * 10 + bits)
+    codes, scale, zero, w = _quant_weights(rng, bits, k_dim, n_cols, group)
+    func = dense_vnni.primfunc((1, rows, k_dim), n_cols, k_dim, k_dim // group, bits)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=_tvm_target("host"))["main"]
+    a = rng.standard_normal((1, rows, k_dim)).astype("float32")
+    a[..., 5] *= 30  # an outlier channel, as real activations have
+    got = tvm.runtime.tensor(np.zeros((1, rows, n_cols), "float32"))
+    lib(*(tvm.runtime.tensor(v) for v in (a, codes, scale, zero)), got)
+    groups = a.reshape(1, rows, k_dim // group, group)
+    xs = np.abs(groups).max(-1, keepdims=True) / 127
+    xq = (np.round(groups / np.where(xs > 0, xs, 1)) * xs).reshape(a.shape)
+    np.testing.assert_allclose(got.numpy(), xq @ w, rtol=1e-4, atol=1e-4 * np.abs(xq @ w).max())
+    exact = a @ w
+    assert np.abs(got.numpy() - exact).max() < 0.03 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("preset,rows,want", [
+    ("x86-64-avx512", 1, "dense_vnni"), ("x86-64-avx512", 8, "dense_vnni"), ("x86-64-avx512", 12, "dense_vnni"),
+    ("x86-64-avx512", "num_seqs", "dense_vnni"), ("x86-64-avx512", "seq", "dense_quant"),
+    ("x86-64-avx2", 1, "dense_quant"), ("aarch64", 1, "dense_quant"),
+], ids=str)
+def test_vnni_dense_takes_decode_rows_on_vnni_targets(preset, rows, want):
+    """In a module compiled for int8 decode activations, quantized matmuls of static rows (a decode
+    step of a known batch size) or of the sequences (`num_seqs`, symbolic) get the VNNI kernel on
+    targets with AVX-512 VNNI; a prefill chunk's tokens (`seq`) and other targets keep the
+    fp32-activation kernel."""
+    import tvm
+    from tvm import relax, tirx
+
+    from edge.kernels import dense_vnni
+
+    k_dim, n_cols = 64, 32
+    m = tirx.Var(rows, "int64") if isinstance(rows, str) else rows
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, m, k_dim), "float32"))
+    wq = relax.Var("wq", relax.TensorType((n_cols // 16, k_dim // 2, 16), "uint8"))
+    sc = relax.Var("sc", relax.TensorType((n_cols // 16, k_dim // 32, 16), "float32"))
+    ze = relax.Var("ze", relax.TensorType((n_cols // 16, k_dim // 32, 16), "float32"))
+    with bb.function("main", [x, wq, sc, ze]):
+        with bb.dataflow():
+            wp = bb.emit(bb.call_te(dense.dequant, wq, sc, ze, primfunc_name_hint="dequant_q4"))
+            w = bb.emit(relax.op.reshape(relax.op.permute_dims(wp, [1, 0, 2]), (k_dim, n_cols)))
+            out = bb.emit_output(relax.op.matmul(x, w))
+        bb.emit_func_output(out)
+    target = _tvm_target(preset)
+    assert dense_vnni.supported(target) == (preset == "x86-64-avx512")
+    mod = bb.get().with_attr(kernels.DECODE_ACTIVATIONS_ATTR, "int8")
+    assert not kernels.int8_decode(bb.get(), target)  # fp32 unless the compile asked for int8
+    mod = packing.rewrite_packed_dense(mod, 8, var_rows={"num_seqs": 4}, int8_decode=kernels.int8_decode(mod, target))
+    names = {gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert any(n.startswith(want) for n in names) and not any(n.startswith("dequant_q4") for n in names), names
+
+
+@pytest.mark.skipif(not _host_has_vnni(), reason="the host CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_vnni_dense_rows_do_not_depend_on_the_batch(bits):
+    """A row's result is the same bits whether it is decoded alone (the batch-1 variant), with
+    others (a batch-3 variant) or in the generic module (symbolic rows, 4 at a time, a chunk's
+    tail re-reading the last row): a reply does not change with who else is being served."""
+    import tvm
+    from tvm import tirx
+
+    from edge.kernels import dense_vnni
+
+    k_dim, n_cols, group = 128, 48, 32
+    rng = np.random.default_rng(bits)
+    codes, scale, zero, _ = _quant_weights(rng, bits, k_dim, n_cols, group)
+    target = _tvm_target("host")
+
+    def build(lead, chunk=None):
+        func = dense_vnni.primfunc([*lead, k_dim], n_cols, k_dim, k_dim // group, bits, chunk=chunk)
+        return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)["main"]
+
+    def run(f, a):
+        got = tvm.runtime.tensor(np.zeros((*a.shape[:-1], n_cols), "float32"))
+        f(*(tvm.runtime.tensor(v) for v in (a, codes, scale, zero)), got)
+        return got.numpy()
+
+    one, three, generic = build([1, 1]), build([3, 1]), build([tirx.Var("num_seqs", "int64"), 1], chunk=4)
+    twelve = build([12, 1])  # more than MAX_ROWS: in chunks too
+    a = rng.standard_normal((9, 1, k_dim)).astype("float32")
+    alone = np.concatenate([run(one, a[i:i + 1]) for i in range(9)])
+    for n in (1, 2, 5, 9):
+        np.testing.assert_array_equal(run(generic, a[:n]), alone[:n])
+    np.testing.assert_array_equal(run(three, a[:3]), alone[:3])
+    b = rng.standard_normal((12, 1, k_dim)).astype("float32")
+    np.testing.assert_array_equal(run(twelve, b), np.concatenate([run(one, b[i:i + 1]) for i in range(12)]))

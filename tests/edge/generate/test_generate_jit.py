@@ -55,15 +55,18 @@ def test_decode_batch_variant_serves_and_matches(tiny_llamas, tmp_path, isolate)
 def test_decode_variants_compiled_into_the_artifact(tiny_llamas, tmp_path):
     """`edgejit compile` builds the batch-1 decode step into the artifact (--decode-variants, default
     1): the device serves it from the first token, with no compile, and its tokens and logits equal
-    the generic module's; 'none' leaves it to the JIT; a bad value is one line."""
+    the generic module's; 'none' leaves it to the JIT; a bad value is one line. (The CLI compiles
+    for int8 decode activations: on a VNNI host both modules take them.)"""
     import json
     import subprocess
     import sys
 
     from edge.generate import Generator
 
-    fx, generic_art = tiny_llamas["q4_1_gqa"]
-    want_toks, want_logits = _greedy(Generator(generic_art))
+    from edge.artifact.targets import get_preset
+    from edge.kernels import dense_vnni
+
+    fx, _ = tiny_llamas["q4_1_gqa"]
     out = tmp_path / "art"
     run = subprocess.run([sys.executable, "-m", "edge.cli", "compile", str(fx["path"]), "-o", str(out)],
                          capture_output=True, text=True, timeout=600)
@@ -71,6 +74,9 @@ def test_decode_variants_compiled_into_the_artifact(tiny_llamas, tmp_path):
     assert "built the decode step of 1 sequence(s)" in run.stdout + run.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["decoder"]["variants"] == {"1": "decode-b1.so"} and "decode-b1.so" in manifest["files"]
+    vnni = dense_vnni.supported(get_preset("host").tvm_target())
+    assert manifest["quantization"]["decode_activations"].startswith("int8" if vnni else "fp32")
+    want_toks, want_logits = _greedy(Generator(out))  # the generic module alone
     events = []
 
     class Listener:

@@ -78,6 +78,63 @@ def test_fp32_compile_matches_transformers(smollm2_fp32_artifact, gen, reference
     assert toks == want
 
 
+def _decode_forced(decoder, prompt, forced, seq_id=7):
+    """Logits of the prompt's last position and of decode steps fed `forced` (teacher forcing)."""
+    decoder.add_sequence(seq_id)
+    try:
+        out = [decoder.prefill([seq_id], [prompt])[0]]
+        out += [decoder.decode([seq_id], [t])[0] for t in forced[:-1]]
+    finally:
+        decoder.remove_sequence(seq_id)
+    return np.stack(out)
+
+
+def test_int8_decode_activations_track_transformers(smollm2_int8_artifact, gen, reference, tmp_path):
+    """`edgejit compile`'s default on a VNNI host: decode steps and the LM head quantize their
+    activations to int8 per group (llama.cpp's route). Fed transformers' greedy tokens, every step's
+    logits stay within 6% of max |logit| (llama.cpp on the same file: ~6%) and pick the same next
+    token in >= 90% of steps; the artifact's batch-1 step and the generic module (any batch) give
+    the same bits, so a reply does not depend on the JIT or on who else is decoding."""
+    from edge.artifact.reader import Artifact
+    from edge.generate.loader import load_decoder
+    from edge.kernels import dense_vnni
+    from edge.artifact.targets import get_preset
+
+    model, hf_tok = reference
+    vnni = dense_vnni.supported(get_preset("host").tvm_target())
+    quant = Artifact.open(smollm2_int8_artifact).manifest.quantization
+    assert quant["decode_activations"].startswith("int8" if vnni else "fp32")
+    generic = load_decoder(smollm2_int8_artifact, max_batch=2).decoder
+    variant = load_decoder(smollm2_int8_artifact, jit="default", cache_dir=tmp_path / "c", state_dir=tmp_path / "s").decoder
+    agree = steps = 0
+    for name, ids in _prompts(gen, hf_tok)[0].items():
+        want, want_logits = greedy(model, ids, N_NEW)
+        ours = _decode_forced(variant, ids, want)
+        err = np.abs(ours - want_logits).max() / np.abs(want_logits).max()
+        assert err < (0.06 if vnni else 2e-3), f"{name}: logits differ by {err:.2e} of scale"
+        agree += int((ours.argmax(-1) == np.array(want)).sum())
+        steps += len(want)
+        np.testing.assert_array_equal(_decode_forced(generic, ids, want), ours)
+    assert agree >= 0.9 * steps, f"top-1 agreement {agree}/{steps}"
+    assert variant.specializer.stats()["variants"][1]["source"] == "artifact"
+    # two sequences decoding together in the generic module: each gets its bits from alone
+    ids = _prompts(gen, hf_tok)[0]
+    a, b = ids["plain"], ids["chat"]
+    alone = [greedy_decode(generic, p, 8, seq_id=3)[1] for p in (a, b)]
+    generic.add_sequence(1), generic.add_sequence(2)
+    try:
+        rows = [generic.prefill([1, 2], [a, b])]
+        toks = [int(np.argmax(r)) for r in rows[0]]
+        for _ in range(7):
+            rows.append(generic.decode([1, 2], toks))
+            toks = [int(np.argmax(r)) for r in rows[-1]]
+    finally:
+        generic.remove_sequence(1), generic.remove_sequence(2)
+    together = np.stack(rows)
+    np.testing.assert_array_equal(together[:, 0], alone[0])
+    np.testing.assert_array_equal(together[:, 1], alone[1])
+
+
 def test_generator_streams_the_greedy_reply(gen, reference):
     """The Generator's text pieces join to the decoded greedy tokens; it stops at <|im_end|>."""
     model, hf_tok = reference
