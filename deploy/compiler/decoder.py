@@ -58,7 +58,7 @@ def load_gguf(path: Path, log=print, *, quantized: bool = True) -> LoadedModel:
         f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}; tensors "
         + ", ".join(f"{n} {t}" for t, n in sorted(types.items(), key=lambda kv: -kv[1]))
         + (f"; {len(cfg.quant)} linear layers kept as stored ("
-           + ", ".join(f"{n} {k}" for k, n in sorted(collections.Counter(storage_name(b) for b in cfg.quant.values()).items()))
+           + ", ".join(f"{n} {k}" for k, n in sorted(_layer_counts(cfg.quant).items()))
            + ")" if cfg.quant else ", dequantized to fp32")
         + f" ({time.perf_counter() - t0:.1f}s)")
     tok, info = gguf_tokenizer.build(f)
@@ -128,14 +128,18 @@ def _precision(cfg) -> str:
     return "fp32" if not bits else "w" + "/".join(storage_name(b) for b in bits)
 
 
+def _layer_counts(quant: dict) -> dict[str, int]:
+    """Linear layers per storage kind ({"q4": 120, "q8": 1})."""
+    return dict(collections.Counter(storage_name(b) for b in quant.values()))
+
+
 def _quantization(cfg, host: dict | None = None, decode_activations: str = "fp32") -> dict | None:
     """`host`: what --precision q4|q8 did (deploy/quantize/weight_only/schemes.py), else the file's own quantization."""
     quant = getattr(cfg, "quant", {})
     if not quant:
         return None
-    counts = collections.Counter(storage_name(b) for b in quant.values())
     int8 = decode_activations == "int8"
-    return {"scheme": "weight-only", "group": 32, "activations": "fp32", "layers": dict(counts),
+    return {"scheme": "weight-only", "group": 32, "activations": "fp32", "layers": _layer_counts(quant),
             "decode_activations": "int8 per group of 32 (decode steps and the LM head)" if int8 else "fp32",
             "kernel": ("edge/kernels/dense_vnni (decode and LM head: int8 activations, vpdpbusd); " if int8 else "")
                       + "edge/kernels/dense.compute_quant (codes dequantized in the inner loop; "

@@ -124,14 +124,15 @@ def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = No
             tile_rows = min(sym_rows) if sym_rows and len(sym_rows) == len(symbolic) else rows
             tile = min(tile_rows, m) if m else tile_rows  # a static batch of fewer rows: no wasted rows
             quant = dequant_args(self, wp)
-            if quant is not None and len(quant) == 3:  # weight-only quantized: dequantized in the kernel's inner loop
+            if quant is not None:  # weight-only quantized: dequantized in the kernel's inner loop
                 # the VNNI kernel: static rows, or rows that are the sequences (every dim symbolic
                 # in a `var_rows` variable: the decode step and the LM head of the generic module)
                 seqs = bool(sym_rows) and len(sym_rows) == len(symbolic) == 1
                 if int8_decode and (m is not None or seqs) and self._vnni_fits(x, quant):
                     return self._call_vnni(x, quant, None if m else tile_rows)
                 return self.builder_.call_te(dense.compute_quant, x, *quant, tile, primfunc_name_hint="dense_quant")
-            wp = quant[0] if quant is not None else wp  # fp16: widened in the kernel's inner loop
+            f16 = widened_from(self, wp)  # fp16: widened in the kernel's inner loop
+            wp = wp if f16 is None else f16
             return self.builder_.call_te(dense.compute, x, wp, tile, primfunc_name_hint="dense_packed")
 
         def _vnni_fits(self, x, quant) -> bool:
@@ -226,9 +227,9 @@ def unpacked_from(mutator, var, axes: list[int]):
     return perm.args[0]
 
 
-def dequant_args(mutator, var):
-    """(codes, scale, zero) when `var` is bound to the model's dequantize call, (fp16 weight,)
-    when bound to its widening call (dense.widen), else None."""
+def _tir_call_args(mutator, var, prefix: str, n_args: int):
+    """The arguments of the call_tir `var` is bound to when its function's name starts with
+    `prefix` and it takes `n_args`, else None."""
     import tvm
     from tvm import relax
 
@@ -238,10 +239,21 @@ def dequant_args(mutator, var):
     if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
         return None
     gv = call.args[0]
-    if not (isinstance(gv, tvm.ir.GlobalVar) and gv.name_hint.startswith(("dequant_q", "widen_f16"))):
+    if not (isinstance(gv, tvm.ir.GlobalVar) and gv.name_hint.startswith(prefix)):
         return None
     args = list(call.args[1].fields)
-    return tuple(args) if len(args) == (1 if gv.name_hint.startswith("widen_f16") else 3) else None
+    return tuple(args) if len(args) == n_args else None
+
+
+def dequant_args(mutator, var):
+    """(codes, scale, zero) when `var` is bound to the model's dequantize call, else None."""
+    return _tir_call_args(mutator, var, "dequant_q", 3)
+
+
+def widened_from(mutator, var):
+    """The fp16 weight when `var` is bound to the model's widening call (dense.widen), else None."""
+    args = _tir_call_args(mutator, var, "widen_f16", 1)
+    return args[0] if args else None
 
 
 def rewrite_packed_gather(mod):
@@ -261,9 +273,10 @@ def rewrite_packed_gather(mod):
             if wp is None:
                 return call
             quant = dequant_args(self, wp)
-            if quant is not None and len(quant) == 3:
+            if quant is not None:
                 return self.builder_.call_te(gather_quant_compute, *quant, call.args[1], primfunc_name_hint="gather_quant")
-            wp = quant[0] if quant is not None else wp
+            f16 = widened_from(self, wp)
+            wp = wp if f16 is None else f16
             return self.builder_.call_te(gather_compute, wp, call.args[1], primfunc_name_hint="gather_packed")
 
     rewriter = _Rewriter(mod)
