@@ -17,7 +17,7 @@ def machine() -> str:
     from edge import machine
 
     model = machine.cpu_model()
-    flags = sorted(f for f in machine.cpu_features() if f in {"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "asimd", "asimddp"})
+    flags = sorted(f for f in machine.cpu_features() if f in {"avx2", "fma", "avx512f", "avx512_vnni", "avx512vbmi", "avx_vnni", "asimd", "asimddp"})
     try:
         llvm_cpu = __import__("tvm").target.codegen.llvm_get_system_cpu()
     except Exception:

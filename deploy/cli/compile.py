@@ -27,8 +27,8 @@ def add_arguments(p) -> None:
                    "token instead of waiting for its JIT (default: 1; 'none': leave them all to the JIT)")
     p.add_argument("--decode-activations", choices=["int8", "fp32"], help="decoders with 4/8-bit weights: int8 (default) "
                    "quantizes the activations of decode steps and the LM head per group of 32 on targets with AVX-512 VNNI and "
-                   "multiplies them with vpdpbusd (llama.cpp's Q4 x Q8; ~1.3x faster decode, logits within ~2-3%% of fp32 "
-                   "activations); fp32 keeps fp32 activations everywhere (logits as transformers' on the same weights). "
+                   "multiplies them with vpdpbusd (llama.cpp's Q4 x Q8: faster decode, logits within ~2-3%% of fp32 "
+                   "activations; docs/generation.md); fp32 keeps fp32 activations everywhere (logits as transformers' on the same weights). "
                    "Other targets always run fp32 activations")
     p.add_argument("--max-seq", type=int, help="longest sequence the artifact accepts (default: the model's position-embedding rows, at most 512)")
     p.add_argument("--seq-dim", help="name of the symbolic sequence dim (default: dim 1 of the first input)")

@@ -26,7 +26,7 @@ from deploy.compiler.artifact_writer import ArtifactWriter, build_fields
 from deploy.frontends.gguf import tokenizer as gguf_tokenizer
 from deploy.frontends.gguf.reader import GGUFFile
 from deploy.models import registry
-from deploy.quantize.weight_only.layout import storage_name
+from deploy.quantize.weight_only.layout import F16, storage_name
 
 DEFAULT_CONTEXT = 4096  # what the runtime allocates unless told otherwise (llama.cpp's default too)
 PREFILL_CHUNK = 512  # most prompt tokens per prefill call: bounds activation memory
@@ -246,6 +246,10 @@ def compile_decoder(
     default_context = context or min(trained, DEFAULT_CONTEXT)
     mod, names = export_module(m.arch, cfg, preset.target)
     mod = mod.with_attr(kernels.DECODE_ACTIVATIONS_ATTR, decode_activations)
+    if cfg.quant and any(b != F16 for b in cfg.quant.values()):
+        int8 = kernels.int8_decode(mod, preset.tvm_target())
+        log(f"decode activations: {'int8 (AVX-512 VNNI)' if int8 else 'fp32'}"
+            + ("" if int8 or decode_activations == "fp32" else f" ({preset.name} has no AVX-512 VNNI)"))
     params = registry.get(m.arch).params(m.weights, cfg)
     missing = [n for n in names if n not in params]
     if missing:

@@ -26,7 +26,7 @@ def int8_decode(mod, target) -> bool:
     return str(asked) == "int8" and dense_vnni.supported(target)
 
 
-def optimize(mod, target, *, tuning=None):
+def optimize(mod, target, *, tuning=None, bound=()):
     """Relax/TIR passes that make the module fast on `target`; returns the module to compile.
 
     `tuning` (edge.runtime.tuning_records.TuningRecords) schedules the PrimFuncs it has records for; the rules
@@ -35,7 +35,7 @@ def optimize(mod, target, *, tuning=None):
     """
     from edge.kernels import rules
 
-    mod = lower(mod, target)
+    mod = lower(mod, target, bound=bound)
     with target:
         if tuning is not None:
             mod = tuning.apply(mod)
@@ -60,9 +60,11 @@ def mark_noalias(mod):
     return mod
 
 
-def lower(mod, target):
+def lower(mod, target, *, bound=()):
     """The graph rewrites, legalization and fusion before scheduling: the PrimFuncs it leaves
-    are what the rules schedule and what `compile --tune` tunes (deploy/tune.py)."""
+    are what the rules schedule and what `compile --tune` tunes (deploy/tune.py). `bound`: the
+    symbolic dims the module's shapes were bound on (a JIT variant's); static rows count as a
+    decode step's (int8 activations) only when nothing but `num_seqs` was bound."""
     import tvm
     from tvm import relax
 
@@ -71,7 +73,7 @@ def lower(mod, target):
     mod = attention.replace_attention_kernels(mod)
     with target:
         mod = packing.rewrite_packed_dense(mod, tile_rows(target), var_rows={"num_seqs": decode_tile_rows(target)},
-                                           int8_decode=int8_decode(mod, target))
+                                           int8_decode=int8_decode(mod, target), static_rows_decode=set(bound) <= {"num_seqs"})
         mod = packing.rewrite_packed_gather(mod)
         mod = graph.expand_small_powers(mod)
         mod = graph.rewrite_softmax(mod, vector_lanes(target))

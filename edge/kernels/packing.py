@@ -92,16 +92,17 @@ def _uses(func) -> dict:
     return {v: as_arg.get(v, []) + [None] * (n - len(as_arg.get(v, []))) for v, n in seen.items()}
 
 
-def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = None, int8_decode: bool = False):
+def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = None, int8_decode: bool = False,
+                         static_rows_decode: bool = True):
     """Build side: matmul(x, reshape(permute_dims(Wp))) -> call_tir(packed dense kernel).
 
     `rows`: the register tile's rows where the row count is symbolic; `var_rows` overrides it when
     every symbolic row dim is one of its variables (a decoder's `num_seqs`: a decode step's rows,
     and the LM head's in prefill, are the few sequences in the batch, not their tokens).
     With `int8_decode` (a target with AVX-512 VNNI, edge.kernels.int8_decode), quantized weights
-    times static rows (in a decoder: a decode step of a known batch size, the sequences' LM head)
-    or the `var_rows` rows get the int8-activation kernel (edge.kernels.dense_vnni); the rows of a
-    prefill chunk's tokens keep fp32 activations."""
+    times static rows (with `static_rows_decode`, a module bound on `num_seqs` alone: a decode step
+    of a known batch size, the sequences' LM head) or the `var_rows` rows get the int8-activation
+    kernel (edge.kernels.dense_vnni); the rows of a prefill chunk's tokens keep fp32 activations."""
     import tvm
     from tvm import relax
 
@@ -128,7 +129,7 @@ def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = No
                 # the VNNI kernel: static rows, or rows that are the sequences (every dim symbolic
                 # in a `var_rows` variable: the decode step and the LM head of the generic module)
                 seqs = bool(sym_rows) and len(sym_rows) == len(symbolic) == 1
-                if int8_decode and (m is not None or seqs) and self._vnni_fits(x, quant):
+                if int8_decode and ((m is not None and static_rows_decode) or seqs) and self._vnni_fits(x, quant):
                     return self._call_vnni(x, quant, None if m else tile_rows)
                 return self.builder_.call_te(dense.compute_quant, x, *quant, tile, primfunc_name_hint="dense_quant")
             f16 = widened_from(self, wp)  # fp16: widened in the kernel's inner loop

@@ -496,9 +496,16 @@ def test_vnni_dense_takes_decode_rows_on_vnni_targets(preset, rows, want):
     assert dense_vnni.supported(target) == preset.startswith("x86-64-avx512")
     mod = bb.get().with_attr(kernels.DECODE_ACTIVATIONS_ATTR, "int8")
     assert not kernels.int8_decode(bb.get(), target)  # fp32 unless the compile asked for int8
-    mod = packing.rewrite_packed_dense(mod, 8, var_rows={"num_seqs": 4}, int8_decode=kernels.int8_decode(mod, target))
-    names = {gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    int8 = kernels.int8_decode(mod, target)
+
+    def kernels_of(static_rows_decode=True):
+        out = packing.rewrite_packed_dense(mod, 8, var_rows={"num_seqs": 4}, int8_decode=int8, static_rows_decode=static_rows_decode)
+        return {gv.name_hint for gv, f in out.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+    names = kernels_of()
     assert any(n.startswith(want) for n in names) and not any(n.startswith("dequant_q4") for n in names), names
+    if isinstance(rows, int):  # static rows of a module bound on more than num_seqs (a prefill chunk's tokens?): fp32
+        assert any(n.startswith("dense_quant") for n in kernels_of(static_rows_decode=False))
 
 
 @pytest.mark.skipif(not _host_has_vnni(), reason="the host CPU has no AVX-512 VNNI")

@@ -117,6 +117,16 @@ def test_int8_decode_activations_track_transformers(smollm2_int8_artifact, gen, 
         np.testing.assert_array_equal(_decode_forced(generic, ids, want), ours)
     assert agree >= 0.9 * steps, f"top-1 agreement {agree}/{steps}"
     assert variant.specializer.stats()["variants"][1]["source"] == "artifact"
+    # what the device JIT builds from module.json for another batch size takes the int8 kernel too
+    import tvm
+    from tvm import relax
+
+    from edge import kernels
+
+    mod = tvm.ir.load_json((smollm2_int8_artifact / "module.json").read_text())
+    bound = kernels.lower(relax.transform.BindSymbolicVars({"num_seqs": 2})(mod), get_preset("host").tvm_target(),
+                          bound=("num_seqs",))
+    assert any(gv.name_hint.startswith("dense_vnni") for gv, _ in bound.functions_items()) == vnni
     # two sequences decoding together in the generic module: each gets its bits from alone
     ids = _prompts(gen, hf_tok)[0]
     a, b = ids["plain"], ids["chat"]
