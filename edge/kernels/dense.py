@@ -51,10 +51,21 @@ def compute_quant(x, wq, scale, zero, rows: int):
     """The packed dense on weight-only quantized weights, dequantized in the inner loop:
     w[k, j] = q * scale + zero, per group of `K / groups` consecutive k. int8 `wq` [N / n, K, n]
     holds 8-bit codes; uint8 `wq` [N / n, K / 2, n] 4-bit ones, element 2i in the low nibble of
-    byte i and 2i + 1 in the high one. `scale`, `zero`: float32 [N / n, groups, n]."""
+    byte i and 2i + 1 in the high one. `scale`, `zero`: float32 [N / n, groups, n] (`zero` None:
+    symmetric codes, w = q * scale)."""
     panels, kq, n = wq.shape
     k_dim = kq * 2 if _bits(wq) == 4 else kq
     return _tiled(x, panels, k_dim, n, rows, _quant_weight(wq, scale, zero))
+
+
+def compute_quant_sym(x, wq, scale, rows: int):
+    """compute_quant of symmetric 8-bit codes (no zero tensor)."""
+    return compute_quant(x, wq, scale, None, rows)
+
+
+def dequant_sym(wq, scale):
+    """dequant of symmetric 8-bit codes (no zero tensor): the model's Q8S layers."""
+    return dequant(wq, scale, None)
 
 
 def dequant(wq, scale, zero):
@@ -85,7 +96,8 @@ def _quant_weight(wq, scale, zero):
             q = (wq[jo, k // 2, ji] >> ((k % 2) * 4).astype("uint8")) & tirx.const(15, "uint8")
         else:
             q = wq[jo, k, ji]
-        return q.astype("float32") * scale[jo, k // group, ji] + zero[jo, k // group, ji]
+        w = q.astype("float32") * scale[jo, k // group, ji]
+        return w if zero is None else w + zero[jo, k // group, ji]
 
     return weight
 
@@ -191,8 +203,10 @@ def add_prefetch(func, *, panels: int, split: int):
     from tvm import s_tir, tirx
 
     kind = str(func.params[1].dtype) if len(func.params) >= 3 else ""
-    if kind in ("uint8", "int8") and len(func.params) >= 5:
+    if kind in ("uint8", "int8") and len(func.params) >= 4:
         wq, scale, zero = func.params[1:4]
+        if [str(d) for d in zero.shape] != [str(d) for d in scale.shape]:  # symmetric codes: no zero tensor
+            zero = None
         bits = 4 if kind == "uint8" else 8
         k_dim = int(wq.shape[1]) * (2 if bits == 4 else 1)
         group = k_dim // int(scale.shape[1])
@@ -219,7 +233,7 @@ def add_prefetch(func, *, panels: int, split: int):
         codes = tirx.IfThenElse(tirx.floormod(k, c(k_per_line)) < c(split), codes, None)
         if scale is None:
             return codes
-        groups = tirx.SeqStmt([prefetch(b, n, k // c(group), c(0)) for n in nxt for b in (scale, zero)])
+        groups = tirx.SeqStmt([prefetch(b, n, k // c(group), c(0)) for n in nxt for b in (scale, zero) if b is not None])
         return tirx.SeqStmt([codes, tirx.IfThenElse(tirx.floormod(k, c(group)) < c(split), groups, None)])
 
     def rewrite(stmt, jo):

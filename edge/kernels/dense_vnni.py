@@ -16,6 +16,7 @@ column each (`vpermb` where the target has AVX512-VBMI, else dword permutes and 
 4-bit codes the low nibbles then hold k = 0, 2, 4, 6 of 8 and the high ones 1, 3, 5, 7, so the
 activations are packed in that order. 8-bit codes are signed: they are offset to unsigned
 (code + 128: `vpdpbusd` takes unsigned x signed) and 128 * sum(xq) is taken off each group's sums.
+Symmetric 8-bit layers (Q8_0) come without a zero tensor: one stream fewer to read.
 
 For the rows of a decode step (the sequences: a static 1-8 in the JIT's batch variants and the
 artifact's batch-1 step, symbolic in the generic module, taken 4 at a time) and the LM head, on a
@@ -73,13 +74,21 @@ def _shape(lead, var, last: int):
     return [d if isinstance(d, int) else var for d in lead] + [last]
 
 
+def _zero_term(T, zero, has_zero: bool, panel, g, xsum):
+    """zero * xscale * sum(xq) of a group, or nothing for symmetric codes."""
+    if not has_zero:
+        return T.broadcast(T.float32(0), PANEL)
+    return zero.vload([panel, g, 0], "float32x16") * T.broadcast(xsum, PANEL)
+
+
 def _prefetch(T, load):
     return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(load), 0, 3, 1))
 
 
-def primfunc(x_shape, n_out: int, k_dim: int, groups: int, bits: int, *, chunk: int | None = None):
+def primfunc(x_shape, n_out: int, k_dim: int, groups: int, bits: int, *, chunk: int | None = None, zero: bool = True):
     """The kernel for x [*x_shape] (last dim k_dim) times packed codes of `bits` with fp32
-    scale/zero [N / 16, groups, 16]; writes y [*x_shape[:-1], n_out].
+    scale/zero [N / 16, groups, 16] (`zero` False: symmetric codes, no zero tensor); writes
+    y [*x_shape[:-1], n_out].
 
     The leading dims may hold one symbolic variable (a decoder's `num_seqs`): the rows are then
     taken `chunk` at a time (also a static count of more than MAX_ROWS), a chunk past the last row
@@ -108,18 +117,10 @@ def primfunc(x_shape, n_out: int, k_dim: int, groups: int, bits: int, *, chunk: 
     PT, ahead, NCH = TILE_PANELS, AHEAD, CHAINS
     tiles = P // PT
     code_t = "uint8" if bits == 4 else "int8"
+    has_zero = zero
 
-    @T.prim_func(private=True)
-    def dense_vnni(var_x: T.handle, wq: T.Buffer((P, KB, PANEL), code_t), scale: T.Buffer((P, G, PANEL), "float32"),
-                   zero: T.Buffer((P, G, PANEL), "float32"), var_y: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        n = T.int64()
-        x = T.match_buffer(var_x, _shape(lead, n, K), "float32")
-        y = T.match_buffer(var_y, _shape(lead, n, N), "float32")
-        rows: T.let[T.int64] = n * static_rows if symbolic else T.int64(static_rows)
-        xf = T.decl_buffer((rows * K,), "float32", data=x.data)
-        yf = T.decl_buffer((rows * N,), "float32", data=y.data)
-        wf = T.decl_buffer((P * KB * PANEL,), code_t, data=wq.data)
+    @T.macro
+    def kernel(xf, yf, wf, scale, zero, rows):
         xq = T.alloc_buffer((rows, G * words), "int32")
         xs = T.alloc_buffer((rows, G), "float32")
         xsum = T.alloc_buffer((rows, G), "float32")
@@ -158,7 +159,8 @@ def primfunc(x_shape, n_out: int, k_dim: int, groups: int, bits: int, *, chunk: 
                         for ln in T.unroll(loads):
                             _prefetch(T, wf[(nxt * KB + g * (KB // G) + ln * 4) * PANEL])
                         _prefetch(T, scale[nxt, g, 0])
-                        _prefetch(T, zero[nxt, g, 0])
+                        if has_zero:
+                            _prefetch(T, zero[nxt, g, 0])
                     for r in T.unroll(R):
                         for p in T.unroll(PT):
                             for h in T.unroll(NCH):
@@ -177,9 +179,36 @@ def primfunc(x_shape, n_out: int, k_dim: int, groups: int, bits: int, *, chunk: 
                                 [ia.vload([r, p, j, 0], "int32x16") for j in range(NCH)]) - T.broadcast(
                                     xqsum[T.min(c * R + r, rows - 1), g] * (128 if bits == 8 else 0), PANEL)) * (
                                 scale.vload([t * PT + p, g, 0], "float32x16") * T.broadcast(xs[T.min(c * R + r, rows - 1), g], PANEL)
-                            ) + zero.vload([t * PT + p, g, 0], "float32x16") * T.broadcast(xsum[T.min(c * R + r, rows - 1), g], PANEL)
+                            ) + _zero_term(T, zero, has_zero, t * PT + p, g, xsum[T.min(c * R + r, rows - 1), g])
                 for r in T.unroll(R):
                     for p in T.unroll(PT):
                         yf[T.min(c * R + r, rows - 1) * N + (t * PT + p) * PANEL:T.min(c * R + r, rows - 1) * N + (t * PT + p) * PANEL + PANEL] = acc.vload([r, p, 0], "float32x16")
+
+    if has_zero:
+        @T.prim_func(private=True)
+        def dense_vnni(var_x: T.handle, wq: T.Buffer((P, KB, PANEL), code_t), scale: T.Buffer((P, G, PANEL), "float32"),
+                       zero: T.Buffer((P, G, PANEL), "float32"), var_y: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            n = T.int64()
+            x = T.match_buffer(var_x, _shape(lead, n, K), "float32")
+            y = T.match_buffer(var_y, _shape(lead, n, N), "float32")
+            rows: T.let[T.int64] = n * static_rows if symbolic else T.int64(static_rows)
+            xf = T.decl_buffer((rows * K,), "float32", data=x.data)
+            yf = T.decl_buffer((rows * N,), "float32", data=y.data)
+            wf = T.decl_buffer((P * KB * PANEL,), code_t, data=wq.data)
+            kernel(xf, yf, wf, scale, zero, rows)
+    else:  # symmetric codes: no zero tensor
+        @T.prim_func(private=True)
+        def dense_vnni(var_x: T.handle, wq: T.Buffer((P, KB, PANEL), code_t), scale: T.Buffer((P, G, PANEL), "float32"),
+                       var_y: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            n = T.int64()
+            x = T.match_buffer(var_x, _shape(lead, n, K), "float32")
+            y = T.match_buffer(var_y, _shape(lead, n, N), "float32")
+            rows: T.let[T.int64] = n * static_rows if symbolic else T.int64(static_rows)
+            xf = T.decl_buffer((rows * K,), "float32", data=x.data)
+            yf = T.decl_buffer((rows * N,), "float32", data=y.data)
+            wf = T.decl_buffer((P * KB * PANEL,), code_t, data=wq.data)
+            kernel(xf, yf, wf, scale, scale, rows)
 
     return dense_vnni

@@ -131,6 +131,8 @@ def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = No
                 seqs = bool(sym_rows) and len(sym_rows) == len(symbolic) == 1
                 if int8_decode and ((m is not None and static_rows_decode) or seqs) and self._vnni_fits(x, quant):
                     return self._call_vnni(x, quant, None if m else tile_rows)
+                if quant[2] is None:
+                    return self.builder_.call_te(dense.compute_quant_sym, x, *quant[:2], tile, primfunc_name_hint="dense_quant")
                 return self.builder_.call_te(dense.compute_quant, x, *quant, tile, primfunc_name_hint="dense_quant")
             f16 = widened_from(self, wp)  # fp16: widened in the kernel's inner loop
             wp = wp if f16 is None else f16
@@ -149,10 +151,10 @@ def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = No
             x_shape = [int(d) if hasattr(d, "value") else d for d in x.ty.shape.values]
             n_out = int(wq.ty.shape.values[0]) * int(wq.ty.shape.values[2])
             func = dense_vnni.primfunc(x_shape, n_out, x_shape[-1], int(scale.ty.shape.values[1]), 4 if wq.ty.dtype == "uint8" else 8,
-                                       chunk=chunk)
+                                       chunk=chunk, zero=quant[2] is not None)
             gv = self.builder_.add_func(func.with_attr("op_pattern", 8), "dense_vnni")  # opaque: not fused
             out = relax.TensorType([*x_shape[:-1], n_out], "float32")
-            return self.builder_.emit(relax.call_tir(gv, [x, *quant], out))
+            return self.builder_.emit(relax.call_tir(gv, [x, *(a for a in quant if a is not None)], out))
 
         def _packed_weight(self, call):
             if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.matmul" or not isinstance(call.args[1], relax.Var):
@@ -210,6 +212,11 @@ def gather_quant_compute(wq, scale, zero, ids):
     return te.compute((*ids.shape, k_dim), body, name="edgejit_gather_quant")
 
 
+def gather_quant_sym_compute(wq, scale, ids):
+    """gather_quant_compute of symmetric 8-bit codes (no zero tensor)."""
+    return gather_quant_compute(wq, scale, None, ids)
+
+
 def unpacked_from(mutator, var, axes: list[int]):
     """The packed weight Wp when `var` is bound to reshape(permute_dims(Wp, axes)) (how models
     write a packed weight's unpacking), else None."""
@@ -247,8 +254,10 @@ def _tir_call_args(mutator, var, prefix: str, n_args: int):
 
 
 def dequant_args(mutator, var):
-    """(codes, scale, zero) when `var` is bound to the model's dequantize call, else None."""
-    return _tir_call_args(mutator, var, "dequant_q", 3)
+    """(codes, scale, zero) when `var` is bound to the model's dequantize call, else None; zero is
+    None for symmetric 8-bit codes (its `dequant_q8s` call has no zero tensor)."""
+    sym = _tir_call_args(mutator, var, "dequant_q8s", 2)
+    return (*sym, None) if sym else _tir_call_args(mutator, var, "dequant_q", 3)
 
 
 def widened_from(mutator, var):
@@ -274,6 +283,8 @@ def rewrite_packed_gather(mod):
             if wp is None:
                 return call
             quant = dequant_args(self, wp)
+            if quant is not None and quant[2] is None:
+                return self.builder_.call_te(gather_quant_sym_compute, *quant[:2], call.args[1], primfunc_name_hint="gather_quant")
             if quant is not None:
                 return self.builder_.call_te(gather_quant_compute, *quant, call.args[1], primfunc_name_hint="gather_quant")
             f16 = widened_from(self, wp)

@@ -358,21 +358,27 @@ def _llvm_ir(module) -> str:
 
 
 @pytest.mark.parametrize("rows,symbolic", [(1, False), (2, False), (2, True), (4, False)], ids=str)
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 8, "8s"])
 def test_quant_dense_few_rows_split_and_prefetch(rows, symbolic, bits):
     """Few-row tiles of the weight-only dense with a static row count get the K split and the
-    prefetches; every tile still computes x @ dequant(W) (against numpy), static or symbolic."""
+    prefetches; every tile still computes x @ dequant(W) (against numpy), static or symbolic; "8s":
+    symmetric 8-bit codes without a zero tensor (Q8_0)."""
     import tvm
     from tvm import te, tirx
 
     k_dim, n_cols, group = 256, 64, 32
+    symmetric = bits == "8s"
+    bits = 8 if symmetric else bits
     m = tirx.Var("m", "int64") if symbolic else rows
     x = te.placeholder((1, m, k_dim), "float32", name="x")
     codes_shape = (n_cols // 16, k_dim // 2 if bits == 4 else k_dim, 16)
     wq = te.placeholder(codes_shape, "uint8" if bits == 4 else "int8", name="wq")
     sc = te.placeholder((n_cols // 16, k_dim // group, 16), "float32", name="sc")
     ze = te.placeholder((n_cols // 16, k_dim // group, 16), "float32", name="ze")
-    func = te.create_prim_func([x, wq, sc, ze, dense.compute_quant(x, wq, sc, ze, rows)])
+    if symmetric:
+        func = te.create_prim_func([x, wq, sc, dense.compute_quant_sym(x, wq, sc, rows)])
+    else:
+        func = te.create_prim_func([x, wq, sc, ze, dense.compute_quant(x, wq, sc, ze, rows)])
     target = _tvm_target("host")
     sch = rules.schedule_func(func, target)
     script = sch.mod["main"].script()
@@ -381,13 +387,14 @@ def test_quant_dense_few_rows_split_and_prefetch(rows, symbolic, bits):
     rng = np.random.default_rng(rows * 10 + bits)
     codes = rng.integers(0, 256, codes_shape).astype("uint8") if bits == 4 else rng.integers(-128, 128, codes_shape).astype("int8")
     scale, zero = (rng.standard_normal((n_cols // 16, k_dim // group, 16)).astype("float32") for _ in range(2))
+    zero = np.zeros_like(zero) if symmetric else zero
     q = (np.stack([codes & 15, codes >> 4], axis=2).reshape(n_cols // 16, k_dim, 16) if bits == 4 else codes).astype("float32")
     g = np.repeat(np.arange(k_dim // group), group)
     w = (q * scale[:, g, :] + zero[:, g, :]).transpose(1, 0, 2).reshape(k_dim, n_cols)
     for n in ((1, 2, 3, 5) if symbolic else (rows,)):
         a = rng.standard_normal((1, n, k_dim)).astype("float32")
         got = tvm.runtime.tensor(np.zeros((1, n, n_cols), "float32"))
-        lib(*(tvm.runtime.tensor(v) for v in (a, codes, scale, zero)), got)
+        lib(*(tvm.runtime.tensor(v) for v in (a, codes, scale) + (() if symmetric else (zero,))), got)
         np.testing.assert_allclose(got.numpy(), a @ w, rtol=1e-4, atol=1e-3)
 
 
@@ -424,12 +431,14 @@ def _host_has_vnni() -> bool:
     return dense_vnni.supported(_tvm_target("host"))
 
 
-def _quant_weights(rng, bits: int, k_dim: int, n_cols: int, group: int):
-    """Packed codes, scale, zero in the kernels' layout, and the float weight [K, N] they stand for."""
+def _quant_weights(rng, bits: int, k_dim: int, n_cols: int, group: int, symmetric: bool = False):
+    """Packed codes, scale, zero in the kernels' layout, and the float weight [K, N] they stand for
+    (symmetric: zero all 0, as Q8_0's)."""
     codes_shape = (n_cols // 16, k_dim // 2 if bits == 4 else k_dim, 16)
     codes = rng.integers(0, 256, codes_shape).astype("uint8") if bits == 4 else rng.integers(-128, 128, codes_shape).astype("int8")
     scale = (rng.random((n_cols // 16, k_dim // group, 16)) * 0.02 + 0.01).astype("float32")
     zero = (-8 * scale if bits == 4 else rng.standard_normal(scale.shape) * 0.01).astype("float32")  # Q4_1-like
+    zero = np.zeros_like(scale) if symmetric else zero
     q = (np.stack([codes & 15, codes >> 4], axis=2).reshape(n_cols // 16, k_dim, 16) if bits == 4 else codes).astype("float32")
     g = np.repeat(np.arange(k_dim // group), group)
     w = (q * scale[:, g, :] + zero[:, g, :]).transpose(1, 0, 2).reshape(k_dim, n_cols)
@@ -437,7 +446,7 @@ def _quant_weights(rng, bits: int, k_dim: int, n_cols: int, group: int):
 
 
 @pytest.mark.skipif(not _host_has_vnni(), reason="the host CPU has no AVX-512 VNNI")
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 8, "8s"])
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_vnni_dense_is_the_dense_of_int8_activations(rows, bits):
     """The VNNI decode dense computes x' @ W exactly (float rounding aside), where x' is x quantized
@@ -448,14 +457,16 @@ def test_vnni_dense_is_the_dense_of_int8_activations(rows, bits):
     from edge.kernels import dense_vnni
 
     k_dim, n_cols, group = 192, 64, 32
+    symmetric = bits == "8s"  # Q8_0: no zero tensor
+    bits = 8 if symmetric else bits
     rng = np.random.default_rng(rows * 10 + bits)
-    codes, scale, zero, w = _quant_weights(rng, bits, k_dim, n_cols, group)
-    func = dense_vnni.primfunc((1, rows, k_dim), n_cols, k_dim, k_dim // group, bits)
+    codes, scale, zero, w = _quant_weights(rng, bits, k_dim, n_cols, group, symmetric)
+    func = dense_vnni.primfunc((1, rows, k_dim), n_cols, k_dim, k_dim // group, bits, zero=not symmetric)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=_tvm_target("host"))["main"]
     a = rng.standard_normal((1, rows, k_dim)).astype("float32")
     a[..., 5] *= 30  # an outlier channel, as real activations have
     got = tvm.runtime.tensor(np.zeros((1, rows, n_cols), "float32"))
-    lib(*(tvm.runtime.tensor(v) for v in (a, codes, scale, zero)), got)
+    lib(*(tvm.runtime.tensor(v) for v in (a, codes, scale) + (() if symmetric else (zero,))), got)
     groups = a.reshape(1, rows, k_dim // group, group)
     xs = np.abs(groups).max(-1, keepdims=True) / 127
     xq = (np.round(groups / np.where(xs > 0, xs, 1)) * xs).reshape(a.shape)

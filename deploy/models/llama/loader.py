@@ -9,7 +9,7 @@ import numpy as np
 from edge.errors import ModelError
 
 from deploy.frontends.gguf.reader import GGUFFile
-from deploy.quantize.weight_only.layout import F16, QWeight, concat_rows, storage_of
+from deploy.quantize.weight_only.layout import F16, Q8S, QWeight, code_bits, concat_rows, storage_of
 from deploy.quantize.weight_only.layout import pack as pack_quant
 from deploy.models.llama.model import PANEL, LlamaConfig
 
@@ -230,7 +230,9 @@ def _linear_params(name: str, parts: list, cfg: LlamaConfig) -> dict[str, np.nda
     if cfg.quant.get(name) == F16:
         return {f"{name}.weight": pack(np.concatenate(parts, axis=0))}
     if name in cfg.quant:
-        q, s, z = pack_quant(concat_rows(parts).as_bits(cfg.quant[name]))
+        q, s, z = pack_quant(concat_rows(parts).as_bits(code_bits(cfg.quant[name])))
+        if cfg.quant[name] == Q8S:
+            return {f"{name}.qweight": q, f"{name}.qscale": s}
         return {f"{name}.qweight": q, f"{name}.qscale": s, f"{name}.qzero": z}
     dense = [p.dequantize() if isinstance(p, QWeight) else p for p in parts]
     return {f"{name}.weight": pack(np.concatenate(dense, axis=0)).astype(np.float32)}

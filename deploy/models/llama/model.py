@@ -17,7 +17,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
-from deploy.quantize.weight_only.layout import F16
+from deploy.quantize.weight_only.layout import F16, Q8S
 
 PANEL = 16
 GROUP = 32  # inputs per quantization group
@@ -38,7 +38,7 @@ class LlamaConfig:
     context_window_size: int = 2048
     qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections
     # weight-only storage per linear layer ("layers.3.mlp.down_proj", "lm_head", ...): 4 or 8 bits,
-    # or F16 (16: fp16 weights) (deploy/quantize/weight_only/layout); layers not named here keep fp32
+    # Q8S (8-bit without zeros) or F16 (16: fp16 weights) (deploy/quantize/weight_only/layout); layers not named here keep fp32
     quant: dict = dataclasses.field(default_factory=dict)
     sliding_window: int = 0  # Mistral / Qwen2 configs: attention window (0: none); the context stays within it
 
@@ -63,11 +63,12 @@ class PackedLinear(nn.Module):
         panels = padded(out_features) // PANEL
         if bits is None or bits == F16:  # fp16 weights are widened in the kernel (edge/kernels/dense.widen)
             self.weight = nn.Parameter((panels, in_features, PANEL), "float16" if bits == F16 else "float32")
-        else:  # group-quantized codes, scale and zero per 32 inputs (deploy/quantize/weight_only)
+        else:  # group-quantized codes, scale and zero per 32 inputs (deploy/quantize/weight_only; Q8S: no zero)
             codes = in_features // 2 if bits == 4 else in_features
             self.qweight = nn.Parameter((panels, codes, PANEL), "uint8" if bits == 4 else "int8")
             self.qscale = nn.Parameter((panels, in_features // GROUP, PANEL), "float32")
-            self.qzero = nn.Parameter((panels, in_features // GROUP, PANEL), "float32")
+            if bits != Q8S:
+                self.qzero = nn.Parameter((panels, in_features // GROUP, PANEL), "float32")
         self.bias = nn.Parameter((out_features,), "float32") if bias else None
 
     def packed(self) -> Tensor:
@@ -79,6 +80,8 @@ class PackedLinear(nn.Module):
 
         if self.bits == F16:
             return op.tensor_expr_op(dense.widen, "widen_f16", [self.weight])
+        if self.bits == Q8S:
+            return op.tensor_expr_op(dense.dequant_sym, "dequant_q8s", [self.qweight, self.qscale])
         return op.tensor_expr_op(dense.dequant, f"dequant_q{self.bits}", [self.qweight, self.qscale, self.qzero])
 
     def forward(self, x: Tensor) -> Tensor:

@@ -123,6 +123,11 @@ def test_quantized_files_stay_quantized(tiny_llamas):
     m = Artifact.open(tiny_llamas["q4_1_gqa"][1]).manifest
     assert m.precision == "wq4/q8" and m.quantization["layers"] == {"q4": 8, "q8": 1}
     assert Artifact.open(tiny_llamas["q8_0_gqa"][1]).manifest.precision == "wq8"
+    # Q8_0 is symmetric (w = d * q): no zero tensor, for the 4-bit layers (Q4_1) one beside the codes
+    q8_names = Artifact.open(tiny_llamas["q8_0_gqa"][1]).manifest.decoder.param_names
+    assert any(n.endswith(".qscale") for n in q8_names) and not any(n.endswith(".qzero") for n in q8_names)
+    q4_names = m.decoder.param_names
+    assert "lm_head.qzero" not in q4_names and "layers.0.mlp.down_proj.qzero" in q4_names
     assert size["q4_1_gqa"] < 0.35 * size["gqa_tied"] and size["q8_0_gqa"] < 0.35 * size["gqa_tied"]
     f16 = Artifact.open(tiny_llamas["f16_gqa"][1]).manifest  # F16 matrices stay fp16: half the bytes
     assert f16.precision == "wf16" and f16.quantization["layers"] == {"f16": 9}
