@@ -572,7 +572,7 @@ def main() -> int:
         if not (arts[fmt] / "manifest.json").exists():
             t = time.perf_counter()
             compile_decoder(files[fmt], "host", arts[fmt], context=N_CTX, decode_variants=(1,), decode_activations="int8",
-                            force=True, log=log)
+                            kv_cache="fp16", force=True, log=log)
             compile_s[fmt] = time.perf_counter() - t
     first = Artifact.open(arts[args.formats[0]])
     tmpl = first.manifest.decoder.chat_template
@@ -602,9 +602,9 @@ def main() -> int:
     L.append(
         f"SmolLM2-135M-Instruct (30 layers, hidden 576, vocab 49152, tied embedding) from the bundled GGUF"
         f"{' and copies rewritten from it with gguf-py' if len(args.formats) > 1 else ''}. edgejit: the file compiled with "
-        f"`compile_decoder(..., 'host', context={N_CTX}, decode_variants=(1,), decode_activations='int8')` (as `edgejit compile` "
+        f"`compile_decoder(..., 'host', context={N_CTX}, decode_variants=(1,), decode_activations='int8', kv_cache='fp16')` (as `edgejit compile` "
         f"does: the batch-1 decode step compiled into the artifact; decode steps and the LM head on int8 activations where "
-        f"the target has AVX-512 VNNI, edge/kernels/dense_vnni.py), Q4_0/Q4_1/Q8_0 weights kept quantized and F16 ones fp16 "
+        f"the target has AVX-512 VNNI, edge/kernels/dense_vnni.py; an fp16 KV cache, as llama.cpp's default), Q4_0/Q4_1/Q8_0 weights kept quantized and F16 ones fp16 "
         f"(others dequantized on the host), `load_decoder(threads=N{jit_arg})`, the Decoder's prefill/decode"
         f"{' (generic module only: --no-jit)' if args.no_jit else '; decode on the batch-1 variant'}. llama.cpp: llama-cpp-python {llama_cpp.__version__} built from source "
         f"(no-AMX CFLAGS, docs/generation.md \"Speed\"), `Llama(path, n_threads=N, n_threads_batch=N, n_ctx={N_CTX})`, "
@@ -659,8 +659,8 @@ def main() -> int:
              + "; ".join(f"{th} thread(s) {med(v):.1f} GB/s (range {min(v):.1f}-{max(v):.1f})" for th, v in bw.items())
              + ". Bytes read per decoded token: edgejit the manifest's `decoder.weight_bytes` (4/8-bit codes with fp32 scales and zeros, or fp16 weights; the packed LM head "
              "is also the embedding table); llama.cpp all tensor bytes of the GGUF (the tied Q8_0/F16 embedding is read "
-             "whole as the LM head). The KV cache (200-330 tokens x 45 KiB fp32 for us, half that in F16 for llama.cpp) "
-             "is left out: 9-15 MB.")
+             "whole as the LM head). The KV cache (200-330 tokens x 22.5 KiB in fp16, both engines) "
+             "is left out: 5-7 MB.")
     L.append("")
     L.append("| file | engine | weight MB read / token | thr | bound tok/s | measured tok/s | share of bound |")
     L.append("|---|---|---|---|---|---|---|")

@@ -30,6 +30,10 @@ def add_arguments(p) -> None:
                    "multiplies them with vpdpbusd (llama.cpp's Q4 x Q8: faster decode, logits within ~2-3%% of fp32 "
                    "activations; docs/generation.md); fp32 keeps fp32 activations everywhere (logits as transformers' on the same weights). "
                    "Other targets always run fp32 activations")
+    p.add_argument("--kv-cache", choices=["fp16", "fp32"], help="decoders: the KV cache's element type. fp16 (default, "
+                   "llama.cpp's default cache type too): half the memory per token of context and half the bytes attention reads, "
+                   "keys, values and queries rounded to fp16 (logits within ~1e-3 of fp32's); fp32 keeps them exact "
+                   "(docs/generation.md#memory)")
     p.add_argument("--max-seq", type=int, help="longest sequence the artifact accepts (default: the model's position-embedding rows, at most 512)")
     p.add_argument("--seq-dim", help="name of the symbolic sequence dim (default: dim 1 of the first input)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact")
@@ -103,9 +107,9 @@ def main(args) -> int:
         compile_decoder(args.model, args.target, args.output, name=args.name, context=args.context,
                         precision=args.precision, min_accuracy=args.min_accuracy, accept_accuracy=args.accept_accuracy,
                         force=args.force, sign=args.sign, decode_variants=_decode_variants(args.decode_variants),
-                        decode_activations=args.decode_activations or "int8")
+                        decode_activations=args.decode_activations or "int8", kv_cache=args.kv_cache or "fp16")
         return 0
-    for opt in ("decode_variants", "decode_activations"):
+    for opt in ("decode_variants", "decode_activations", "kv_cache"):
         if getattr(args, opt) is not None:
             raise EdgeJitError(f"--{opt.replace('_', '-')} applies to decoders (text generation), not to ONNX tensor models")
     if args.precision in ("q4", "q8"):

@@ -31,6 +31,7 @@ from deploy.quantize.weight_only.layout import F16, storage_name
 DEFAULT_CONTEXT = 4096  # what the runtime allocates unless told otherwise (llama.cpp's default too)
 PREFILL_CHUNK = 512  # most prompt tokens per prefill call: bounds activation memory
 MAX_DECODE_BATCH = 64  # most sequences one decode step takes
+KV_CACHE_DTYPES = {"fp32": "float32", "fp16": "float16"}
 
 
 @dataclasses.dataclass
@@ -193,6 +194,7 @@ def compile_decoder(
     sign: str | Path | None = None,
     decode_variants: tuple[int, ...] = (),
     decode_activations: str = "fp32",
+    kv_cache: str = "fp32",
     log=print,
 ) -> Path:
     """Compile a GGUF model, a Hugging Face checkpoint directory or an ONNX decoder with past key values
@@ -203,7 +205,8 @@ def compile_decoder(
     `edgejit compile` builds batch 1 unless told otherwise). `decode_activations`: "int8" quantizes the
     activations of decode steps and the LM head to int8 per group where the target has AVX-512 VNNI
     (llama.cpp's Q4 x Q8 route, edge/kernels/dense_vnni.py; `edgejit compile`'s default), "fp32" keeps
-    them fp32 (logits as transformers' on the same weights)."""
+    them fp32 (logits as transformers' on the same weights). `kv_cache`: "fp32" or "fp16" (the KV cache's
+    element type: half the memory and attention reads, keys and values rounded to fp16)."""
     import tvm
 
     preset = get_preset(target) if isinstance(target, str) else target
@@ -214,6 +217,8 @@ def compile_decoder(
     t0 = time.perf_counter()
     if decode_activations not in kernels.DECODE_ACTIVATIONS:
         raise EdgeJitError(f"--decode-activations {decode_activations}: expected {' or '.join(kernels.DECODE_ACTIVATIONS)}")
+    if kv_cache not in KV_CACHE_DTYPES:
+        raise EdgeJitError(f"--kv-cache {kv_cache}: expected {' or '.join(KV_CACHE_DTYPES)}")
     if precision not in (None, "fp32", "q4", "q8"):
         raise EdgeJitError(f"--precision {precision}: a decoder is compiled in fp32 or weight-only q4 / q8")
     host_quant = precision in ("q4", "q8")
@@ -244,6 +249,7 @@ def compile_decoder(
     if context is not None and not 1 <= context <= trained:
         raise EdgeJitError(f"--context {context} is outside 1..{trained} (the model's trained context)")
     default_context = context or min(trained, DEFAULT_CONTEXT)
+    cfg.kv_cache_dtype = KV_CACHE_DTYPES[kv_cache]
     mod, names = export_module(m.arch, cfg, preset.target)
     mod = mod.with_attr(kernels.DECODE_ACTIVATIONS_ATTR, decode_activations)
     if cfg.quant and any(b != F16 for b in cfg.quant.values()):
@@ -303,6 +309,6 @@ def compile_decoder(
         )
         w.commit(manifest, signing_key=signing_key, log=log)
     kv_mib = decoder.kv_bytes_per_token * default_context / 2**20
-    log(f"wrote {out}: weights {weight_bytes / 2**20:.0f} MiB, KV cache {decoder.kv_bytes_per_token / 1024:.0f} KiB per token "
+    log(f"wrote {out}: weights {weight_bytes / 2**20:.0f} MiB, KV cache ({kv_cache}) {decoder.kv_bytes_per_token / 1024:.1f} KiB per token "
         f"({kv_mib:.0f} MiB for the default context of {default_context}) ({time.perf_counter() - t0:.1f}s in all)")
     return Path(out)

@@ -19,8 +19,9 @@ def pages_for(tokens: int) -> int:
 
 
 def kv_bytes_per_token(config: dict) -> int:
-    """KV cache bytes one token of context takes (all layers, K and V, fp32)."""
-    return config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * config["head_dim"] * 4
+    """KV cache bytes one token of context takes (all layers, K and V, in the cache's dtype)."""
+    width = 2 if config.get("kv_cache_dtype") == "float16" else 4
+    return config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * config["head_dim"] * width
 
 
 class Decoder:

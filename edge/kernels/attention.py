@@ -1,4 +1,4 @@
-"""Attention over TVM's paged KV cache, for CPUs: decode and the prefill chunk's own keys.
+"""Attention over TVM's paged KV cache, for CPUs: decode, the prefill chunk's own keys, earlier pages.
 
 TVM 0.27's CPU attention kernels (relax/frontend/nn/llm/_decode_kernels.py, _prefill_kernels.py)
 walk one key at a time with scalar loops: a 64-long dot product is one dependency chain, and the
@@ -10,11 +10,13 @@ reduced as a tree, one softmax rescale per 16 keys, each key read once for all t
 its group, only the keys the causal mask lets a query see, and the work spread over the thread
 pool ((sequence, KV head) pairs for decode, (query row, KV head) pairs for prefill).
 
+Prefill against the pages a sequence already holds (a prompt continued after a prefix-cache hit,
+a long prompt's later chunks) is the same walk, page by page. Caches in fp16 (`--kv-cache fp16`)
+keep fp16 pages, queries and outputs; the kernels widen them as they read and compute in fp32.
+
 `replace_attention_kernels` swaps them in at build time for the stock kernels, under the stock
-kernels' names and with their calling conventions. The sliding-window variants, attention against
-earlier pages in prefill (`batch_prefill_paged_kv_cpu`, used when a sequence already has cached
-tokens) and models that ask the cache to apply RoPE inside attention keep TVM's kernels
-(edgejit's models apply RoPE themselves).
+kernels' names and with their calling conventions. The sliding-window variants and models that ask
+the cache to apply RoPE inside attention keep TVM's kernels (edgejit's models apply RoPE themselves).
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ import math
 
 STOCK_NAMES = ("batch_decode_paged_kv_cpu", "tir_attention_decode_cpu")  # its name in the module
 STOCK_RAGGED_NAMES = ("batch_prefill_ragged_kv", "tir_attention_prefill_ragged_cpu")
+STOCK_PAGED_PREFILL_NAMES = ("batch_prefill_paged_kv_cpu", "tir_attention_prefill_cpu")  # not the sliding-window one
 LANES = 16  # partial sums of a dot product; LLVM splits them into the target's vectors
+DTYPES = ("float32", "float16")  # of the cache (and of q and the output: TVM's cache wants one dtype); math in fp32
 
 
 def replace_attention_kernels(mod):
-    """Replace the stock CPU decode attention (`decode_paged_kv`) and ragged prefill attention
-    (`prefill_ragged`) PrimFuncs in `mod`, where their shapes are ones these kernels take."""
+    """Replace the stock CPU decode attention (`decode_paged_kv`), ragged prefill attention
+    (`prefill_ragged`) and paged prefill attention (`prefill_paged_kv`) PrimFuncs in `mod`, where
+    their shapes are ones these kernels take."""
     from tvm import tirx
 
     for gv, func in list(mod.functions_items()):
@@ -39,18 +44,31 @@ def replace_attention_kernels(mod):
             if shapes is None:
                 continue
             h_qo, h_kv, page_size, d, dtype = shapes
-            if d % LANES or h_qo % h_kv or dtype != "float32" or page_size != 16:
+            if d % LANES or h_qo % h_kv or dtype not in DTYPES or page_size != 16:
                 continue
-            mod[gv] = decode_paged_kv(h_kv, h_qo, d, page_size)
+            mod[gv] = decode_paged_kv(h_kv, h_qo, d, page_size, dtype)
         elif gv.name_hint in STOCK_RAGGED_NAMES and len(func.params) == 14:
             q, k, v = func.params[0], func.params[2], func.params[3]
             dims = [[int(x) if hasattr(x, "value") else None for x in b.shape[1:]] for b in (q, k, v)]
             (h_qo, d), (h_kv, d_k), (h_v, d_v) = dims
             if None in (h_qo, d, h_kv) or d != d_k or d != d_v or h_v != h_kv or h_qo % h_kv or d % LANES:
                 continue
-            if any(str(b.dtype) != "float32" for b in (q, k, v)):
+            dtype = str(q.dtype)
+            if dtype not in DTYPES or any(str(b.dtype) != dtype for b in (k, v)):
                 continue
-            mod[gv] = prefill_ragged(h_kv, h_qo, d)
+            mod[gv] = prefill_ragged(h_kv, h_qo, d, dtype)
+        elif gv.name_hint in STOCK_PAGED_PREFILL_NAMES and len(func.params) == 15:
+            q, pages = func.params[0], func.params[2]
+            try:
+                _, h_qo, d = (int(x) if hasattr(x, "value") else None for x in q.shape)
+                _, two, h_kv, page_size, d2 = (int(x) if hasattr(x, "value") else None for x in pages.shape)
+            except ValueError:
+                continue
+            dtype = str(q.dtype)
+            if None in (h_qo, d, h_kv) or two != 2 or d != d2 or page_size != 16 or h_qo % h_kv or d % LANES \
+                    or dtype not in DTYPES or str(pages.dtype) != dtype or len(func.params[5].shape) != 1:
+                continue
+            mod[gv] = prefill_paged_kv(h_kv, h_qo, d, page_size, dtype)
     return mod
 
 
@@ -104,7 +122,7 @@ def _sum(buf, n: int):
     return _tree(lambda a, b: a + b, (buf[r] for r in range(n)))
 
 
-def _attention_steps(G: int, P: int, d: int):
+def _attention_steps(G: int, P: int, d: int, dtype: str):
     """TVMScript macros shared by both kernels, for the G query heads of one KV head:
     `start` loads the scaled queries and resets the running softmax state; `attend` takes `rows`
     (<= P) keys and values, read through `key(r, j)` / `value(r, j)`; `finish` writes the output
@@ -119,7 +137,7 @@ def _attention_steps(G: int, P: int, d: int):
     def start(q_s, o_s, m_s, l_s, query, first, hk, sm_scale):
         for g in range(G):
             for j in T.vectorized(d):
-                q_s[g, j] = query[first, hk * G + g, j] * (sm_scale * T.float32(log2e))
+                q_s[g, j] = T.Cast("float32", query[first, hk * G + g, j]) * (sm_scale * T.float32(log2e))
                 o_s[g, j] = T.float32(0)
             m_s[g] = T.float32(-5e4)
             l_s[g] = T.float32(1)
@@ -131,10 +149,10 @@ def _attention_steps(G: int, P: int, d: int):
                 s_s[g, r] = T.float32(-1e30)
             for r in range(rows):
                 for l in T.vectorized(L):
-                    acc[l] = q_s[g, l] * key(r, l)
+                    acc[l] = q_s[g, l] * T.Cast("float32", key(r, l))
                 for c in range(1, C):
                     for l in T.vectorized(L):
-                        acc[l] = acc[l] + q_s[g, c * L + l] * key(r, c * L + l)
+                        acc[l] = acc[l] + q_s[g, c * L + l] * T.Cast("float32", key(r, c * L + l))
                 for l in T.vectorized(L // 2):
                     half[l] = acc[l] + acc[l + L // 2]
                 for l in T.vectorized(L // 4):
@@ -149,22 +167,23 @@ def _attention_steps(G: int, P: int, d: int):
                 o_s[g, j] = o_s[g, j] * rescale
             for r in range(rows):
                 for j in T.vectorized(d):
-                    o_s[g, j] = o_s[g, j] + p_s[r] * value(r, j)
+                    o_s[g, j] = o_s[g, j] + p_s[r] * T.Cast("float32", value(r, j))
             m_s[g] = new_m
 
     @T.macro
     def finish(o_s, m_s, l_s, output, lse, first, hk):
         for g in range(G):
             for j in T.vectorized(d):
-                output[first, hk * G + g, j] = o_s[g, j] / l_s[g]
+                output[first, hk * G + g, j] = T.Cast(dtype, o_s[g, j] / l_s[g])
             lse[first, hk * G + g] = m_s[g] + T.log2(l_s[g])
 
     return start, attend, finish
 
 
-def decode_paged_kv(h_kv: int, h_qo: int, d: int, page_size: int):
+def decode_paged_kv(h_kv: int, h_qo: int, d: int, page_size: int, dtype: str = "float32"):
     """The PrimFunc: one query token per sequence against its pages; the stock kernel's signature,
-    outputs (attention output and log2-sum-exp) and numerics (scores scaled by log2 e, exp2)."""
+    outputs (attention output and log2-sum-exp) and numerics (scores scaled by log2 e, exp2).
+    `dtype`: of the pages, the queries and the output (fp16 ones are widened as they are read)."""
     from tvm.script import tirx as T
 
     if page_size != 16:
@@ -172,7 +191,7 @@ def decode_paged_kv(h_kv: int, h_qo: int, d: int, page_size: int):
     G = h_qo // h_kv
     P = page_size
     L = LANES
-    start, attend, finish = _attention_steps(G, P, d)
+    start, attend, finish = _attention_steps(G, P, d, dtype)
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv(
@@ -200,13 +219,13 @@ def decode_paged_kv(h_kv: int, h_qo: int, d: int, page_size: int):
         q_rope_position_elem_offset = T.int32()
         length_info_elem_offset = T.int32()
 
-        Q = T.match_buffer(Q_handle, (B, h_qo, d), "float32")
-        pages = T.match_buffer(pages_handle, (max_num_pages, 2, h_kv, P, d), "float32")
+        Q = T.match_buffer(Q_handle, (B, h_qo, d), dtype)
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, h_kv, P, d), dtype)
         page_table_indptr = T.match_buffer(page_table_indptr_handle, (B + 1,), "int32", elem_offset=page_indptr_elem_offset)
         page_table_values = T.match_buffer(page_table_values_handle, (nnz_pages,), "int32", elem_offset=page_values_elem_offset)
         k_rope_pos_offset = T.match_buffer(k_rope_pos_offset_handle, (B,), "int32", elem_offset=k_rope_pos_offset_elem_offset)
         q_rope_position = T.match_buffer(q_rope_position_handle, (B,), "int32", elem_offset=q_rope_position_elem_offset)
-        output = T.match_buffer(output_handle, (B, h_qo, d), "float32")
+        output = T.match_buffer(output_handle, (B, h_qo, d), dtype)
         lse = T.match_buffer(lse_handle, (B, h_qo), "float32")
         last_page_len = T.match_buffer(var_length_info, (B,), "int32", elem_offset=length_info_elem_offset)
 
@@ -240,7 +259,7 @@ def decode_paged_kv(h_kv: int, h_qo: int, d: int, page_size: int):
     return batch_decode_paged_kv
 
 
-def prefill_ragged(h_kv: int, h_qo: int, d: int):
+def prefill_ragged(h_kv: int, h_qo: int, d: int, dtype: str = "float32"):
     """The PrimFunc: a prefill chunk's queries against the chunk's own keys (causal or not), with
     the stock `batch_prefill_ragged_kv` CPU kernel's signature and numerics. Every (query row, KV
     head) pair is a task for the thread pool; each walks only the keys its mask lets it see, 16 at
@@ -250,7 +269,7 @@ def prefill_ragged(h_kv: int, h_qo: int, d: int):
     G = h_qo // h_kv
     P = 16  # keys per softmax update
     L = LANES
-    start, attend, finish = _attention_steps(G, P, d)
+    start, attend, finish = _attention_steps(G, P, d, dtype)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(
@@ -278,14 +297,14 @@ def prefill_ragged(h_kv: int, h_qo: int, d: int):
         q_rope_position_elem_offset = T.int32()
         k_rope_pos_offset_elem_offset = T.int32()
 
-        q = T.match_buffer(var_q, (qo_len, h_qo, d), "float32")
+        q = T.match_buffer(var_q, (qo_len, h_qo, d), dtype)
         q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_elem_offset)
-        k = T.match_buffer(var_k, (kv_len, h_kv, d), "float32")
-        v = T.match_buffer(var_v, (kv_len, h_kv, d), "float32")
+        k = T.match_buffer(var_k, (kv_len, h_kv, d), dtype)
+        v = T.match_buffer(var_v, (kv_len, h_kv, d), dtype)
         kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=kv_indptr_elem_offset)
         q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_position_elem_offset)
         k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_pos_offset_elem_offset)
-        output = T.match_buffer(var_output, (qo_len, h_qo, d), "float32")
+        output = T.match_buffer(var_output, (qo_len, h_qo, d), dtype)
         lse = T.match_buffer(var_lse, (qo_len, h_qo), "float32")
 
         T.Assert(rotary_mode == 0, "edgejit's prefill attention takes keys already rotated (RoPE applied by the model)")
@@ -325,3 +344,100 @@ def prefill_ragged(h_kv: int, h_qo: int, d: int):
                 finish(o_s, m_s, l_s, output, lse, row, hk)
 
     return batch_prefill_ragged_kv
+
+
+def prefill_paged_kv(h_kv: int, h_qo: int, d: int, page_size: int, dtype: str = "float32"):
+    """The PrimFunc: a prefill chunk's queries against the pages a sequence already holds (a prompt
+    continued after the prefix cache's match, the chunks after a long prompt's first), with the
+    stock `batch_prefill_paged_kv_cpu` kernel's signature and numerics (TVM 0.27's walks one key at a
+    time on one thread: 500 tokens against 500 cached took ~4 s of SmolLM2's prefill). The cache
+    merges the result with the chunk's own attention (`prefill_ragged`). Tasks and key walk as in
+    `prefill_ragged`, the keys read page by page as in `decode_paged_kv`."""
+    from tvm.script import tirx as T
+
+    if page_size != 16:
+        raise ValueError(f"prefill attention is written for KV pages of 16 tokens, not {page_size}")
+    G = h_qo // h_kv
+    P = page_size
+    L = LANES
+    start, attend, finish = _attention_steps(G, P, d, dtype)
+
+    @T.prim_func(s_tir=True)
+    def batch_prefill_paged_kv_cpu(
+        var_q: T.handle,
+        var_q_indptr: T.handle,
+        var_pages: T.handle,
+        var_page_indptr: T.handle,
+        var_page_values: T.handle,
+        var_length_info: T.handle,
+        var_k_rope_pos_offset: T.handle,
+        var_q_rope_position: T.handle,
+        var_output: T.handle,
+        var_lse: T.handle,
+        causal: T.int32,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        batch_size = T.int32()
+        total_len = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        q_indptr_elem_offset = T.int32()
+        page_indptr_elem_offset = T.int32()
+        page_values_elem_offset = T.int32()
+        k_rope_pos_offset_elem_offset = T.int32()
+        q_rope_position_elem_offset = T.int32()
+        length_info_elem_offset = T.int32()
+
+        q = T.match_buffer(var_q, (total_len, h_qo, d), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_elem_offset)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, P, d), dtype)
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=page_indptr_elem_offset)
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_elem_offset)
+        last_page_len = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=length_info_elem_offset)
+        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_pos_offset_elem_offset)
+        q_rope_position = T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_position_elem_offset)
+        output = T.match_buffer(var_output, (total_len, h_qo, d), dtype)
+        lse = T.match_buffer(var_lse, (total_len, h_qo), "float32")
+
+        T.Assert(rotary_mode == 0, "edgejit's prefill attention takes keys already rotated (RoPE applied by the model)")
+        for task in T.parallel(total_len * h_kv):
+            with T.sblock("attn"):
+                vtask = T.axis.spatial(total_len * h_kv, task)
+                T.reads()
+                T.writes()
+                q_s = T.sblock_alloc_buffer((G, d), "float32")
+                o_s = T.sblock_alloc_buffer((G, d), "float32")
+                m_s = T.sblock_alloc_buffer((G,), "float32")
+                l_s = T.sblock_alloc_buffer((G,), "float32")
+                s_s = T.sblock_alloc_buffer((G, P), "float32")
+                p_s = T.sblock_alloc_buffer((P,), "float32")
+                acc = T.sblock_alloc_buffer((L,), "float32")
+                half = T.sblock_alloc_buffer((L // 2,), "float32")
+                quarter = T.sblock_alloc_buffer((L // 4,), "float32")
+                seq = T.sblock_alloc_buffer((1,), "int32")
+                row: T.let[T.int32] = vtask // h_kv
+                hk: T.let[T.int32] = vtask % h_kv
+                seq[0] = 0
+                for b in range(batch_size):
+                    if q_indptr[b] <= row:
+                        seq[0] = b
+                b_: T.let[T.int32] = seq[0]
+                begin: T.let[T.int32] = page_indptr[b_]
+                n_pages: T.let[T.int32] = page_indptr[b_ + 1] - begin
+                kv_n: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * P + last_page_len[b_], 0)
+                q_n: T.let[T.int32] = q_indptr[b_ + 1] - q_indptr[b_]
+                n_keys: T.let[T.int32] = T.max(T.min(T.if_then_else(
+                    causal > 0, kv_n - q_n + (row - q_indptr[b_]) + 1, kv_n), kv_n), 0)
+                start(q_s, o_s, m_s, l_s, q, row, hk, sm_scale)
+                for p in range((n_keys + P - 1) // P):
+                    page_no: T.let[T.int32] = page_values[begin + p]
+                    rows: T.let[T.int32] = T.min(n_keys - p * P, P)
+                    attend(q_s, o_s, m_s, l_s, s_s, p_s, acc, half, quarter, rows,
+                           lambda r, j: pages[page_no, 0, hk, r, j], lambda r, j: pages[page_no, 1, hk, r, j])
+                finish(o_s, m_s, l_s, output, lse, row, hk)
+
+    return batch_prefill_paged_kv_cpu

@@ -58,7 +58,7 @@ def run(request, tmp_path_factory, decoders: dict) -> arm_emulation.Report:
     report = arm_emulation.verify(
         models, tmp_path_factory.mktemp("arm"), targets=TARGETS, precisions=PRECISIONS, lengths=LENGTHS,
         jit_target=JIT_TARGET, jit_seq=JIT_SEQ, prompts=PROMPTS,
-        decoders={name: path for name, (path, _) in decoders.items()},
+        decoders={name: path for name, (path, _) in decoders.items()}, kv_cache={QDECODER: "fp16"},
         new_tokens=NEW_TOKENS, generation_targets=GENERATION_TARGETS, log=lambda *a, **k: None,
     )
     report.timings["total"] = time.perf_counter() - start

@@ -1,8 +1,8 @@
 """Text generation on the emulated Raspberry Pi 5: one tiny random-weight model per architecture in
-one input format each (llama GGUF in fp32 and Q4_1 kept quantized, GPT-2 GGUF in F16 kept fp16, Qwen2 with q/k/v
+one input format each (llama GGUF in fp32 and Q4_1 kept quantized with an fp16 KV cache, GPT-2 GGUF in F16 kept fp16, Qwen2 with q/k/v
 biases and Mistral with a sliding window as Hugging Face directories), compiled for the rpi5 preset
 and run with edge.generate under qemu-aarch64 -cpu cortex-a76: 32 greedy tokens on two prompts equal
-the host's and transformers', logits within 1e-4 of the host's at every step. It runs in the emulated
+the host's and transformers', logits within 1e-4 of the host's at every step (1e-3 with the fp16 KV cache). It runs in the emulated
 process of the shared session run (tests/arm/conftest.py `arm_report`), so the aarch64 python and TVM
 start once."""
 
@@ -12,7 +12,7 @@ import pytest
 
 from deploy.tools import arm_emulation
 
-from tests.arm.emulation_run import DECODERS, GENERATION_TARGETS, NEW_TOKENS, PROMPTS
+from tests.arm.emulation_run import DECODERS, GENERATION_TARGETS, NEW_TOKENS, PROMPTS, QDECODER
 
 pytestmark = [pytest.mark.slow, pytest.mark.arm]
 
@@ -32,7 +32,7 @@ def test_greedy_generation_on_the_emulated_cpu_matches_the_host_and_transformers
     reference = arm_decoders[model][1]
     for g in checks:
         assert g.tokens == g.expected and len(g.tokens) == NEW_TOKENS
-        assert g.error <= 1e-4 == arm_emulation.GENERATION_TOLERANCE
+        assert g.error <= g.tolerance == arm_emulation.GENERATION_TOLERANCE["fp16" if model == QDECODER else "fp32"]
         assert g.tokens == greedy(reference, PROMPTS[g.prompt], NEW_TOKENS)[0], f"{model} prompt {g.prompt}: not transformers' tokens"
         assert len(set(g.expected)) > 3  # a non-degenerate sequence: the check can tell models apart
     assert arm_report.timings.get("generation on cortex-a76", 0) > 0

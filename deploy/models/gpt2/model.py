@@ -15,7 +15,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
-from deploy.models.llama.model import PANEL, LlamaForCausalLM, PackedLinear, _take_rows
+from deploy.models.llama.model import PANEL, LlamaForCausalLM, PackedLinear, _take_rows, cached_attention
 
 ACTIVATIONS = ("gelu_tanh", "gelu")  # GELU's tanh approximation (gelu_new: GPT-2's own) or erf
 
@@ -36,6 +36,7 @@ class GPT2Config:
     quant: dict = dataclasses.field(default_factory=dict)
     head_dim: int = 0
     num_key_value_heads: int = 0  # = num_attention_heads (no grouped-query attention in GPT-2)
+    kv_cache_dtype: str = "float32"  # or "float16" (edgejit compile --kv-cache fp16)
     rope_theta = 10000.0  # not a field: the shared KV cache constructor reads it; it applies no RoPE
 
     def __post_init__(self):
@@ -62,7 +63,7 @@ class GPT2Attention(nn.Module):
         b, s, _ = x.shape
         qkv = op.reshape(self.c_attn(x), (b, s, 3 * heads, d))
         scale = d**-0.5 if cfg.scale_attn_weights else 1.0
-        out = kv.attention_with_fused_qkv(layer_id, qkv, heads, sm_scale=scale)
+        out = cached_attention(kv, layer_id, qkv, heads, scale, cfg.kv_cache_dtype)
         return self.c_proj(op.reshape(out, (b, s, heads * d)))
 
 

@@ -41,6 +41,7 @@ class LlamaConfig:
     # Q8S (8-bit without zeros) or F16 (16: fp16 weights) (deploy/quantize/weight_only/layout); layers not named here keep fp32
     quant: dict = dataclasses.field(default_factory=dict)
     sliding_window: int = 0  # Mistral / Qwen2 configs: attention window (0: none); the context stays within it
+    kv_cache_dtype: str = "float32"  # or "float16" (edgejit compile --kv-cache fp16)
 
 
     def __post_init__(self):
@@ -118,6 +119,15 @@ def apply_rope(qkv: Tensor, cos: Tensor, sin: Tensor, rotated_heads: int) -> Ten
     return op.concat([qk, v], dim=1)
 
 
+def cached_attention(kv: PagedKVCache, layer_id: int, qkv: Tensor, heads: int, sm_scale: float, dtype: str) -> Tensor:
+    """Attention of qkv [B, S, H, D] over the cache, in the model's fp32. TVM's cache takes q, k, v
+    and gives the output in its own dtype: an fp16 cache rounds them to fp16 on the way in (the
+    kernels compute in fp32, edge/kernels/attention.py), as llama.cpp's F16 cache does."""
+    if dtype == "float32":
+        return kv.attention_with_fused_qkv(layer_id, qkv, heads, sm_scale=sm_scale)
+    return kv.attention_with_fused_qkv(layer_id, qkv.astype(dtype), heads, sm_scale=sm_scale).astype("float32")
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: LlamaConfig, prefix: str):
         self.cfg = cfg
@@ -131,7 +141,7 @@ class LlamaAttention(nn.Module):
         b, s, _ = x.shape
         qkv = op.reshape(self.qkv_proj(x), (b * s, hq + 2 * hkv, d))
         qkv = op.reshape(apply_rope(qkv, *rope, hq + hkv), (b, s, hq + 2 * hkv, d))
-        out = kv.attention_with_fused_qkv(layer_id, qkv, hq, sm_scale=d**-0.5)
+        out = cached_attention(kv, layer_id, qkv, hq, d**-0.5, cfg.kv_cache_dtype)
         return self.o_proj(op.reshape(out, (b, s, hq * d)))
 
 
@@ -212,7 +222,7 @@ class LlamaForCausalLM(nn.Module):
             qk_head_dim=cfg.head_dim, v_head_dim=cfg.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
             rope_mode=RopeMode.NONE, rope_scale=1, rope_theta=cfg.rope_theta, rope_scaling={},
             rope_ext_factors=rx.prim_value(0), rotary_dim=cfg.head_dim, enable_disaggregation=False,
-            dtype="float32", target=Target.current(),
+            dtype=cfg.kv_cache_dtype, target=Target.current(),
         )
 
     def get_default_spec(self):

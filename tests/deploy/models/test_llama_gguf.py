@@ -132,3 +132,27 @@ def test_quantized_files_stay_quantized(tiny_llamas):
     f16 = Artifact.open(tiny_llamas["f16_gqa"][1]).manifest  # F16 matrices stay fp16: half the bytes
     assert f16.precision == "wf16" and f16.quantization["layers"] == {"f16": 9}
     assert size["f16_gqa"] < 0.6 * size["gqa_tied"]
+
+
+def test_fp16_kv_cache_tracks_transformers(tiny_llamas, tmp_path):
+    """`--kv-cache fp16`: half the KV bytes per token, and every step's logits (prompt split over
+    prefill chunks, so later chunks attend to fp16 pages too) stay within 2x the fp32 tolerance of
+    transformers, the tokens the same."""
+    from deploy.compiler.decoder import compile_decoder
+    from edge.artifact.reader import Artifact
+    from edge.generate.loader import load_decoder
+
+    fx, fp32_art = tiny_llamas["gqa_tied"]
+    art = compile_decoder(fx["path"], "host", tmp_path / "fp16kv", kv_cache="fp16", log=lambda *a: None)
+    info = Artifact.open(art).manifest.decoder
+    assert info.config["kv_cache_dtype"] == "float16"
+    assert 2 * info.kv_bytes_per_token == Artifact.open(fp32_art).manifest.decoder.kv_bytes_per_token
+    ref = hf_model(fx["config"], fx["state_dict"])
+    model = load_decoder(art, context=256)
+    model.decoder.prefill_chunk = 16
+    for prompt in (PROMPTS["chat"], (PROMPTS["chat"] * 4)[:70]):
+        want_toks, want_logits = greedy(ref, prompt, N_NEW)
+        toks, logits = _ours_greedy(model, prompt, N_NEW)
+        err = np.abs(logits - want_logits).max() / np.abs(want_logits).max()
+        assert err < 2 * LOGIT_TOL, f"logits differ by {err:.2e} of scale"
+        assert toks == want_toks

@@ -31,7 +31,8 @@ from tests.fixtures.onnx_decoders import write_onnx_decoder
 def weight_only(smollm2_gguf, tmp_path_factory):
     """{name: {"fx", "art", "precision", "log"}}: llama_q8 / llama_q4 (one tied Llama checkpoint; q4
     compiled with --min-accuracy 0.99 --accept-accuracy, which it misses), llama_q8_rpi5 (cross-compiled:
-    measured without running the module), gpt2_q4, qwen2_onnx_q8 (the CLI), llama_gguf_q8 (the Llama
+    measured without running the module), gpt2_q4, qwen2_onnx_q8 (the CLI, with fp32 activations and
+    KV cache: the exact math transformers does), llama_gguf_q8 (the Llama
     weights as an F32 GGUF)."""
     from deploy.compiler.decoder import compile_decoder
 
@@ -49,7 +50,7 @@ def weight_only(smollm2_gguf, tmp_path_factory):
         out[name] = {"fx": fx, "art": art, "precision": precision, "log": log}
     art = root / "qwen2_onnx_q8.art"
     r = subprocess.run([sys.executable, "-m", "edge.cli", "compile", qwen2["path"], "-o", str(art), "--target", "host",
-                        "--precision", "q8", "--decode-activations", "fp32"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                        "--precision", "q8", "--decode-activations", "fp32", "--kv-cache", "fp32"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     out["qwen2_onnx_q8"] = {"fx": qwen2, "art": art, "precision": "q8", "log": r.stdout.splitlines()}
     gguf = write_gguf(root / "llama.gguf", "llama", llama["model"], smollm2_gguf)

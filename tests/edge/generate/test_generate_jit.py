@@ -76,6 +76,7 @@ def test_decode_variants_compiled_into_the_artifact(tiny_llamas, tmp_path):
     assert manifest["decoder"]["variants"] == {"1": "decode-b1.so"} and "decode-b1.so" in manifest["files"]
     vnni = dense_vnni.supported(get_preset("host").tvm_target())
     assert manifest["quantization"]["decode_activations"].startswith("int8" if vnni else "fp32")
+    assert manifest["decoder"]["config"]["kv_cache_dtype"] == "float16"  # the CLI's default, as llama.cpp's
     want_toks, want_logits = _greedy(Generator(out))  # the generic module alone
     events = []
 

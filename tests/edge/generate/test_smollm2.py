@@ -91,7 +91,7 @@ def _decode_forced(decoder, prompt, forced, seq_id=7):
 
 def test_int8_decode_activations_track_transformers(smollm2_int8_artifact, gen, reference, tmp_path):
     """`edgejit compile`'s default on a VNNI host: decode steps and the LM head quantize their
-    activations to int8 per group (llama.cpp's route). Fed transformers' greedy tokens, every step's
+    activations to int8 per group (llama.cpp's route), the KV cache is fp16. Fed transformers' greedy tokens, every step's
     logits stay within 6% of max |logit| (llama.cpp on the same file: ~6%) and pick the same next
     token in >= 90% of steps; the artifact's batch-1 step and the generic module (any batch) give
     the same bits, so a reply does not depend on the JIT or on who else is decoding."""
@@ -111,7 +111,7 @@ def test_int8_decode_activations_track_transformers(smollm2_int8_artifact, gen, 
         want, want_logits = greedy(model, ids, N_NEW)
         ours = _decode_forced(variant, ids, want)
         err = np.abs(ours - want_logits).max() / np.abs(want_logits).max()
-        assert err < (0.06 if vnni else 2e-3), f"{name}: logits differ by {err:.2e} of scale"
+        assert err < (0.06 if vnni else 4e-3), f"{name}: logits differ by {err:.2e} of scale"  # fp16 KV: ~1e-3
         agree += int((ours.argmax(-1) == np.array(want)).sum())
         steps += len(want)
         np.testing.assert_array_equal(_decode_forced(generic, ids, want), ours)
