@@ -253,6 +253,51 @@ class LlamaEngine:
         return ttft, time.perf_counter() - t1, toks
 
 
+class OrtGenaiEngine:
+    """ONNX Runtime GenAI (onnxruntime-genai) on a model its builder made: append_tokens() of the
+    prompt, then of each greedy token, the logits read back with get_logits()."""
+
+    def __init__(self, model: str, threads: int):
+        import onnxruntime_genai as og
+
+        self.og = og
+        cfg = og.Config(model)
+        cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+        self.model = og.Model(cfg)
+
+    def _generator(self, length: int):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=min(N_CTX, length), do_sample=False)
+        return self.og.Generator(self.model, params)
+
+    @staticmethod
+    def _argmax(gen) -> int:
+        return int(np.argmax(np.asarray(gen.get_logits()).reshape(-1)))
+
+    def prefill(self, ids):
+        gen = self._generator(len(ids) + 1)
+        gen.append_tokens(ids)
+        return self._argmax(gen)
+
+    def reply(self, ids, n):
+        gen = self._generator(len(ids) + n + 2)
+        t0 = time.perf_counter()
+        gen.append_tokens(ids)
+        tok = self._argmax(gen)
+        ttft = time.perf_counter() - t0
+        toks = [tok]
+        t1 = time.perf_counter()
+        for _ in range(n):
+            gen.append_tokens([tok])
+            tok = self._argmax(gen)
+            toks.append(tok)
+        return ttft, time.perf_counter() - t1, toks
+
+
+ENGINES = {"edgejit": EdgejitEngine, "llama": LlamaEngine, "ort": OrtGenaiEngine}  # worker kinds
+
+
 def worker(engine: str, model: str, threads: int, load_only: bool, jit_cache: str | None = None) -> int:
     sys.stdout = sys.stderr  # the protocol owns the real stdout
     if engine == "edgejit":
@@ -260,11 +305,11 @@ def worker(engine: str, model: str, threads: int, load_only: bool, jit_cache: st
 
         edge.load_tvm()
         import edge.generate.loader  # noqa: F401  (imports are not load time)
-        cls = EdgejitEngine
-    else:
+    elif engine == "llama":
         import llama_cpp  # noqa: F401
-
-        cls = LlamaEngine
+    else:
+        import onnxruntime_genai  # noqa: F401
+    cls = ENGINES[engine]
     base = _status()
     t = time.perf_counter()
     eng = cls(model, threads, jit_cache) if cls is EdgejitEngine else cls(model, threads)
@@ -484,11 +529,13 @@ def med(xs) -> float:
 
 
 def run_block(fmt: str, gguf_path: Path, art: Path, threads: int, reps: int, reply_reps: int, n_decode: int,
-              load_reps: int, ids: dict, chat: list[int], log, jit_cache: Path | None) -> dict:
-    """Both engines at `threads` threads on one file, interleaved; returns the raw samples."""
-    engines = ("edgejit", "llama.cpp")
-    model = {"edgejit": art, "llama.cpp": gguf_path}
-    kind = {"edgejit": "edgejit", "llama.cpp": "llama"}
+              load_reps: int, ids: dict, chat: list[int], log, jit_cache: Path | None,
+              anchor: tuple[str, str] = ("llama.cpp", "llama")) -> dict:
+    """edgejit and the anchor engine (its name in the report, its worker kind; `gguf_path`: its
+    model) at `threads` threads, interleaved; returns the raw samples."""
+    engines = ("edgejit", anchor[0])
+    model = {"edgejit": art, anchor[0]: gguf_path}
+    kind = {"edgejit": "edgejit", anchor[0]: anchor[1]}
     res = {e: {"load": [], "load_hwm": [], "prefill": {n: [] for n in ids}, "ttft": [], "decode": [], "toks": None} for e in engines}
     res["loadavg"] = [os.getloadavg()]
     for r in range(load_reps):  # fresh processes: load time and RSS right after loading
@@ -521,7 +568,7 @@ def run_block(fmt: str, gguf_path: Path, art: Path, threads: int, reps: int, rep
                 res[e]["decode"].append(n_decode / out["decode_s"])
                 res[e]["toks"] = out["toks"]
             log(f"  {fmt} threads {threads} reply {r + 1}/{reply_reps}: edgejit {res['edgejit']['decode'][-1]:.1f} tok/s, "
-                f"llama.cpp {res['llama.cpp']['decode'][-1]:.1f} tok/s (load {os.getloadavg()[0]:.2f})")
+                f"{anchor[0]} {res[anchor[0]]['decode'][-1]:.1f} tok/s (load {os.getloadavg()[0]:.2f})")
         for e in engines:
             res[e]["hwm"] = workers[e].ask(op="status")["VmHWM"]
     finally:
@@ -538,7 +585,7 @@ def main() -> int:
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--work", help="directory for the GGUF copies and compiled artifacts (kept; reused when present)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate.md"))
-    ap.add_argument("--worker", choices=["edgejit", "llama"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=sorted(ENGINES), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--no-jit", action="store_true", help="edgejit without its JIT: every decode step on the generic module")
     ap.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
@@ -571,7 +618,7 @@ def main() -> int:
         arts[fmt] = work / f"smollm2-{fmt}-host"
         if not (arts[fmt] / "manifest.json").exists():
             t = time.perf_counter()
-            compile_decoder(files[fmt], "host", arts[fmt], context=N_CTX, decode_variants=(1,), decode_activations="int8",
+            compile_decoder(files[fmt], "host", arts[fmt], context=N_CTX, decode_variants=(1,), matmul_activations="int8",
                             kv_cache="fp16", force=True, log=log)
             compile_s[fmt] = time.perf_counter() - t
     first = Artifact.open(arts[args.formats[0]])
@@ -602,7 +649,7 @@ def main() -> int:
     L.append(
         f"SmolLM2-135M-Instruct (30 layers, hidden 576, vocab 49152, tied embedding) from the bundled GGUF"
         f"{' and copies rewritten from it with gguf-py' if len(args.formats) > 1 else ''}. edgejit: the file compiled with "
-        f"`compile_decoder(..., 'host', context={N_CTX}, decode_variants=(1,), decode_activations='int8', kv_cache='fp16')` (as `edgejit compile` "
+        f"`compile_decoder(..., 'host', context={N_CTX}, decode_variants=(1,), matmul_activations='int8', kv_cache='fp16')` (as `edgejit compile` "
         f"does: the batch-1 decode step compiled into the artifact; decode steps and the LM head on int8 activations where "
         f"the target has AVX-512 VNNI, edge/kernels/dense_vnni.py; an fp16 KV cache, as llama.cpp's default), Q4_0/Q4_1/Q8_0 weights kept quantized and F16 ones fp16 "
         f"(others dequantized on the host), `load_decoder(threads=N{jit_arg})`, the Decoder's prefill/decode"

@@ -48,7 +48,7 @@ def _models(work: Path) -> tuple[Path, Path]:
     from deploy.tools.examples import write_smollm2
 
     gguf = write_smollm2(work / "gguf", log=lambda *a: None)
-    art = compile_decoder(gguf, "host", work / "smollm2", context=CONTEXT, decode_variants=(1,), decode_activations="int8",
+    art = compile_decoder(gguf, "host", work / "smollm2", context=CONTEXT, decode_variants=(1,), matmul_activations="int8",
                           kv_cache="fp16", log=lambda *a: None)  # as `edgejit compile` does
     return gguf, art
 

@@ -82,12 +82,12 @@ def smollm2_artifact(smollm2_gguf, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_int8_artifact(smollm2_gguf, tmp_path_factory):
-    """SmolLM2 compiled as `edgejit compile` does: the batch-1 decode step in the artifact, decode
-    steps and the LM head on int8 activations where the host has AVX-512 VNNI, an fp16 KV cache."""
+    """SmolLM2 compiled as `edgejit compile` does: the batch-1 decode step in the artifact, int8
+    activations in the 4/8-bit matrix products where the host has AVX-512 VNNI, an fp16 KV cache."""
     from deploy.compiler.decoder import compile_decoder
 
     return compile_decoder(smollm2_gguf, "host", tmp_path_factory.mktemp("smollm2_int8") / "smollm2", context=512,
-                           decode_variants=(1,), decode_activations="int8", kv_cache="fp16", log=lambda *a: None)
+                           decode_variants=(1,), matmul_activations="int8", kv_cache="fp16", log=lambda *a: None)
 
 
 @pytest.fixture(scope="session")

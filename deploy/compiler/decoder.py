@@ -134,17 +134,17 @@ def _layer_counts(quant: dict) -> dict[str, int]:
     return dict(collections.Counter(storage_name(b) for b in quant.values()))
 
 
-def _quantization(cfg, host: dict | None = None, decode_activations: str = "fp32") -> dict | None:
+def _quantization(cfg, host: dict | None = None, matmul_activations: str = "fp32") -> dict | None:
     """`host`: what --precision q4|q8 did (deploy/quantize/weight_only/schemes.py), else the file's own quantization."""
     quant = getattr(cfg, "quant", {})
     if not quant:
         return None
-    int8 = decode_activations == "int8"
-    return {"scheme": "weight-only", "group": 32, "activations": "fp32", "layers": _layer_counts(quant),
-            "decode_activations": "int8 per group of 32 (decode steps and the LM head)" if int8 else "fp32",
-            "kernel": ("edge/kernels/dense_vnni (decode and LM head: int8 activations, vpdpbusd); " if int8 else "")
-                      + "edge/kernels/dense.compute_quant (codes dequantized in the inner loop; "
-                      "f16 layers: dense.compute, widened in the inner loop)", **(host or {})}
+    int8 = matmul_activations == "int8"
+    return {"scheme": "weight-only", "group": 32, "layers": _layer_counts(quant),
+            "activations": "int8 per group of 32 (prefill, decode steps and the LM head)" if int8 else "fp32",
+            "kernel": "edge/kernels/dense_vnni (int8 activations, vpdpbusd)" if int8 else
+                      "edge/kernels/dense.compute_quant (codes dequantized in the inner loop)",
+            "f16_kernel": "edge/kernels/dense.compute (fp16 weights widened in the inner loop)", **(host or {})}
 
 
 FLOAT_GGUF_TYPES = ("F32", "F16", "BF16", "F64")
@@ -193,7 +193,7 @@ def compile_decoder(
     force: bool = False,
     sign: str | Path | None = None,
     decode_variants: tuple[int, ...] = (),
-    decode_activations: str = "fp32",
+    matmul_activations: str = "fp32",
     kv_cache: str = "fp32",
     log=print,
 ) -> Path:
@@ -202,10 +202,10 @@ def compile_decoder(
     inputs in fp32, GGUF files keep their quantization), "fp32", or "q4" / "q8" (weight-only, quantized on the host
     with an accuracy report; `min_accuracy` refuses to write below that top-1 agreement unless `accept_accuracy`). `decode_variants`:
     decode batch sizes also compiled with the batch bound (the device JIT's variants, shipped in the artifact:
-    `edgejit compile` builds batch 1 unless told otherwise). `decode_activations`: "int8" quantizes the
-    activations of decode steps and the LM head to int8 per group where the target has AVX-512 VNNI
-    (llama.cpp's Q4 x Q8 route, edge/kernels/dense_vnni.py; `edgejit compile`'s default), "fp32" keeps
-    them fp32 (logits as transformers' on the same weights). `kv_cache`: "fp32" or "fp16" (the KV cache's
+    `edgejit compile` builds batch 1 unless told otherwise). `matmul_activations`: "int8" quantizes the
+    activations of the matrix products on 4/8-bit weights (prefill, decode steps, the LM head) to int8
+    per group where the target has AVX-512 VNNI (llama.cpp's Q4 x Q8 route, edge/kernels/dense_vnni.py;
+    `edgejit compile`'s default), "fp32" keeps them fp32 (logits as transformers' on the same weights). `kv_cache`: "fp32" or "fp16" (the KV cache's
     element type: half the memory and attention reads, keys and values rounded to fp16)."""
     import tvm
 
@@ -215,8 +215,8 @@ def compile_decoder(
     preset.check_linker()
     model_path = Path(model_path)
     t0 = time.perf_counter()
-    if decode_activations not in kernels.DECODE_ACTIVATIONS:
-        raise EdgeJitError(f"--decode-activations {decode_activations}: expected {' or '.join(kernels.DECODE_ACTIVATIONS)}")
+    if matmul_activations not in kernels.MATMUL_ACTIVATIONS:
+        raise EdgeJitError(f"--matmul-activations {matmul_activations}: expected {' or '.join(kernels.MATMUL_ACTIVATIONS)}")
     if kv_cache not in KV_CACHE_DTYPES:
         raise EdgeJitError(f"--kv-cache {kv_cache}: expected {' or '.join(KV_CACHE_DTYPES)}")
     if precision not in (None, "fp32", "q4", "q8"):
@@ -251,11 +251,11 @@ def compile_decoder(
     default_context = context or min(trained, DEFAULT_CONTEXT)
     cfg.kv_cache_dtype = KV_CACHE_DTYPES[kv_cache]
     mod, names = export_module(m.arch, cfg, preset.target)
-    mod = mod.with_attr(kernels.DECODE_ACTIVATIONS_ATTR, decode_activations)
+    mod = mod.with_attr(kernels.MATMUL_ACTIVATIONS_ATTR, matmul_activations)
+    int8 = kernels.int8_matmuls(mod, preset.tvm_target())
     if cfg.quant and any(b != F16 for b in cfg.quant.values()):
-        int8 = kernels.int8_decode(mod, preset.tvm_target())
-        log(f"decode activations: {'int8 (AVX-512 VNNI)' if int8 else 'fp32'}"
-            + ("" if int8 or decode_activations == "fp32" else f" ({preset.name} has no AVX-512 VNNI)"))
+        log(f"matmul activations: {'int8 (AVX-512 VNNI)' if int8 else 'fp32'}"
+            + ("" if int8 or matmul_activations == "fp32" else f" ({preset.name} has no AVX-512 VNNI)"))
     params = registry.get(m.arch).params(m.weights, cfg)
     missing = [n for n in names if n not in params]
     if missing:
@@ -303,7 +303,7 @@ def compile_decoder(
             seq_dim="num_seqs",
             dims={"num_seqs": DimRange(1, MAX_DECODE_BATCH), "num_tokens": DimRange(1, trained)},
             precision=_precision(cfg),
-            quantization=_quantization(cfg, host_report, decode_activations if kernels.int8_decode(mod, preset.tvm_target()) else "fp32"),
+            quantization=_quantization(cfg, host_report, "int8" if int8 else "fp32"),
             accuracy=accuracy,
             **build_fields(preset),
         )

@@ -10,23 +10,26 @@ from __future__ import annotations
 
 from edge.kernels.target import decode_tile_rows, tile_rows, vector_lanes
 
-# A decoder module's choice of activations for its decode steps (set by the host compile, honored
-# by every build of the module: the generic one and the device JIT's variants alike).
-DECODE_ACTIVATIONS_ATTR = "edgejit_decode_activations"
-DECODE_ACTIVATIONS = ("int8", "fp32")
+# A decoder module's choice of activations for its matrix products on 4/8-bit weights (set by the
+# host compile, honored by every build of the module: the generic one and the device JIT's variants
+# alike). Modules compiled before prefill took them carry the old name, for their decode steps.
+MATMUL_ACTIVATIONS_ATTR = "edgejit_matmul_activations"
+_LEGACY_ATTR = "edgejit_decode_activations"
+MATMUL_ACTIVATIONS = ("int8", "fp32")
 
 
-def int8_decode(mod, target) -> bool:
-    """Whether `mod`'s decode steps and LM head multiply quantized weights by int8 activations on
-    `target`: asked for at compile time, and the target has AVX-512 VNNI (edge/kernels/dense_vnni.py).
-    Modules without the attribute (compiled before it existed) keep fp32, like their generic module."""
+def int8_matmuls(mod, target) -> bool:
+    """Whether `mod` multiplies quantized weights by int8 activations on `target` (prefill, decode
+    steps, the LM head): asked for at compile time, and the target has AVX-512 VNNI
+    (edge/kernels/dense_vnni.py). Modules without the attribute keep fp32."""
     from edge.kernels import dense_vnni
 
-    asked = mod.attrs.get(DECODE_ACTIVATIONS_ATTR, "fp32") if mod.attrs else "fp32"
+    attrs = mod.attrs or {}
+    asked = attrs.get(MATMUL_ACTIVATIONS_ATTR, attrs.get(_LEGACY_ATTR, "fp32"))
     return str(asked) == "int8" and dense_vnni.supported(target)
 
 
-def optimize(mod, target, *, tuning=None, bound=()):
+def optimize(mod, target, *, tuning=None):
     """Relax/TIR passes that make the module fast on `target`; returns the module to compile.
 
     `tuning` (edge.runtime.tuning_records.TuningRecords) schedules the PrimFuncs it has records for; the rules
@@ -35,7 +38,7 @@ def optimize(mod, target, *, tuning=None, bound=()):
     """
     from edge.kernels import rules
 
-    mod = lower(mod, target, bound=bound)
+    mod = lower(mod, target)
     with target:
         if tuning is not None:
             mod = tuning.apply(mod)
@@ -60,11 +63,9 @@ def mark_noalias(mod):
     return mod
 
 
-def lower(mod, target, *, bound=()):
+def lower(mod, target):
     """The graph rewrites, legalization and fusion before scheduling: the PrimFuncs it leaves
-    are what the rules schedule and what `compile --tune` tunes (deploy/tune.py). `bound`: the
-    symbolic dims the module's shapes were bound on (a JIT variant's); static rows count as a
-    decode step's (int8 activations) only when nothing but `num_seqs` was bound."""
+    are what the rules schedule and what `compile --tune` tunes (deploy/tune.py)."""
     import tvm
     from tvm import relax
 
@@ -73,7 +74,7 @@ def lower(mod, target, *, bound=()):
     mod = attention.replace_attention_kernels(mod)
     with target:
         mod = packing.rewrite_packed_dense(mod, tile_rows(target), var_rows={"num_seqs": decode_tile_rows(target)},
-                                           int8_decode=int8_decode(mod, target), static_rows_decode=set(bound) <= {"num_seqs"})
+                                           int8=int8_matmuls(mod, target))
         mod = packing.rewrite_packed_gather(mod)
         mod = graph.expand_small_powers(mod)
         mod = graph.rewrite_softmax(mod, vector_lanes(target))

@@ -92,17 +92,15 @@ def _uses(func) -> dict:
     return {v: as_arg.get(v, []) + [None] * (n - len(as_arg.get(v, []))) for v, n in seen.items()}
 
 
-def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = None, int8_decode: bool = False,
-                         static_rows_decode: bool = True):
+def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = None, int8: bool = False):
     """Build side: matmul(x, reshape(permute_dims(Wp))) -> call_tir(packed dense kernel).
 
     `rows`: the register tile's rows where the row count is symbolic; `var_rows` overrides it when
     every symbolic row dim is one of its variables (a decoder's `num_seqs`: a decode step's rows,
     and the LM head's in prefill, are the few sequences in the batch, not their tokens).
-    With `int8_decode` (a target with AVX-512 VNNI, edge.kernels.int8_decode), quantized weights
-    times static rows (with `static_rows_decode`, a module bound on `num_seqs` alone: a decode step
-    of a known batch size, the sequences' LM head) or the `var_rows` rows get the int8-activation
-    kernel (edge.kernels.dense_vnni); the rows of a prefill chunk's tokens keep fp32 activations."""
+    With `int8` (a module compiled for int8 activations, on a target with AVX-512 VNNI:
+    edge.kernels.int8_matmuls), quantized weights get the int8-activation kernel
+    (edge.kernels.dense_vnni) whatever their rows: prefill chunks, decode steps, the LM head."""
     import tvm
     from tvm import relax
 
@@ -126,11 +124,8 @@ def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = No
             tile = min(tile_rows, m) if m else tile_rows  # a static batch of fewer rows: no wasted rows
             quant = dequant_args(self, wp)
             if quant is not None:  # weight-only quantized: dequantized in the kernel's inner loop
-                # the VNNI kernel: static rows, or rows that are the sequences (every dim symbolic
-                # in a `var_rows` variable: the decode step and the LM head of the generic module)
-                seqs = bool(sym_rows) and len(sym_rows) == len(symbolic) == 1
-                if int8_decode and ((m is not None and static_rows_decode) or seqs) and self._vnni_fits(x, quant):
-                    return self._call_vnni(x, quant, None if m else tile_rows)
+                if int8 and self._vnni_fits(x, quant):
+                    return self._call_vnni(x, quant)
                 if quant[2] is None:
                     return self.builder_.call_te(dense.compute_quant_sym, x, *quant[:2], tile, primfunc_name_hint="dense_quant")
                 return self.builder_.call_te(dense.compute_quant, x, *quant, tile, primfunc_name_hint="dense_quant")
@@ -140,18 +135,21 @@ def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = No
 
         def _vnni_fits(self, x, quant) -> bool:
             wq, scale, _ = quant
+            lead = [d for d in x.ty.shape.values[:-1] if not hasattr(d, "value")]
+            if len(lead) > 1 or (lead and not isinstance(lead[0], tvm.tirx.Var)):  # rows: static, or one variable
+                return False
             if not all(hasattr(d, "value") for d in (*wq.ty.shape.values, *scale.ty.shape.values, x.ty.shape.values[-1])):
                 return False
             bits = 4 if wq.ty.dtype == "uint8" else 8
             k_dim = int(x.ty.shape.values[-1])
             return dense_vnni.applies(k_dim, int(scale.ty.shape.values[1]), bits)
 
-        def _call_vnni(self, x, quant, chunk):
+        def _call_vnni(self, x, quant):
             wq, scale, _ = quant
             x_shape = [int(d) if hasattr(d, "value") else d for d in x.ty.shape.values]
             n_out = int(wq.ty.shape.values[0]) * int(wq.ty.shape.values[2])
             func = dense_vnni.primfunc(x_shape, n_out, x_shape[-1], int(scale.ty.shape.values[1]), 4 if wq.ty.dtype == "uint8" else 8,
-                                       chunk=chunk, zero=quant[2] is not None)
+                                       zero=quant[2] is not None)
             gv = self.builder_.add_func(func.with_attr("op_pattern", 8), "dense_vnni")  # opaque: not fused
             out = relax.TensorType([*x_shape[:-1], n_out], "float32")
             return self.builder_.emit(relax.call_tir(gv, [x, *(a for a in quant if a is not None)], out))

@@ -30,7 +30,7 @@ def build(mod, target: dict, *, bind: dict[str, int] | None = None, tuning=None)
     if bind:
         mod = relax.transform.BindSymbolicVars(bind)(mod)
     tvm_target = tvm.target.Target(target)
-    mod = kernels.optimize(mod, tvm_target, tuning=tuning, bound=tuple(bind or ()))
+    mod = kernels.optimize(mod, tvm_target, tuning=tuning)
     with tvm_target, tvm.transform.PassContext(opt_level=3, config={"s_tir.LoopPartition": {"partition_const_loop": True}}):
         return tvm.compile(mod, target=tvm_target, relax_pipeline=kernels.relax_pipeline(tvm_target))
 

@@ -477,14 +477,15 @@ def test_vnni_dense_is_the_dense_of_int8_activations(rows, bits):
 
 @pytest.mark.parametrize("preset,rows,want", [
     ("x86-64-avx512", 1, "dense_vnni"), ("x86-64-avx512", 8, "dense_vnni"), ("x86-64-avx512", 12, "dense_vnni"),
-    ("x86-64-avx512", "num_seqs", "dense_vnni"), ("x86-64-avx512", "seq", "dense_quant"), ("x86-64-avx512-vbmi", 1, "dense_vnni"),
+    ("x86-64-avx512", "num_seqs", "dense_vnni"), ("x86-64-avx512", "seq", "dense_vnni"), ("x86-64-avx512-vbmi", 1, "dense_vnni"),
     ("x86-64-avx2", 1, "dense_quant"), ("aarch64", 1, "dense_quant"),
 ], ids=str)
-def test_vnni_dense_takes_decode_rows_on_vnni_targets(preset, rows, want):
-    """In a module compiled for int8 decode activations, quantized matmuls of static rows (a decode
-    step of a known batch size) or of the sequences (`num_seqs`, symbolic) get the VNNI kernel on
-    targets with AVX-512 VNNI; a prefill chunk's tokens (`seq`) and other targets keep the
-    fp32-activation kernel."""
+def test_vnni_dense_takes_every_row_count_on_vnni_targets(preset, rows, want):
+    """In a module compiled for int8 activations, quantized matmuls of static rows (a decode step
+    of a known batch size, 12: more than one chunk), of the sequences (`num_seqs`, symbolic) or of
+    a prefill chunk's tokens (`seq`) get the VNNI kernel on targets with AVX-512 VNNI; other
+    targets keep the fp32-activation kernel. Modules compiled before prefill took int8 activations
+    carry the attribute's old name and get it too."""
     import tvm
     from tvm import relax, tirx
 
@@ -505,18 +506,13 @@ def test_vnni_dense_takes_decode_rows_on_vnni_targets(preset, rows, want):
         bb.emit_func_output(out)
     target = _tvm_target(preset)
     assert dense_vnni.supported(target) == preset.startswith("x86-64-avx512")
-    mod = bb.get().with_attr(kernels.DECODE_ACTIVATIONS_ATTR, "int8")
-    assert not kernels.int8_decode(bb.get(), target)  # fp32 unless the compile asked for int8
-    int8 = kernels.int8_decode(mod, target)
-
-    def kernels_of(static_rows_decode=True):
-        out = packing.rewrite_packed_dense(mod, 8, var_rows={"num_seqs": 4}, int8_decode=int8, static_rows_decode=static_rows_decode)
-        return {gv.name_hint for gv, f in out.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
-
-    names = kernels_of()
+    mod = bb.get().with_attr(kernels.MATMUL_ACTIVATIONS_ATTR, "int8")
+    assert not kernels.int8_matmuls(bb.get(), target)  # fp32 unless the compile asked for int8
+    assert kernels.int8_matmuls(bb.get().with_attr("edgejit_decode_activations", "int8"), target) == (want == "dense_vnni")
+    int8 = kernels.int8_matmuls(mod, target)
+    out = packing.rewrite_packed_dense(mod, 8, var_rows={"num_seqs": 4}, int8=int8)
+    names = {gv.name_hint for gv, f in out.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
     assert any(n.startswith(want) for n in names) and not any(n.startswith("dequant_q4") for n in names), names
-    if isinstance(rows, int):  # static rows of a module bound on more than num_seqs (a prefill chunk's tokens?): fp32
-        assert any(n.startswith("dense_quant") for n in kernels_of(static_rows_decode=False))
 
 
 @pytest.mark.skipif(not _host_has_vnni(), reason="the host CPU has no AVX-512 VNNI")

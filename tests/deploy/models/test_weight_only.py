@@ -50,7 +50,7 @@ def weight_only(smollm2_gguf, tmp_path_factory):
         out[name] = {"fx": fx, "art": art, "precision": precision, "log": log}
     art = root / "qwen2_onnx_q8.art"
     r = subprocess.run([sys.executable, "-m", "edge.cli", "compile", qwen2["path"], "-o", str(art), "--target", "host",
-                        "--precision", "q8", "--decode-activations", "fp32", "--kv-cache", "fp32"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                        "--precision", "q8", "--matmul-activations", "fp32", "--kv-cache", "fp32"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     out["qwen2_onnx_q8"] = {"fx": qwen2, "art": art, "precision": "q8", "log": r.stdout.splitlines()}
     gguf = write_gguf(root / "llama.gguf", "llama", llama["model"], smollm2_gguf)
@@ -136,8 +136,8 @@ def test_manifest_describes_the_quantization(weight_only):
     assert q8["precision"] == "wq8" and q8["quantization"]["layers"] == {"q8": 9}
     assert q4["precision"] == "wq4/q8" and q4["quantization"]["layers"] == {"q4": 8, "q8": 1}
     assert gpt2["quantization"]["layers"] == {"q4": 8, "q8": 1}
-    assert q8["quantization"]["decode_activations"] == "fp32"  # the Python API's default
-    assert _manifest(weight_only["qwen2_onnx_q8"]["art"])["quantization"]["decode_activations"] == "fp32"
+    assert q8["quantization"]["activations"] == "fp32"  # the Python API's default
+    assert _manifest(weight_only["qwen2_onnx_q8"]["art"])["quantization"]["activations"] == "fp32"
     for m, p in ((q8, "q8"), (q4, "q4")):
         assert m["quantization"]["precision"] == p and m["quantization"]["group"] == 32
         assert m["quantization"]["float_layers"] == []

@@ -56,7 +56,7 @@ def test_decode_variants_compiled_into_the_artifact(tiny_llamas, tmp_path):
     """`edgejit compile` builds the batch-1 decode step into the artifact (--decode-variants, default
     1): the device serves it from the first token, with no compile, and its tokens and logits equal
     the generic module's; 'none' leaves it to the JIT; a bad value is one line. (The CLI compiles
-    for int8 decode activations: on a VNNI host both modules take them.)"""
+    for int8 activations: on a VNNI host both modules take them.)"""
     import json
     import subprocess
     import sys
@@ -75,7 +75,7 @@ def test_decode_variants_compiled_into_the_artifact(tiny_llamas, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["decoder"]["variants"] == {"1": "decode-b1.so"} and "decode-b1.so" in manifest["files"]
     vnni = dense_vnni.supported(get_preset("host").tvm_target())
-    assert manifest["quantization"]["decode_activations"].startswith("int8" if vnni else "fp32")
+    assert manifest["quantization"]["activations"].startswith("int8" if vnni else "fp32")
     assert manifest["decoder"]["config"]["kv_cache_dtype"] == "float16"  # the CLI's default, as llama.cpp's
     want_toks, want_logits = _greedy(Generator(out))  # the generic module alone
     events = []
