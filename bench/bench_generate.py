@@ -40,7 +40,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -53,6 +52,11 @@ TAG = "@@bench "  # protocol lines of the workers (anything else they print is p
 PREFILL_LENS = (16, 64, 256)
 CHAT_TOKENS = 200
 N_CTX = 1024
+REPS = {False: (10, 5, 128, 2), True: (3, 2, 32, 1)}  # --quick: prefill reps, replies, decode steps, fresh loads
+
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,15 +602,12 @@ def main() -> int:
         import llama_cpp
     except ImportError:
         sys.exit("llama-cpp-python is not installed: see this script's docstring (pip install -e .[bench], no-AMX CFLAGS)")
-    from bench.common import write_results
-    from deploy.compiler.decoder import compile_decoder
+    from bench.common import bench_work_dir, compile_as_cli, write_results
     from deploy.tools.examples import write_smollm2
     from edge.artifact.reader import Artifact
 
-    reps, reply_reps, n_decode, load_reps = (3, 2, 32, 1) if args.quick else (10, 5, 128, 2)
-    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-generate-"))
-    work.mkdir(parents=True, exist_ok=True)
+    reps, reply_reps, n_decode, load_reps = REPS[args.quick]
+    work = bench_work_dir(args.work, "bench-generate-")
     t_start = time.perf_counter()
     src = write_smollm2(work, log=log)
     files, arts, compile_s = {}, {}, {}
@@ -618,8 +619,7 @@ def main() -> int:
         arts[fmt] = work / f"smollm2-{fmt}-host"
         if not (arts[fmt] / "manifest.json").exists():
             t = time.perf_counter()
-            compile_decoder(files[fmt], "host", arts[fmt], context=N_CTX, decode_variants=(1,), matmul_activations="int8",
-                            kv_cache="fp16", force=True, log=log)
+            compile_as_cli(files[fmt], arts[fmt], N_CTX, log=log)
             compile_s[fmt] = time.perf_counter() - t
     first = Artifact.open(arts[args.formats[0]])
     tmpl = first.manifest.decoder.chat_template

@@ -20,13 +20,12 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_generate import N_CTX, PREFILL_LENS, med, prompts, run_block  # noqa: E402
+from bench.bench_generate import N_CTX, PREFILL_LENS, REPS, log, med, prompts, run_block  # noqa: E402
 
 BUILDER = ["-p", "int4", "-e", "cpu", "--extra_options", "block_size=32", "accuracy_level=4", "algo_config=rtn_last"]
 
@@ -65,21 +64,17 @@ def main() -> int:
         import onnxruntime_genai as og
     except ImportError:
         sys.exit("onnxruntime-genai is not installed: pip install onnxruntime-genai (or the bench extra)")
-    from bench.common import write_results
-    from deploy.compiler.decoder import compile_decoder
+    from bench.common import bench_work_dir, compile_as_cli, write_results
     from deploy.tools.examples import write_smollm2
     from edge.artifact.reader import Artifact
 
-    reps, reply_reps, n_decode, load_reps = (3, 2, 32, 1) if args.quick else (10, 5, 128, 2)
-    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-generate-ort-"))
-    work.mkdir(parents=True, exist_ok=True)
+    reps, reply_reps, n_decode, load_reps = REPS[args.quick]
+    work = bench_work_dir(args.work, "bench-generate-ort-")
     t_start = time.perf_counter()
     gguf = write_smollm2(work, log=log)
     art = work / "smollm2-q4_1-host"
     if not (art / "manifest.json").exists():
-        compile_decoder(gguf, "host", art, context=N_CTX, decode_variants=(1,), matmul_activations="int8", kv_cache="fp16",
-                        force=True, log=log)
+        compile_as_cli(gguf, art, N_CTX, log=log)
     ort = build_ort_model(gguf, work, log)
     first = Artifact.open(art)
     tmpl = first.manifest.decoder.chat_template

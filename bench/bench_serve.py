@@ -44,13 +44,11 @@ def _texts(n: int, seed: int, lo: int = 40, hi: int = 300) -> list[str]:
 
 
 def _models(work: Path) -> tuple[Path, Path]:
-    from deploy.compiler.decoder import compile_decoder
+    from bench.common import compile_as_cli
     from deploy.tools.examples import write_smollm2
 
     gguf = write_smollm2(work / "gguf", log=lambda *a: None)
-    art = compile_decoder(gguf, "host", work / "smollm2", context=CONTEXT, decode_variants=(1,), matmul_activations="int8",
-                          kv_cache="fp16", log=lambda *a: None)  # as `edgejit compile` does
-    return gguf, art
+    return gguf, compile_as_cli(gguf, work / "smollm2", CONTEXT)
 
 
 # -- prefix cache: TTFT saved ---------------------------------------------------------------------

@@ -54,3 +54,21 @@ def write_results(path: Path, title: str, body: str) -> None:
     tmp.write_text(text)
     os.replace(tmp, path)
     print(text)
+
+
+def compile_as_cli(model: Path, out: Path, context: int, log=lambda *a: None) -> Path:
+    """A decoder artifact for this machine compiled as `edgejit compile` does by default: the batch-1
+    decode step built in, int8 activations where the CPU has AVX-512 VNNI, an fp16 KV cache."""
+    from deploy.compiler.decoder import compile_decoder
+
+    return compile_decoder(model, "host", out, context=context, decode_variants=(1,), matmul_activations="int8",
+                           kv_cache="fp16", force=True, log=log)
+
+
+def bench_work_dir(given: str | None, prefix: str) -> Path:
+    """--work, or a new temporary directory."""
+    import tempfile
+
+    work = Path(given) if given else Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    return work

@@ -122,11 +122,12 @@ def _sum(buf, n: int):
     return _tree(lambda a, b: a + b, (buf[r] for r in range(n)))
 
 
-def _attention_steps(G: int, P: int, d: int, dtype: str):
-    """TVMScript macros shared by both kernels, for the G query heads of one KV head:
-    `start` loads the scaled queries and resets the running softmax state; `attend` takes `rows`
-    (<= P) keys and values, read through `key(r, j)` / `value(r, j)`; `finish` writes the output
-    and the log2-sum-exp (both at `[first, kv_head * G + g, ...]`)."""
+def _attention_task(G: int, P: int, d: int, dtype: str):
+    """The TVMScript macro every kernel runs per task (the G query heads of one KV head, one query
+    row): `one_task(query, output, lse, first, hk, sm_scale, n_chunks, base_of, rows_of, key, value)`
+    loads the scaled queries of row `first`, walks `n_chunks` chunks of keys (chunk c: `rows_of(c)`
+    <= P keys at `base = base_of(c)`, read through `key(base, r, j)` / `value(base, r, j)`) with an
+    online softmax, and writes the output and the log2-sum-exp at `[first, hk * G + g, ...]`."""
     from tvm.script import tirx as T
 
     L = LANES
@@ -177,7 +178,34 @@ def _attention_steps(G: int, P: int, d: int, dtype: str):
                 output[first, hk * G + g, j] = T.Cast(dtype, o_s[g, j] / l_s[g])
             lse[first, hk * G + g] = m_s[g] + T.log2(l_s[g])
 
-    return start, attend, finish
+    @T.macro
+    def one_task(query, output, lse, first, hk, sm_scale, n_chunks, base_of, rows_of, key, value):
+        q_s = T.sblock_alloc_buffer((G, d), "float32")
+        o_s = T.sblock_alloc_buffer((G, d), "float32")
+        m_s = T.sblock_alloc_buffer((G,), "float32")
+        l_s = T.sblock_alloc_buffer((G,), "float32")
+        s_s = T.sblock_alloc_buffer((G, P), "float32")
+        p_s = T.sblock_alloc_buffer((P,), "float32")
+        acc = T.sblock_alloc_buffer((LANES,), "float32")
+        half = T.sblock_alloc_buffer((LANES // 2,), "float32")
+        quarter = T.sblock_alloc_buffer((LANES // 4,), "float32")
+        start(q_s, o_s, m_s, l_s, query, first, hk, sm_scale)
+        for chunk in range(n_chunks):
+            base: T.let[T.int32] = base_of(chunk)
+            rows: T.let[T.int32] = rows_of(chunk)
+            attend(q_s, o_s, m_s, l_s, s_s, p_s, acc, half, quarter, rows,
+                   lambda r, j: key(base, r, j), lambda r, j: value(base, r, j))
+        finish(o_s, m_s, l_s, output, lse, first, hk)
+
+    @T.macro
+    def find_sequence(seq, batch_size, q_indptr, row):
+        """seq[0] = the sequence whose queries hold ragged row `row`."""
+        seq[0] = 0
+        for b in range(batch_size):
+            if q_indptr[b] <= row:
+                seq[0] = b
+
+    return one_task, find_sequence
 
 
 def decode_paged_kv(h_kv: int, h_qo: int, d: int, page_size: int, dtype: str = "float32"):
@@ -190,8 +218,7 @@ def decode_paged_kv(h_kv: int, h_qo: int, d: int, page_size: int, dtype: str = "
         raise ValueError(f"decode attention is written for KV pages of 16 tokens, not {page_size}")
     G = h_qo // h_kv
     P = page_size
-    L = LANES
-    start, attend, finish = _attention_steps(G, P, d, dtype)
+    one_task, _ = _attention_task(G, P, d, dtype)
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv(
@@ -235,26 +262,13 @@ def decode_paged_kv(h_kv: int, h_qo: int, d: int, page_size: int, dtype: str = "
                 vbh = T.axis.spatial(B * h_kv, bh)
                 T.reads()
                 T.writes()
-                q_s = T.sblock_alloc_buffer((G, d), "float32")
-                o_s = T.sblock_alloc_buffer((G, d), "float32")
-                m_s = T.sblock_alloc_buffer((G,), "float32")
-                l_s = T.sblock_alloc_buffer((G,), "float32")
-                s_s = T.sblock_alloc_buffer((G, P), "float32")
-                p_s = T.sblock_alloc_buffer((P,), "float32")
-                acc = T.sblock_alloc_buffer((L,), "float32")
-                half = T.sblock_alloc_buffer((L // 2,), "float32")
-                quarter = T.sblock_alloc_buffer((L // 4,), "float32")
                 b: T.let[T.int32] = vbh // h_kv
                 hk: T.let[T.int32] = vbh % h_kv
                 begin: T.let[T.int32] = page_table_indptr[b]
                 n_pages: T.let[T.int32] = page_table_indptr[b + 1] - begin
-                start(q_s, o_s, m_s, l_s, Q, b, hk, sm_scale)
-                for p in range(n_pages):
-                    page_no: T.let[T.int32] = page_table_values[begin + p]
-                    rows: T.let[T.int32] = T.if_then_else(p == n_pages - 1, last_page_len[b], P)
-                    attend(q_s, o_s, m_s, l_s, s_s, p_s, acc, half, quarter, rows,
-                           lambda r, j: pages[page_no, 0, hk, r, j], lambda r, j: pages[page_no, 1, hk, r, j])
-                finish(o_s, m_s, l_s, output, lse, b, hk)
+                one_task(Q, output, lse, b, hk, sm_scale, n_pages, lambda p: page_table_values[begin + p],
+                     lambda p: T.if_then_else(p == n_pages - 1, last_page_len[b], P),
+                     lambda page, r, j: pages[page, 0, hk, r, j], lambda page, r, j: pages[page, 1, hk, r, j])
 
     return batch_decode_paged_kv
 
@@ -268,8 +282,7 @@ def prefill_ragged(h_kv: int, h_qo: int, d: int, dtype: str = "float32"):
 
     G = h_qo // h_kv
     P = 16  # keys per softmax update
-    L = LANES
-    start, attend, finish = _attention_steps(G, P, d, dtype)
+    one_task, find_sequence = _attention_task(G, P, d, dtype)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(
@@ -313,35 +326,19 @@ def prefill_ragged(h_kv: int, h_qo: int, d: int, dtype: str = "float32"):
                 vtask = T.axis.spatial(qo_len * h_kv, task)
                 T.reads()
                 T.writes()
-                q_s = T.sblock_alloc_buffer((G, d), "float32")
-                o_s = T.sblock_alloc_buffer((G, d), "float32")
-                m_s = T.sblock_alloc_buffer((G,), "float32")
-                l_s = T.sblock_alloc_buffer((G,), "float32")
-                s_s = T.sblock_alloc_buffer((G, P), "float32")
-                p_s = T.sblock_alloc_buffer((P,), "float32")
-                acc = T.sblock_alloc_buffer((L,), "float32")
-                half = T.sblock_alloc_buffer((L // 2,), "float32")
-                quarter = T.sblock_alloc_buffer((L // 4,), "float32")
                 seq = T.sblock_alloc_buffer((1,), "int32")
                 row: T.let[T.int32] = vtask // h_kv
                 hk: T.let[T.int32] = vtask % h_kv
-                seq[0] = 0
-                for b in range(batch_size):
-                    if q_indptr[b] <= row:
-                        seq[0] = b
+                find_sequence(seq, batch_size, q_indptr, row)
                 b_: T.let[T.int32] = seq[0]
                 kv_begin: T.let[T.int32] = kv_indptr[b_]
                 kv_n: T.let[T.int32] = kv_indptr[b_ + 1] - kv_begin
                 q_n: T.let[T.int32] = q_indptr[b_ + 1] - q_indptr[b_]
                 n_keys: T.let[T.int32] = T.max(T.min(T.if_then_else(
                     causal > 0, kv_n - q_n + (row - q_indptr[b_]) + 1, kv_n), kv_n), 0)
-                start(q_s, o_s, m_s, l_s, q, row, hk, sm_scale)
-                for c in range((n_keys + P - 1) // P):
-                    rows: T.let[T.int32] = T.min(n_keys - c * P, P)
-                    base: T.let[T.int32] = kv_begin + c * P
-                    attend(q_s, o_s, m_s, l_s, s_s, p_s, acc, half, quarter, rows,
-                           lambda r, j: k[base + r, hk, j], lambda r, j: v[base + r, hk, j])
-                finish(o_s, m_s, l_s, output, lse, row, hk)
+                one_task(q, output, lse, row, hk, sm_scale, (n_keys + P - 1) // P, lambda c: kv_begin + c * P,
+                     lambda c: T.min(n_keys - c * P, P),
+                     lambda base, r, j: k[base + r, hk, j], lambda base, r, j: v[base + r, hk, j])
 
     return batch_prefill_ragged_kv
 
@@ -359,8 +356,7 @@ def prefill_paged_kv(h_kv: int, h_qo: int, d: int, page_size: int, dtype: str = 
         raise ValueError(f"prefill attention is written for KV pages of 16 tokens, not {page_size}")
     G = h_qo // h_kv
     P = page_size
-    L = LANES
-    start, attend, finish = _attention_steps(G, P, d, dtype)
+    one_task, find_sequence = _attention_task(G, P, d, dtype)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_paged_kv_cpu(
@@ -409,22 +405,10 @@ def prefill_paged_kv(h_kv: int, h_qo: int, d: int, page_size: int, dtype: str = 
                 vtask = T.axis.spatial(total_len * h_kv, task)
                 T.reads()
                 T.writes()
-                q_s = T.sblock_alloc_buffer((G, d), "float32")
-                o_s = T.sblock_alloc_buffer((G, d), "float32")
-                m_s = T.sblock_alloc_buffer((G,), "float32")
-                l_s = T.sblock_alloc_buffer((G,), "float32")
-                s_s = T.sblock_alloc_buffer((G, P), "float32")
-                p_s = T.sblock_alloc_buffer((P,), "float32")
-                acc = T.sblock_alloc_buffer((L,), "float32")
-                half = T.sblock_alloc_buffer((L // 2,), "float32")
-                quarter = T.sblock_alloc_buffer((L // 4,), "float32")
                 seq = T.sblock_alloc_buffer((1,), "int32")
                 row: T.let[T.int32] = vtask // h_kv
                 hk: T.let[T.int32] = vtask % h_kv
-                seq[0] = 0
-                for b in range(batch_size):
-                    if q_indptr[b] <= row:
-                        seq[0] = b
+                find_sequence(seq, batch_size, q_indptr, row)
                 b_: T.let[T.int32] = seq[0]
                 begin: T.let[T.int32] = page_indptr[b_]
                 n_pages: T.let[T.int32] = page_indptr[b_ + 1] - begin
@@ -432,12 +416,8 @@ def prefill_paged_kv(h_kv: int, h_qo: int, d: int, page_size: int, dtype: str = 
                 q_n: T.let[T.int32] = q_indptr[b_ + 1] - q_indptr[b_]
                 n_keys: T.let[T.int32] = T.max(T.min(T.if_then_else(
                     causal > 0, kv_n - q_n + (row - q_indptr[b_]) + 1, kv_n), kv_n), 0)
-                start(q_s, o_s, m_s, l_s, q, row, hk, sm_scale)
-                for p in range((n_keys + P - 1) // P):
-                    page_no: T.let[T.int32] = page_values[begin + p]
-                    rows: T.let[T.int32] = T.min(n_keys - p * P, P)
-                    attend(q_s, o_s, m_s, l_s, s_s, p_s, acc, half, quarter, rows,
-                           lambda r, j: pages[page_no, 0, hk, r, j], lambda r, j: pages[page_no, 1, hk, r, j])
-                finish(o_s, m_s, l_s, output, lse, row, hk)
+                one_task(q, output, lse, row, hk, sm_scale, (n_keys + P - 1) // P, lambda p: page_values[begin + p],
+                     lambda p: T.min(n_keys - p * P, P),
+                     lambda page, r, j: pages[page, 0, hk, r, j], lambda page, r, j: pages[page, 1, hk, r, j])
 
     return batch_prefill_paged_kv_cpu
