@@ -26,8 +26,8 @@ built with other flags.
     CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" CXXFLAGS="$CFLAGS" CMAKE_ARGS="-DLLAVA_BUILD=OFF" \\
         pip install --no-binary llama-cpp-python --no-cache-dir -e ".[bench]"
 
-edgejit keeps Q4_0/Q4_1/Q8_0 weights quantized (weight-only kernels, fp32 activations) and F16 ones
-fp16 (widened in the kernels); other types are dequantized to fp32 on the host. It runs as `edgejit chat`/`generate` and the daemon run it:
+edgejit keeps Q4_0/Q4_1/Q8_0 weights quantized (weight-only kernels; int8 activations where the CPU
+has AVX-512 VNNI, fp32 elsewhere) and F16 ones fp16 (widened in the kernels); other types are dequantized to fp32 on the host. It runs as `edgejit chat`/`generate` and the daemon run it:
 compiled like `edgejit compile` does (the batch-1 decode step built into the artifact) and with the
 JIT on, so decode steps of one sequence run on that variant (`--no-jit` measures the generic module
 alone). Prefill always runs on the generic module.
@@ -650,8 +650,8 @@ def main() -> int:
         f"SmolLM2-135M-Instruct (30 layers, hidden 576, vocab 49152, tied embedding) from the bundled GGUF"
         f"{' and copies rewritten from it with gguf-py' if len(args.formats) > 1 else ''}. edgejit: the file compiled with "
         f"`compile_decoder(..., 'host', context={N_CTX}, decode_variants=(1,), matmul_activations='int8', kv_cache='fp16')` (as `edgejit compile` "
-        f"does: the batch-1 decode step compiled into the artifact; decode steps and the LM head on int8 activations where "
-        f"the target has AVX-512 VNNI, edge/kernels/dense_vnni.py; an fp16 KV cache, as llama.cpp's default), Q4_0/Q4_1/Q8_0 weights kept quantized and F16 ones fp16 "
+        f"does: the batch-1 decode step compiled into the artifact; the products with 4/8-bit weights (prefill, decode, "
+        f"LM head) on int8 activations where the target has AVX-512 VNNI, edge/kernels/dense_vnni.py; an fp16 KV cache, as llama.cpp's default), Q4_0/Q4_1/Q8_0 weights kept quantized and F16 ones fp16 "
         f"(others dequantized on the host), `load_decoder(threads=N{jit_arg})`, the Decoder's prefill/decode"
         f"{' (generic module only: --no-jit)' if args.no_jit else '; decode on the batch-1 variant'}. llama.cpp: llama-cpp-python {llama_cpp.__version__} built from source "
         f"(no-AMX CFLAGS, docs/generation.md \"Speed\"), `Llama(path, n_threads=N, n_threads_batch=N, n_ctx={N_CTX})`, "
