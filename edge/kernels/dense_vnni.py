@@ -27,11 +27,11 @@ targets use the fp32-activation kernel.
 """
 
 # (no `from __future__ import annotations`: TVMScript reads the kernel's parameter annotations)
+from edge.kernels.packing import PANEL
 from edge.kernels.target import _attrs
 
 MAX_ROWS = 8  # a static row count up to this is one chunk (registers: 3 zmm per row)
 CHUNK = 4  # rows per chunk otherwise (SmolLM2 Q4_1, a 256-token prefill, one core: 4 rows 1,587 tok/s, 8 rows 1,161)
-PANEL = 16
 # One panel per tile, prefetched 3 tiles ahead, 2 int32 accumulators per row: 576 x 3072 4-bit one
 # row, streamed, one Zen 5 core: 36-39 us (2 panels per tile 39-47, 4 panels 42; no prefetch 46).
 TILE_PANELS, AHEAD, CHAINS = 1, 3, 2

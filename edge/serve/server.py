@@ -91,6 +91,13 @@ class _DeadlineReader(io.RawIOBase):
         except OSError:
             pass
 
+    def reply_ending(self) -> None:
+        """The reply's last bytes are about to be written: from here the connection counts as
+        waiting for its next request, so a client that opens another connection the moment it has
+        its reply finds this one idle (evictable), not busy. Eviction shuts the read side only: the
+        last bytes still go out."""
+        self.next_request()
+
     def request_read(self) -> None:
         """The request is read: what follows (the reply) is not under the read deadline."""
         self.reading = False
@@ -445,6 +452,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.close_connection or self.service.draining:
             self.send_header("Connection", "close")
             self.close_connection = True
+        self._reader.reply_ending()
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -737,6 +745,7 @@ class Handler(BaseHTTPRequestHandler):
             if include_usage:
                 event(reply.usage_chunk(st))
             event(b"[DONE]")
+            self._reader.reply_ending()
             self.wfile.write(b"0\r\n\r\n")
         except OSError:  # BrokenPipe, ConnectionReset, a timed-out slow client
             handle.cancel()
