@@ -30,7 +30,8 @@ edgejit keeps Q4_0/Q4_1/Q8_0 weights quantized (weight-only kernels; int8 activa
 has AVX-512 VNNI, fp32 elsewhere) and F16 ones fp16 (widened in the kernels); other types are dequantized to fp32 on the host. It runs as `edgejit chat`/`generate` and the daemon run it:
 compiled like `edgejit compile` does (the batch-1 decode step built into the artifact) and with the
 JIT on, so decode steps of one sequence run on that variant (`--no-jit` measures the generic module
-alone). Prefill always runs on the generic module.
+alone). Prefill always runs on the generic module. The ONNX Runtime GenAI worker
+(`OrtGenaiEngine`) is bench/bench_generate_ort.py's.
 """
 
 from __future__ import annotations
@@ -696,8 +697,8 @@ def main() -> int:
         a, b = r["edgejit"]["toks"], r["llama.cpp"]["toks"]
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
         L.append(f"- greedy tokens, {files[fmt].name}, {th} thread(s): the engines agree on the first {same} of {len(a)} "
-                 "(different arithmetic: llama.cpp rounds activations to 8 or 16 bits everywhere, edgejit to int8 in decode on "
-                 "VNNI, fp32 elsewhere: expected to drift)")
+                 "(different arithmetic: llama.cpp rounds activations to 8 or 16 bits everywhere, edgejit to int8 in every "
+                 "4/8-bit matrix product on VNNI, fp32 elsewhere: expected to drift)")
     L.append("")
     L.append("## Memory-bandwidth bound")
     L.append("")

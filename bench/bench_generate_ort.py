@@ -10,8 +10,8 @@ measured interleaved on the same token ids as bench_generate.py: prefill tok/s (
 prompts), time to first token for a ~200-token chat prompt, decode tok/s over 128 greedy tokens,
 load time, peak RSS. Writes bench/results/generate-ort.md.
 
-    pip install onnxruntime-genai        # the `bench` extra has it
-    python bench/bench_generate_ort.py   # ~4 min on 2 cores (the ORT model build: ~1 min, once per --work)
+    pip install -e ".[bench,dev]"        # onnxruntime-genai (bench); transformers and torch (dev) write the HF directory
+    python bench/bench_generate_ort.py   # 1.3 min on 2 cores, plus the ORT model build (8 s here) once per --work
 """
 
 from __future__ import annotations
