@@ -394,6 +394,7 @@ def verify(
     report.timings["userspace (assembled)" if us.assembled_s is not None else "userspace (cached)"] = time.perf_counter() - t
 
     generation_targets = tuple(generation_targets) if decoders else ()
+    kv_of = {m: (kv_cache or {}).get(m, "fp32") for m in (decoders or {})}  # each decoder's KV cache type
     presets = {name: get_preset(name) for name in dict.fromkeys((*targets, *generation_targets))}
     for name, p in presets.items():
         if p.arch != "aarch64":
@@ -432,7 +433,7 @@ def verify(
                 out = workdir / "artifacts" / f"{model}-decoder-{name}"
                 try:
                     compile_decoder(path, "host" if name == "x86" else name, out, context=context, force=True, log=quiet,
-                                    kv_cache=(kv_cache or {}).get(model, "fp32"))
+                                    kv_cache=kv_of[model])
                 except EdgeJitError as e:
                     report.problems.append(f"generation target {name} ({model}): compile failed: {e}")
                     if name == "x86":
@@ -495,7 +496,7 @@ def verify(
             "generate": [
                 {"key": [m, n], "artifact": str(a), "prompts": [list(map(int, p)) for p in prompts],
                  "new_tokens": new_tokens, "context": context, "out": str(job_dir / f"{m}-decoder-{n}"),
-                 "kv_cache": (kv_cache or {}).get(m, "fp32")}
+                 "kv_cache": kv_of[m]}
                 for (m, n), a in decoder_artifacts.items() if n in names and m in expected_generation
             ],
         }

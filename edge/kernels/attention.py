@@ -39,14 +39,10 @@ def replace_attention_kernels(mod):
     for gv, func in list(mod.functions_items()):
         if not isinstance(func, tirx.PrimFunc):
             continue
-        if gv.name_hint in STOCK_NAMES:
-            shapes = _shapes(func)
-            if shapes is None:
-                continue
-            h_qo, h_kv, page_size, d, dtype = shapes
-            if d % LANES or h_qo % h_kv or dtype not in DTYPES or page_size != 16:
-                continue
-            mod[gv] = decode_paged_kv(h_kv, h_qo, d, page_size, dtype)
+        if gv.name_hint in STOCK_NAMES and len(func.params) == 13:
+            shapes = _paged_shapes(func.params[0], func.params[1])
+            if shapes is not None:
+                mod[gv] = decode_paged_kv(*shapes)
         elif gv.name_hint in STOCK_RAGGED_NAMES and len(func.params) == 14:
             q, k, v = func.params[0], func.params[2], func.params[3]
             dims = [[int(x) if hasattr(x, "value") else None for x in b.shape[1:]] for b in (q, k, v)]
@@ -57,34 +53,28 @@ def replace_attention_kernels(mod):
             if dtype not in DTYPES or any(str(b.dtype) != dtype for b in (k, v)):
                 continue
             mod[gv] = prefill_ragged(h_kv, h_qo, d, dtype)
-        elif gv.name_hint in STOCK_PAGED_PREFILL_NAMES and len(func.params) == 15:
-            q, pages = func.params[0], func.params[2]
-            try:
-                _, h_qo, d = (int(x) if hasattr(x, "value") else None for x in q.shape)
-                _, two, h_kv, page_size, d2 = (int(x) if hasattr(x, "value") else None for x in pages.shape)
-            except ValueError:
-                continue
-            dtype = str(q.dtype)
-            if None in (h_qo, d, h_kv) or two != 2 or d != d2 or page_size != 16 or h_qo % h_kv or d % LANES \
-                    or dtype not in DTYPES or str(pages.dtype) != dtype or len(func.params[5].shape) != 1:
-                continue
-            mod[gv] = prefill_paged_kv(h_kv, h_qo, d, page_size, dtype)
+        # (paged prefill: a 1-D length info, the last page's length; 2-D is the sliding-window layout)
+        elif gv.name_hint in STOCK_PAGED_PREFILL_NAMES and len(func.params) == 15 and len(func.params[5].shape) == 1:
+            shapes = _paged_shapes(func.params[0], func.params[2])
+            if shapes is not None:
+                mod[gv] = prefill_paged_kv(*shapes)
     return mod
 
 
-def _shapes(func):
-    """(query heads, KV heads, page size, head dim, dtype) from the stock kernel's buffers."""
-    if len(func.params) != 13:
-        return None
-    q, pages = func.params[0], func.params[1]
+def _paged_shapes(q, pages):
+    """(KV heads, query heads, head dim, page size, dtype) from a stock paged kernel's query and
+    page buffers, or None where these kernels do not take them."""
     try:
         _, h_qo, d = (int(x) if hasattr(x, "value") else None for x in q.shape)
         _, two, h_kv, page_size, d2 = (int(x) if hasattr(x, "value") else None for x in pages.shape)
     except ValueError:
         return None
-    if None in (h_qo, d, h_kv, page_size) or two != 2 or d != d2 or str(q.dtype) != str(pages.dtype):
+    dtype = str(q.dtype)
+    if None in (h_qo, d, h_kv, page_size) or two != 2 or d != d2 or dtype != str(pages.dtype):
         return None
-    return h_qo, h_kv, page_size, d, str(q.dtype)
+    if d % LANES or h_qo % h_kv or dtype not in DTYPES or page_size != 16:
+        return None
+    return h_kv, h_qo, d, page_size, dtype
 
 
 def _tree(op, items):

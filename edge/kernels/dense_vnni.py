@@ -187,31 +187,29 @@ def primfunc(x_shape, n_out: int, k_dim: int, groups: int, bits: int, *, chunk: 
                     for p in T.unroll(PT):
                         yf[T.min(c * R + r, rows - 1) * N + (t * PT + p) * PANEL:T.min(c * R + r, rows - 1) * N + (t * PT + p) * PANEL + PANEL] = acc.vload([r, p, 0], "float32x16")
 
+    @T.macro
+    def entry(var_x, wq, scale, zero, var_y):
+        """The buffers over the caller's tensors (rows flattened), then the kernel."""
+        n = T.int64()
+        x = T.match_buffer(var_x, _shape(lead, n, K), "float32")
+        y = T.match_buffer(var_y, _shape(lead, n, N), "float32")
+        rows: T.let[T.int64] = n * static_rows if symbolic else T.int64(static_rows)
+        xf = T.decl_buffer((rows * K,), "float32", data=x.data)
+        yf = T.decl_buffer((rows * N,), "float32", data=y.data)
+        wf = T.decl_buffer((P * KB * PANEL,), code_t, data=wq.data)
+        kernel(xf, yf, wf, scale, zero, rows)
+
     if has_zero:
         @T.prim_func(private=True)
         def dense_vnni(var_x: T.handle, wq: T.Buffer((P, KB, PANEL), code_t), scale: T.Buffer((P, G, PANEL), "float32"),
                        zero: T.Buffer((P, G, PANEL), "float32"), var_y: T.handle):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            n = T.int64()
-            x = T.match_buffer(var_x, _shape(lead, n, K), "float32")
-            y = T.match_buffer(var_y, _shape(lead, n, N), "float32")
-            rows: T.let[T.int64] = n * static_rows if symbolic else T.int64(static_rows)
-            xf = T.decl_buffer((rows * K,), "float32", data=x.data)
-            yf = T.decl_buffer((rows * N,), "float32", data=y.data)
-            wf = T.decl_buffer((P * KB * PANEL,), code_t, data=wq.data)
-            kernel(xf, yf, wf, scale, zero, rows)
+            entry(var_x, wq, scale, zero, var_y)
     else:  # symmetric codes: no zero tensor
         @T.prim_func(private=True)
         def dense_vnni(var_x: T.handle, wq: T.Buffer((P, KB, PANEL), code_t), scale: T.Buffer((P, G, PANEL), "float32"),
                        var_y: T.handle):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            n = T.int64()
-            x = T.match_buffer(var_x, _shape(lead, n, K), "float32")
-            y = T.match_buffer(var_y, _shape(lead, n, N), "float32")
-            rows: T.let[T.int64] = n * static_rows if symbolic else T.int64(static_rows)
-            xf = T.decl_buffer((rows * K,), "float32", data=x.data)
-            yf = T.decl_buffer((rows * N,), "float32", data=y.data)
-            wf = T.decl_buffer((P * KB * PANEL,), code_t, data=wq.data)
-            kernel(xf, yf, wf, scale, scale, rows)
+            entry(var_x, wq, scale, scale, var_y)
 
     return dense_vnni

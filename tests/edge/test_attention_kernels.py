@@ -34,17 +34,23 @@ def _run(fn, arrays, scalars):
     return args[-2].numpy(), args[-1].numpy()
 
 
+def _paged(rng, lengths, dtype):
+    """A page pool with each sequence's pages scattered in it -> (pages, page indptr, page table, last page lengths)."""
+    n_pages = [(n + PAGE - 1) // PAGE for n in lengths]
+    pool = sum(n_pages) + 2
+    pages = rng.standard_normal((pool, 2, H_KV, PAGE, D)).astype(dtype)
+    table = rng.permutation(pool)[: sum(n_pages)].astype("int32")
+    indptr = np.concatenate([[0], np.cumsum(n_pages)]).astype("int32")
+    last = np.array([n - (p - 1) * PAGE if p else 0 for n, p in zip(lengths, n_pages)], "int32")
+    return pages, indptr, table, last
+
+
 @pytest.mark.parametrize("lengths", [[1], [16], [17], [200], [5, 33, 1, 64]], ids=str)
 def test_decode_matches_tvm_kernel(target, lengths):
     from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
 
     rng = np.random.default_rng(len(lengths) * 1000 + lengths[0])
-    n_pages = [(n + PAGE - 1) // PAGE for n in lengths]
-    pool = sum(n_pages) + 2
-    pages = rng.standard_normal((pool, 2, H_KV, PAGE, D)).astype("float32")
-    table = rng.permutation(pool)[: sum(n_pages)].astype("int32")  # pages scattered in the pool
-    indptr = np.concatenate([[0], np.cumsum(n_pages)]).astype("int32")
-    last = np.array([n - (p - 1) * PAGE for n, p in zip(lengths, n_pages)], "int32")
+    pages, indptr, table, last = _paged(rng, lengths, "float32")
     b = len(lengths)
     q = rng.standard_normal((b, H_Q, D)).astype("float32")
     arrays = [q, pages, indptr, table, last, np.zeros(b, "int32"), np.zeros(b, "int32"),
@@ -74,17 +80,6 @@ def test_prefill_ragged_matches_tvm_kernel(target, q_lens, kv_lens, causal):
     got = _run(_build(attention.prefill_ragged(H_KV, H_Q, D), target), arrays, scalars)
     np.testing.assert_allclose(got[0], want[0], atol=3e-6, rtol=1e-5)
     np.testing.assert_allclose(got[1], want[1], atol=3e-6, rtol=1e-5)
-
-
-def _paged(rng, lengths, dtype):
-    """A page pool with each sequence's pages scattered in it -> (pages, page indptr, page table, last page lengths)."""
-    n_pages = [(n + PAGE - 1) // PAGE for n in lengths]
-    pool = sum(n_pages) + 2
-    pages = rng.standard_normal((pool, 2, H_KV, PAGE, D)).astype(dtype)
-    table = rng.permutation(pool)[: sum(n_pages)].astype("int32")
-    indptr = np.concatenate([[0], np.cumsum(n_pages)]).astype("int32")
-    last = np.array([n - (p - 1) * PAGE if p else 0 for n, p in zip(lengths, n_pages)], "int32")
-    return pages, indptr, table, last
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
