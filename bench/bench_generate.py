@@ -16,6 +16,17 @@ llama.cpp, llama.cpp, edgejit, ... alternating who goes first), on the same toke
     python bench/bench_generate.py                          # writes bench/results/generate.md
     python bench/bench_generate.py --quick                  # smoke run: fewer reps, 32 decode tokens
     python bench/bench_generate.py --formats q4_1 q8_0 f16  # also Q8_0 / F16 copies of the file
+    python bench/bench_generate.py --target x86-64-avx2 --out bench/results/generate-avx2.md  # another preset
+
+`--target` compiles edgejit for a preset this CPU runs (default `host`, the fastest) to measure what
+a smaller CPU's build does here: e.g. `x86-64-avx2`, the AVX2 mini PCs' kernels. Give llama.cpp the
+same instruction set by building it for AVX2 alone into a directory of its own and putting that
+first on PYTHONPATH (the table header prints what llama.cpp was built with):
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \\
+        -DGGML_AVX512_VNNI=OFF -DGGML_AVX_VNNI=OFF" pip install --no-deps --no-cache-dir --target /tmp/llama-avx2 \\
+        llama-cpp-python==0.3.36
+    PYTHONPATH=/tmp/llama-avx2 python bench/bench_generate.py --target x86-64-avx2 --out bench/results/generate-avx2.md
 
 llama.cpp comes from the `bench` extra (llama-cpp-python, which pip compiles from source: several
 minutes). On Intel CPUs with AMX (Sapphire Rapids and later) the default build dies with SIGILL on
@@ -26,8 +37,8 @@ built with other flags.
     CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" CXXFLAGS="$CFLAGS" CMAKE_ARGS="-DLLAVA_BUILD=OFF" \\
         pip install --no-binary llama-cpp-python --no-cache-dir -e ".[bench]"
 
-edgejit keeps Q4_0/Q4_1/Q8_0 weights quantized (weight-only kernels; int8 activations where the CPU
-has AVX-512 VNNI, fp32 elsewhere) and F16 ones fp16 (widened in the kernels); other types are dequantized to fp32 on the host. It runs as `edgejit chat`/`generate` and the daemon run it:
+edgejit keeps Q4_0/Q4_1/Q8_0 weights quantized (weight-only kernels; int8 activations where the target
+has int8 dot products: AVX-512 VNNI, AVX2, ARM dotprod) and F16 ones fp16 (widened in the kernels); other types are dequantized to fp32 on the host. It runs as `edgejit chat`/`generate` and the daemon run it:
 compiled like `edgejit compile` does (the batch-1 decode step built into the artifact) and with the
 JIT on, so decode steps of one sequence run on that variant (`--no-jit` measures the generic module
 alone). Prefill always runs on the generic module. The ONNX Runtime GenAI worker
@@ -588,6 +599,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 reps, 2 replies of 32 tokens, 1 thread count's profile")
     ap.add_argument("--formats", nargs="+", default=["q4_1"], choices=sorted(FORMATS))
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--target", default="host", help="edgejit's target preset (one this CPU runs; default host)")
     ap.add_argument("--work", help="directory for the GGUF copies and compiled artifacts (kept; reused when present)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate.md"))
     ap.add_argument("--worker", choices=sorted(ENGINES), help=argparse.SUPPRESS)
@@ -606,7 +618,10 @@ def main() -> int:
     from bench.common import bench_work_dir, compile_as_cli, write_results
     from deploy.tools.examples import write_smollm2
     from edge.artifact.reader import Artifact
+    from edge.artifact.targets import get_preset
 
+    if not get_preset(args.target).runs_here():
+        sys.exit(f"--target {args.target}: this CPU cannot run that preset's code")
     reps, reply_reps, n_decode, load_reps = REPS[args.quick]
     work = bench_work_dir(args.work, "bench-generate-")
     t_start = time.perf_counter()
@@ -617,10 +632,10 @@ def main() -> int:
         if not files[fmt].exists():
             log(f"writing {files[fmt].name} (gguf-py: every non-F32 tensor -> {FORMATS[fmt]})")
             requantize(src, files[fmt], FORMATS[fmt])
-        arts[fmt] = work / f"smollm2-{fmt}-host"
+        arts[fmt] = work / f"smollm2-{fmt}-{args.target}"
         if not (arts[fmt] / "manifest.json").exists():
             t = time.perf_counter()
-            compile_as_cli(files[fmt], arts[fmt], N_CTX, log=log)
+            compile_as_cli(files[fmt], arts[fmt], N_CTX, log=log, target=args.target)
             compile_s[fmt] = time.perf_counter() - t
     first = Artifact.open(arts[args.formats[0]])
     tmpl = first.manifest.decoder.chat_template
@@ -633,7 +648,7 @@ def main() -> int:
     for fmt in args.formats:
         for th in args.threads:
             log(f"{fmt}, {th} thread(s): load {os.getloadavg()[0]:.2f}")
-            jit_cache = None if args.no_jit else work / f"jit-cache-{fmt}-{th}"
+            jit_cache = None if args.no_jit else work / f"jit-cache-{fmt}-{args.target}-{th}"
             results[(fmt, th)] = run_block(fmt, files[fmt], arts[fmt], th, reps, reply_reps, n_decode, load_reps, ids, chat, log, jit_cache)
     for th in args.threads:
         bw[th] += bandwidth(work, th)
@@ -646,16 +661,23 @@ def main() -> int:
     loads = [la for r in results.values() for la in r["loadavg"]]
     MiB = 2**20
     jit_arg = "" if args.no_jit else ", jit='default'"
+    preset = get_preset(args.target)
+    quant = first.manifest.quantization or {}
+    system = llama_cpp.llama_print_system_info().decode().replace("CPU : ", "").split(" | ")  # "AVX2 = 1 | ..."
+    llama_isa = [f.split(" = ")[0] for f in system if f.endswith(" = 1") and f.split(" = ")[0] in (
+        "AVX", "AVX2", "F16C", "FMA", "AVX_VNNI", "AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16", "AMX_INT8", "NEON", "DOTPROD")]
     L = []
     L.append(
         f"SmolLM2-135M-Instruct (30 layers, hidden 576, vocab 49152, tied embedding) from the bundled GGUF"
         f"{' and copies rewritten from it with gguf-py' if len(args.formats) > 1 else ''}. edgejit: the file compiled with "
-        f"`compile_decoder(..., 'host', context={N_CTX}, decode_variants=(1,), matmul_activations='int8', kv_cache='fp16')` (as `edgejit compile` "
+        f"`compile_decoder(..., '{args.target}', context={N_CTX}, decode_variants=(1,), matmul_activations='int8', kv_cache='fp16')` "
+        f"(target preset `{preset.name}`: {', '.join(preset.target.get('mattr', []))}; as `edgejit compile` "
         f"does: the batch-1 decode step compiled into the artifact; the products with 4/8-bit weights (prefill, decode, "
-        f"LM head) on int8 activations where the target has AVX-512 VNNI, edge/kernels/dense_vnni.py; an fp16 KV cache, as llama.cpp's default), Q4_0/Q4_1/Q8_0 weights kept quantized and F16 ones fp16 "
+        f"LM head) on int8 activations where the target has int8 dot products, edge/kernels/dense_int8act.py, here: "
+        f"{quant.get('kernel', 'none')}; an fp16 KV cache, as llama.cpp's default), Q4_0/Q4_1/Q8_0 weights kept quantized and F16 ones fp16 "
         f"(others dequantized on the host), `load_decoder(threads=N{jit_arg})`, the Decoder's prefill/decode"
         f"{' (generic module only: --no-jit)' if args.no_jit else '; decode on the batch-1 variant'}. llama.cpp: llama-cpp-python {llama_cpp.__version__} built from source "
-        f"(no-AMX CFLAGS, docs/generation.md \"Speed\"), `Llama(path, n_threads=N, n_threads_batch=N, n_ctx={N_CTX})`, "
+        f"(no-AMX CFLAGS, docs/generation.md \"Speed\"; built for {', '.join(llama_isa) or '?'}), `Llama(path, n_threads=N, n_threads_batch=N, n_ctx={N_CTX})`, "
         "`eval()` of the same token ids. Both greedy (numpy argmax of the fp32 logits), EOS ignored, each engine in its own "
         f"process, measurements interleaved (who goes first alternates). Medians of {reps} (prefill), {reply_reps} "
         f"(TTFT, decode: {n_decode} decode steps after the first token), {load_reps + 1} (load: fresh processes). "
@@ -698,7 +720,7 @@ def main() -> int:
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
         L.append(f"- greedy tokens, {files[fmt].name}, {th} thread(s): the engines agree on the first {same} of {len(a)} "
                  "(different arithmetic: llama.cpp rounds activations to 8 or 16 bits everywhere, edgejit to int8 in every "
-                 "4/8-bit matrix product on VNNI, fp32 elsewhere: expected to drift)")
+                 "4/8-bit matrix product where the target has int8 dot products, fp32 elsewhere: expected to drift)")
     L.append("")
     L.append("## Memory-bandwidth bound")
     L.append("")

@@ -56,12 +56,13 @@ def write_results(path: Path, title: str, body: str) -> None:
     print(text)
 
 
-def compile_as_cli(model: Path, out: Path, context: int, log=lambda *a: None) -> Path:
-    """A decoder artifact for this machine compiled as `edgejit compile` does by default: the batch-1
-    decode step built in, int8 activations where the CPU has AVX-512 VNNI, an fp16 KV cache."""
+def compile_as_cli(model: Path, out: Path, context: int, log=lambda *a: None, target: str = "host") -> Path:
+    """A decoder artifact for `target` (default: this machine) compiled as `edgejit compile` does by
+    default: the batch-1 decode step built in, int8 activations where the target has int8 dot
+    products, an fp16 KV cache."""
     from deploy.compiler.decoder import compile_decoder
 
-    return compile_decoder(model, "host", out, context=context, decode_variants=(1,), matmul_activations="int8",
+    return compile_decoder(model, target, out, context=context, decode_variants=(1,), matmul_activations="int8",
                            kv_cache="fp16", force=True, log=log)
 
 

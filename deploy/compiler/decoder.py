@@ -134,15 +134,18 @@ def _layer_counts(quant: dict) -> dict[str, int]:
     return dict(collections.Counter(storage_name(b) for b in quant.values()))
 
 
-def _quantization(cfg, host: dict | None = None, matmul_activations: str = "fp32") -> dict | None:
-    """`host`: what --precision q4|q8 did (deploy/quantize/weight_only/schemes.py), else the file's own quantization."""
+_DOT_PRODUCTS = {"vnni512": "AVX-512 VNNI vpdpbusd", "avxvnni": "AVX-VNNI vpdpbusd", "avx2": "AVX2 vpmaddubsw", "dotprod": "ARM sdot"}
+
+
+def _quantization(cfg, host: dict | None = None, int8: str | None = None) -> dict | None:
+    """`host`: what --precision q4|q8 did (deploy/quantize/weight_only/schemes.py), else the file's
+    own quantization; `int8`: the int8-activation kernel's instruction set (kernels.int8_matmuls)."""
     quant = getattr(cfg, "quant", {})
     if not quant:
         return None
-    int8 = matmul_activations == "int8"
     return {"scheme": "weight-only", "group": 32, "layers": _layer_counts(quant),
             "activations": "int8 per group of 32 (prefill, decode steps and the LM head)" if int8 else "fp32",
-            "kernel": "edge/kernels/dense_vnni (int8 activations, vpdpbusd)" if int8 else
+            "kernel": f"edge/kernels/dense_int8act (int8 activations, {_DOT_PRODUCTS[int8]})" if int8 else
                       "edge/kernels/dense.compute_quant (codes dequantized in the inner loop)",
             "f16_kernel": "edge/kernels/dense.compute (fp16 weights widened in the inner loop)", **(host or {})}
 
@@ -204,7 +207,8 @@ def compile_decoder(
     decode batch sizes also compiled with the batch bound (the device JIT's variants, shipped in the artifact:
     `edgejit compile` builds batch 1 unless told otherwise). `matmul_activations`: "int8" quantizes the
     activations of the matrix products on 4/8-bit weights (prefill, decode steps, the LM head) to int8
-    per group where the target has AVX-512 VNNI (llama.cpp's Q4 x Q8 route, edge/kernels/dense_vnni.py;
+    per group where the target has int8 dot products (AVX-512 VNNI, AVX2, ARM dotprod: llama.cpp's Q4 x Q8
+    route, edge/kernels/dense_int8act.py;
     `edgejit compile`'s default), "fp32" keeps them fp32 (logits as transformers' on the same weights). `kv_cache`: "fp32" or "fp16" (the KV cache's
     element type: half the memory and attention reads, keys and values rounded to fp16)."""
     import tvm
@@ -254,8 +258,8 @@ def compile_decoder(
     mod = mod.with_attr(kernels.MATMUL_ACTIVATIONS_ATTR, matmul_activations)
     int8 = kernels.int8_matmuls(mod, preset.tvm_target())
     if cfg.quant and any(b != F16 for b in cfg.quant.values()):
-        log(f"matmul activations: {'int8 (AVX-512 VNNI)' if int8 else 'fp32'}"
-            + ("" if int8 or matmul_activations == "fp32" else f" ({preset.name} has no AVX-512 VNNI)"))
+        log(f"matmul activations: {f'int8 ({_DOT_PRODUCTS[int8]})' if int8 else 'fp32'}"
+            + ("" if int8 or matmul_activations == "fp32" else f" ({preset.name} has no int8 dot products)"))
     params = registry.get(m.arch).params(m.weights, cfg)
     missing = [n for n in names if n not in params]
     if missing:
@@ -303,7 +307,7 @@ def compile_decoder(
             seq_dim="num_seqs",
             dims={"num_seqs": DimRange(1, MAX_DECODE_BATCH), "num_tokens": DimRange(1, trained)},
             precision=_precision(cfg),
-            quantization=_quantization(cfg, host_report, "int8" if int8 else "fp32"),
+            quantization=_quantization(cfg, host_report, int8),
             accuracy=accuracy,
             **build_fields(preset),
         )

@@ -67,9 +67,20 @@ PRUNE_UNUSED_S = 24 * 3600
 
 TOLERANCE = {"fp32": 1e-4, "int8": 1e-3}  # |arm - x86|, relative to max(1, max|x86|)
 REFERENCE_TOLERANCE = {"fp32": 1e-4, "int8": 2e-2}  # |arm - onnxruntime fp32|, same scaling (int8 measured 2.2e-3)
-# decoder logits, |arm - x86| at every greedy step, same scaling, by KV cache type: an fp16 cache rounds
-# q, k and v to 11 bits, where fp32 values a last bit apart can round one fp16 step (4.9e-4) apart
-GENERATION_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-3}
+# decoder logits, |arm - x86| at every greedy step, same scaling, by the numbers that differ: an fp16
+# KV cache rounds q, k and v to 11 bits, where fp32 values a last bit apart can round one fp16 step
+# (4.9e-4) apart; int8 activations round to 8 bits (one step: 1/127 of a group's max |x|), so such a
+# difference upstream can move an activation a step (tiny Q4_1 llama, rpi5 sdot vs x86 VNNI: one prompt
+# 2.3e-7 over 32 steps, the other 1.1e-2 from the step where an activation rounded the other way)
+GENERATION_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-3, "int8": 3e-2}
+
+
+def generation_tolerance(options: dict) -> float:
+    """GENERATION_TOLERANCE for a decoder compiled with `options` (compile_decoder's kv_cache,
+    matmul_activations)."""
+    if options.get("matmul_activations") == "int8":
+        return GENERATION_TOLERANCE["int8"]
+    return GENERATION_TOLERANCE[options.get("kv_cache", "fp32")]
 # Prompts (token ids) for generation checks when none are given: plain text and a ChatML turn in
 # SmolLM2's vocabulary (any ids below a model's vocabulary size do).
 DEFAULT_PROMPTS = ((504, 3575, 282, 4649, 314),
@@ -363,7 +374,7 @@ def verify(
     jit_target: str | None = "rpi5",
     jit_seq: int = 24,
     decoders: dict[str, Path] | None = None,
-    kv_cache: dict[str, str] | None = None,
+    decoder_options: dict[str, dict] | None = None,
     prompts=DEFAULT_PROMPTS,
     new_tokens: int = 16,
     generation_targets=("rpi5",),
@@ -377,8 +388,9 @@ def verify(
     past}) compiled for the host and each of generation_targets; the
     emulated process for each target's CPU (the same one that runs the ONNX checks) generates
     new_tokens greedy tokens from each prompt (token ids), which must be the host's, with logits
-    within GENERATION_TOLERANCE (by KV cache type) at every step. kv_cache: {decoder name: "fp16"} for decoders whose KV
-    cache is compiled in fp16 (`edgejit compile --kv-cache`; the others: fp32)."""
+    within generation_tolerance(its options) at every step. decoder_options: {decoder name: compile_decoder
+    options}, e.g. {"kv_cache": "fp16", "matmul_activations": "int8"} (`edgejit compile --kv-cache
+    --matmul-activations`; a decoder without options: fp32 KV cache and activations)."""
     import numpy as np
 
     from deploy.compiler.decoder import compile_decoder
@@ -394,7 +406,7 @@ def verify(
     report.timings["userspace (assembled)" if us.assembled_s is not None else "userspace (cached)"] = time.perf_counter() - t
 
     generation_targets = tuple(generation_targets) if decoders else ()
-    kv_of = {m: (kv_cache or {}).get(m, "fp32") for m in (decoders or {})}  # each decoder's KV cache type
+    options = {m: dict((decoder_options or {}).get(m, {})) for m in (decoders or {})}
     presets = {name: get_preset(name) for name in dict.fromkeys((*targets, *generation_targets))}
     for name, p in presets.items():
         if p.arch != "aarch64":
@@ -433,7 +445,7 @@ def verify(
                 out = workdir / "artifacts" / f"{model}-decoder-{name}"
                 try:
                     compile_decoder(path, "host" if name == "x86" else name, out, context=context, force=True, log=quiet,
-                                    kv_cache=kv_of[model])
+                                    **options[model])
                 except EdgeJitError as e:
                     report.problems.append(f"generation target {name} ({model}): compile failed: {e}")
                     if name == "x86":
@@ -496,7 +508,7 @@ def verify(
             "generate": [
                 {"key": [m, n], "artifact": str(a), "prompts": [list(map(int, p)) for p in prompts],
                  "new_tokens": new_tokens, "context": context, "out": str(job_dir / f"{m}-decoder-{n}"),
-                 "kv_cache": kv_of[m]}
+                 "tolerance": generation_tolerance(options[m])}
                 for (m, n), a in decoder_artifacts.items() if n in names and m in expected_generation
             ],
         }
@@ -509,6 +521,8 @@ def verify(
         jobs.append((job, job_dir, _start_device(us, cpu, job, job_dir)))
     report.instructions = {"-".join(k): _count_instructions(a / "generic.so") for k, a in arm_artifacts.items()}
     probes = _start_probes(us, by_cpu, arm_artifacts, report.instructions, input_files, workdir)
+    report.instructions.update({f"{m}-decoder-{n}": _count_instructions(a / "generic.so")
+                                for (m, n), a in decoder_artifacts.items() if n != "x86"})
     for job, job_dir, started in jobs:  # the emulated processes run side by side
         result = _finish_device(job["cpu"], job_dir, started, report, log)
         if result is not None:
@@ -676,7 +690,7 @@ def _check_generation(result: dict, job: dict, expected: dict, report: Report) -
             steps = next((k for k, (a, b) in enumerate(zip(tokens, want_tokens)) if a != b), len(want_tokens) - 1) + 1
             error = _error(got[:steps], want_logits[:steps])
             report.generation.append(GenerationCheck(model, target, cpu, i, list(tokens), list(want_tokens), error,
-                                                     GENERATION_TOLERANCE[spec.get("kv_cache", "fp32")]))
+                                                     spec.get("tolerance", GENERATION_TOLERANCE["fp32"])))
 
 
 def _compare(report: Report, expected: dict, model: str, target: str, precision: str, seq: int, npz: Path) -> None:
@@ -859,6 +873,9 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per prompt for the generation check")
     v.add_argument("--kv-cache", choices=["fp16", "fp32"], default="fp16",
                    help="the decoders' KV cache type, as `edgejit compile --kv-cache` (default fp16, its default)")
+    v.add_argument("--matmul-activations", choices=["int8", "fp32"], default="int8",
+                   help="the decoders' activations in matrix products on 4/8-bit weights, as `edgejit compile "
+                        "--matmul-activations` (default int8, its default; ARM dotprod kernels where the target has them)")
     v.add_argument("--workdir", required=True)
     d = sub.add_parser("device", help=argparse.SUPPRESS)
     d.add_argument("job")
@@ -885,7 +902,8 @@ def main(argv: list[str] | None = None) -> int:
         report = verify({k: v for k, v in models.items() if k not in decoders}, args.workdir, targets=targets,
                         precisions=tuple(args.precision or ("fp32",)),
                         lengths=tuple(int(x) for x in args.lengths.split(",")), jit_seq=args.jit_seq,
-                        decoders=decoders, kv_cache={k: args.kv_cache for k in decoders}, prompts=prompts,
+                        decoders=decoders, prompts=prompts,
+                        decoder_options={k: {"kv_cache": args.kv_cache, "matmul_activations": args.matmul_activations} for k in decoders},
                         new_tokens=args.new_tokens, generation_targets=targets)
         print(report.summary())
         return 1 if report.failures() else 0

@@ -18,15 +18,16 @@ _LEGACY_ATTR = "edgejit_decode_activations"
 MATMUL_ACTIVATIONS = ("int8", "fp32")
 
 
-def int8_matmuls(mod, target) -> bool:
-    """Whether `mod` multiplies quantized weights by int8 activations on `target` (prefill, decode
-    steps, the LM head): asked for at compile time, and the target has AVX-512 VNNI
-    (edge/kernels/dense_vnni.py). Modules without the attribute keep fp32."""
-    from edge.kernels import dense_vnni
+def int8_matmuls(mod, target) -> str | None:
+    """The instruction set `mod` multiplies quantized weights by int8 activations with on `target`
+    (prefill, decode steps, the LM head; edge/kernels/dense_int8act.py): "vnni512", "avx2" or
+    "dotprod" when asked for at compile time and the target has int8 dot products, else None.
+    Modules without the attribute keep fp32."""
+    from edge.kernels import dense_int8act
 
     attrs = mod.attrs or {}
     asked = attrs.get(MATMUL_ACTIVATIONS_ATTR, attrs.get(_LEGACY_ATTR, "fp32"))
-    return str(asked) == "int8" and dense_vnni.supported(target)
+    return dense_int8act.isa(target) if str(asked) == "int8" else None
 
 
 def optimize(mod, target, *, tuning=None):

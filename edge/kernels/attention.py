@@ -27,6 +27,13 @@ STOCK_NAMES = ("batch_decode_paged_kv_cpu", "tir_attention_decode_cpu")  # its n
 STOCK_RAGGED_NAMES = ("batch_prefill_ragged_kv", "tir_attention_prefill_ragged_cpu")
 STOCK_PAGED_PREFILL_NAMES = ("batch_prefill_paged_kv_cpu", "tir_attention_prefill_cpu")  # not the sliding-window one
 LANES = 16  # partial sums of a dot product; LLVM splits them into the target's vectors
+# Keys and values are read a chunk (a KV page) at a time from wherever the page pool put them: in a
+# decode step the weights streamed since the last layer have pushed them out of cache, and the
+# hardware prefetchers do not follow a page table. The chunk this many ahead is prefetched while one
+# is computed. SmolLM2 Q4_1, one Zen 5 core, a 128-token reply after 200 prompt tokens, perf samples:
+# decode attention 0.296-0.300 of the batch-1 dense kernels' without, 0.248-0.253 with (3 chunks ahead: 0.260).
+# In a decode step it runs ~2.5x its time with the pages in cache: latency the prefetch only starts on.
+PREFETCH_AHEAD = 1
 DTYPES = ("float32", "float16")  # of the cache (and of q and the output: TVM's cache wants one dtype); math in fp32
 
 
@@ -102,6 +109,12 @@ def _exp2(x):
     return (p * f + T.float32(1)) * scale
 
 
+def _prefetch(load):
+    from tvm.script import tirx as T
+
+    return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(load), 0, 3, 1))
+
+
 def _row_max(buf, g, n: int):
     from tvm.script import tirx as T
 
@@ -123,6 +136,8 @@ def _attention_task(G: int, P: int, d: int, dtype: str):
     L = LANES
     C = d // L
     log2e = math.log2(math.exp(1))
+    per_line = 64 // (2 if dtype == "float16" else 4)  # elements per cache line
+    lines = (d + per_line - 1) // per_line
 
     @T.macro
     def start(q_s, o_s, m_s, l_s, query, first, hk, sm_scale):
@@ -183,6 +198,12 @@ def _attention_task(G: int, P: int, d: int, dtype: str):
         for chunk in range(n_chunks):
             base: T.let[T.int32] = base_of(chunk)
             rows: T.let[T.int32] = rows_of(chunk)
+            if chunk + PREFETCH_AHEAD < n_chunks:
+                ahead: T.let[T.int32] = base_of(chunk + PREFETCH_AHEAD)
+                for r in T.unroll(P):
+                    for line in T.unroll(lines):
+                        _prefetch(key(ahead, r, line * per_line))
+                        _prefetch(value(ahead, r, line * per_line))
             attend(q_s, o_s, m_s, l_s, s_s, p_s, acc, half, quarter, rows,
                    lambda r, j: key(base, r, j), lambda r, j: value(base, r, j))
         finish(o_s, m_s, l_s, output, lse, first, hk)

@@ -229,12 +229,14 @@ def add_prefetch(func, *, panels: int, split: int):
         k = ko * c(split)
         row = k // c(2) if bits == 4 else k
         nxt = [tirx.min((jo + c(1)) * c(panels) + c(p), c(n_panels - 1)) for p in range(panels)]
-        codes = tirx.SeqStmt([prefetch(wq, n, row, c(0)) for n in nxt]) if panels > 1 else prefetch(wq, nxt[0], row, c(0))
-        codes = tirx.IfThenElse(tirx.floormod(k, c(k_per_line)) < c(split), codes, None)
+        codes = tirx.IfThenElse(tirx.floormod(k, c(k_per_line)) < c(split), seq([prefetch(wq, n, row, c(0)) for n in nxt]), None)
         if scale is None:
             return codes
-        groups = tirx.SeqStmt([prefetch(b, n, k // c(group), c(0)) for n in nxt for b in (scale, zero) if b is not None])
+        groups = seq([prefetch(b, n, k // c(group), c(0)) for n in nxt for b in (scale, zero) if b is not None])
         return tirx.SeqStmt([codes, tirx.IfThenElse(tirx.floormod(k, c(group)) < c(split), groups, None)])
+
+    def seq(stmts):  # TVM refuses a SeqStmt of one statement (symmetric codes, one panel per tile: one prefetch)
+        return stmts[0] if len(stmts) == 1 else tirx.SeqStmt(stmts)
 
     def rewrite(stmt, jo):
         if isinstance(stmt, tirx.For):

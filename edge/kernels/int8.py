@@ -15,6 +15,8 @@ follows the matmul: `EPILOGUES`).
 Micro-kernels per ISA (`isa_of(target)`), all exact in int32:
 - `vnni512`: `vpdpbusd` wants u8 x s8, so activations are stored shifted by +128 (u8) and the
   epilogue subtracts `wcomp = 128 * sum_k Wq[k, n]`.
+- `avxvnni` (AVX-VNNI without AVX-512: Alder Lake, N100, Zen 5): the same in 256 bits (the
+  VEX-encoded `vpdpbusd`), the same +128 and `wcomp`.
 - `avx2`: `vpmaddubsw` (u8 x s8 -> s16, saturating) on |a| and sign(a) * w, then `vpmaddwd` with 1s.
   With both operands in [-127, 127] a pair sums to at most 2 * 127 * 127 = 32258 < 32767: no
   saturation, unlike the u8 x s8 form that makes ORT offer `reduce_range`.
@@ -38,7 +40,7 @@ KGROUP = 4  # k values per packed group
 # Register tile (rows, 16-column panels) per ISA. Measured at 128 rows on MiniLM's shapes, one
 # thread: VNNI 6x2 runs the three matmuls in 0.41 ms (4x1: 0.69, 8x2 and 4x3 spill); AVX2 tiles
 # from 2x1 to 8x2 are within 6% (ALU bound), 2x2 the best; ARM: 4x1 (16 of 32 NEON registers).
-TILES = {"vnni512": (6, 2), "avx2": (2, 2), "dotprod": (4, 1), "neon": (4, 1)}
+TILES = {"vnni512": (6, 2), "avxvnni": (2, 2), "avx2": (2, 2), "dotprod": (4, 1), "neon": (4, 1)}
 
 
 def isa_of(target) -> str:
@@ -54,6 +56,8 @@ def isa_of(target) -> str:
     if triple.startswith("x86_64") or triple == "":
         if "+avx512vnni" in mattr and "+avx512bw" in mattr:
             return "vnni512"
+        if "+avxvnni" in mattr:
+            return "avxvnni"
         if "+avx2" in mattr or mcpu in _AVX2_CPUS:
             return "avx2"
     return "generic"
@@ -65,7 +69,7 @@ _AVX2_CPUS = {"haswell", "broadwell", "skylake", "skylake-avx512", "cascadelake"
 
 
 def activation_dtype(isa: str) -> str:
-    return "uint8" if isa == "vnni512" else "int8"
+    return "uint8" if isa in ("vnni512", "avxvnni") else "int8"
 
 
 def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +170,7 @@ def quantize_rows(k: int, isa: str, *, static: bool = False):
 # vpdpbusd; a small "global" allocation becomes an alloca, which LLVM keeps in registers.
 _STACK = "global"
 
-_SUB_LANES = {"vnni512": 16, "avx2": 8, "dotprod": 4, "neon": 4}
+_SUB_LANES = {"vnni512": 16, "avxvnni": 8, "avx2": 8, "dotprod": 4, "neon": 4}
 
 
 def _update(isa: str):
@@ -177,6 +181,10 @@ def _update(isa: str):
         def upd(acc, a4, b):
             a = T.reinterpret("int8x64", T.broadcast(a4, 16))
             return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, a, b)
+    elif isa == "avxvnni":
+        def upd(acc, a4, b):
+            a = T.reinterpret("int8x32", T.broadcast(a4, 8))
+            return T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", acc, a, b)
     elif isa == "avx2":
         def upd(acc, a4, b):
             a = T.reinterpret("int8x32", T.broadcast(a4, 8))

@@ -92,19 +92,19 @@ def _uses(func) -> dict:
     return {v: as_arg.get(v, []) + [None] * (n - len(as_arg.get(v, []))) for v, n in seen.items()}
 
 
-def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = None, int8: bool = False):
+def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = None, int8: str | None = None):
     """Build side: matmul(x, reshape(permute_dims(Wp))) -> call_tir(packed dense kernel).
 
     `rows`: the register tile's rows where the row count is symbolic; `var_rows` overrides it when
     every symbolic row dim is one of its variables (a decoder's `num_seqs`: a decode step's rows,
     and the LM head's in prefill, are the few sequences in the batch, not their tokens).
-    With `int8` (a module compiled for int8 activations, on a target with AVX-512 VNNI:
-    edge.kernels.int8_matmuls), quantized weights get the int8-activation kernel
-    (edge.kernels.dense_vnni) whatever their rows: prefill chunks, decode steps, the LM head."""
+    With `int8` (the instruction set of a module compiled for int8 activations, on a target with
+    int8 dot products: edge.kernels.int8_matmuls), quantized weights get the int8-activation kernel
+    (edge.kernels.dense_int8act) whatever their rows: prefill chunks, decode steps, the LM head."""
     import tvm
     from tvm import relax
 
-    from edge.kernels import dense_vnni
+    from edge.kernels import dense_int8act
 
 
     @relax.expr_functor.mutator
@@ -124,8 +124,8 @@ def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = No
             tile = min(tile_rows, m) if m else tile_rows  # a static batch of fewer rows: no wasted rows
             quant = dequant_args(self, wp)
             if quant is not None:  # weight-only quantized: dequantized in the kernel's inner loop
-                if int8 and self._vnni_fits(x, quant):
-                    return self._call_vnni(x, quant)
+                if int8 and self._int8act_fits(x, quant):
+                    return self._call_int8act(x, quant)
                 if quant[2] is None:
                     return self.builder_.call_te(dense.compute_quant_sym, x, *quant[:2], tile, primfunc_name_hint="dense_quant")
                 return self.builder_.call_te(dense.compute_quant, x, *quant, tile, primfunc_name_hint="dense_quant")
@@ -133,7 +133,7 @@ def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = No
             wp = wp if f16 is None else f16
             return self.builder_.call_te(dense.compute, x, wp, tile, primfunc_name_hint="dense_packed")
 
-        def _vnni_fits(self, x, quant) -> bool:
+        def _int8act_fits(self, x, quant) -> bool:
             wq, scale, _ = quant
             lead = [d for d in x.ty.shape.values[:-1] if not hasattr(d, "value")]
             if len(lead) > 1 or (lead and not isinstance(lead[0], tvm.tirx.Var)):  # rows: static, or one variable
@@ -142,15 +142,15 @@ def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = No
                 return False
             bits = 4 if wq.ty.dtype == "uint8" else 8
             k_dim = int(x.ty.shape.values[-1])
-            return dense_vnni.applies(k_dim, int(scale.ty.shape.values[1]), bits)
+            return dense_int8act.applies(k_dim, int(scale.ty.shape.values[1]), bits)
 
-        def _call_vnni(self, x, quant):
+        def _call_int8act(self, x, quant):
             wq, scale, _ = quant
             x_shape = [int(d) if hasattr(d, "value") else d for d in x.ty.shape.values]
             n_out = int(wq.ty.shape.values[0]) * int(wq.ty.shape.values[2])
-            func = dense_vnni.primfunc(x_shape, n_out, x_shape[-1], int(scale.ty.shape.values[1]), 4 if wq.ty.dtype == "uint8" else 8,
+            func = dense_int8act.primfunc(x_shape, n_out, x_shape[-1], int(scale.ty.shape.values[1]), 4 if wq.ty.dtype == "uint8" else 8, int8,
                                        zero=quant[2] is not None)
-            gv = self.builder_.add_func(func.with_attr("op_pattern", 8), "dense_vnni")  # opaque: not fused
+            gv = self.builder_.add_func(func.with_attr("op_pattern", 8), "dense_int8act")  # opaque: not fused
             out = relax.TensorType([*x_shape[:-1], n_out], "float32")
             return self.builder_.emit(relax.call_tir(gv, [x, *(a for a in quant if a is not None)], out))
 

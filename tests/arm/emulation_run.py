@@ -18,12 +18,15 @@ JIT_TARGET, JIT_SEQ = "rpi5", 24
 # Cortex-A76 model against the host's and transformers'.
 DECODER = "tiny_llama"  # llama GGUF, GQA (tests/fixtures/gguf_llama.py)
 QDECODER = "tiny_llama_q4_1"  # the same shape with Q4_1 weights: the weight-only 4-bit kernels on ARM
+# the same file compiled for int8 activations (`edgejit compile`'s default): rpi5's sdot kernels
+QDECODER_INT8 = "tiny_llama_q4_1_int8"
 # GPT-2 as llama.cpp writes it (tests/fixtures/gguf_gpt2.py): positions, LayerNorm, GELU; F16 matrices,
 # kept fp16 by the compile (the fp16-widening dense kernel on ARM)
 GPT2_DECODER = "tiny_gpt2"
 QWEN2_DECODER = "tiny_qwen2"  # Hugging Face directory (tests/fixtures/hf_checkpoints.py): q/k/v biases, untied head
 MISTRAL_DECODER = "tiny_mistral"  # Hugging Face directory: sliding window 64 (the context stays within it)
-DECODERS = (DECODER, QDECODER, GPT2_DECODER, QWEN2_DECODER, MISTRAL_DECODER)
+DECODERS = (DECODER, QDECODER, QDECODER_INT8, GPT2_DECODER, QWEN2_DECODER, MISTRAL_DECODER)
+DECODER_OPTIONS = {QDECODER: {"kv_cache": "fp16"}, QDECODER_INT8: {"kv_cache": "fp16", "matmul_activations": "int8"}}
 GENERATION_TARGETS = ("rpi5",)
 PROMPTS = arm_emulation.DEFAULT_PROMPTS  # plain text and a ChatML turn, SmolLM2 token ids
 NEW_TOKENS = 32  # context: the longest prompt (18) + 32 = 50, within Mistral's window
@@ -42,6 +45,7 @@ def decoders(vocab, directory) -> dict[str, tuple[str, object]]:
     for name, opts in {DECODER: {}, QDECODER: dict(seed=4, weight_type="Q4_1", embed_type="Q8_0")}.items():
         fx = write_llama_gguf(directory / f"{name}.gguf", vocab, **opts)
         out[name] = (fx["path"], hf_model(fx["config"], fx["state_dict"]))  # the file's (dequantized) values
+    out[QDECODER_INT8] = out[QDECODER]
     gpt2 = write_gpt2_checkpoint(directory / "gpt2", vocab, seed=1)["model"]
     path = write_gpt2_gguf(directory / f"{GPT2_DECODER}.gguf", gpt2, vocab, weight_type="F16")
     out[GPT2_DECODER] = (path, load_gguf_model(path))  # the file's fp16 values
@@ -58,7 +62,7 @@ def run(request, tmp_path_factory, decoders: dict) -> arm_emulation.Report:
     report = arm_emulation.verify(
         models, tmp_path_factory.mktemp("arm"), targets=TARGETS, precisions=PRECISIONS, lengths=LENGTHS,
         jit_target=JIT_TARGET, jit_seq=JIT_SEQ, prompts=PROMPTS,
-        decoders={name: path for name, (path, _) in decoders.items()}, kv_cache={QDECODER: "fp16"},
+        decoders={name: path for name, (path, _) in decoders.items()}, decoder_options=DECODER_OPTIONS,
         new_tokens=NEW_TOKENS, generation_targets=GENERATION_TARGETS, log=lambda *a, **k: None,
     )
     report.timings["total"] = time.perf_counter() - start

@@ -12,7 +12,7 @@ import pytest
 
 from deploy.tools import arm_emulation
 
-from tests.arm.emulation_run import DECODERS, GENERATION_TARGETS, NEW_TOKENS, PROMPTS, QDECODER
+from tests.arm.emulation_run import DECODER_OPTIONS, DECODERS, GENERATION_TARGETS, NEW_TOKENS, PROMPTS, QDECODER_INT8
 
 pytestmark = [pytest.mark.slow, pytest.mark.arm]
 
@@ -32,7 +32,13 @@ def test_greedy_generation_on_the_emulated_cpu_matches_the_host_and_transformers
     reference = arm_decoders[model][1]
     for g in checks:
         assert g.tokens == g.expected and len(g.tokens) == NEW_TOKENS
-        assert g.error <= g.tolerance == arm_emulation.GENERATION_TOLERANCE["fp16" if model == QDECODER else "fp32"]
-        assert g.tokens == greedy(reference, PROMPTS[g.prompt], NEW_TOKENS)[0], f"{model} prompt {g.prompt}: not transformers' tokens"
+        assert g.error <= g.tolerance == arm_emulation.generation_tolerance(DECODER_OPTIONS.get(model, {}))
+        if model != QDECODER_INT8:  # int8 activations move a random tiny model's near-ties; the host's int8
+            # kernels are held to transformers on SmolLM2 (tests/edge/generate/test_smollm2.py)
+            assert g.tokens == greedy(reference, PROMPTS[g.prompt], NEW_TOKENS)[0], f"{model} prompt {g.prompt}: not transformers' tokens"
         assert len(set(g.expected)) > 3  # a non-degenerate sequence: the check can tell models apart
+    if model == QDECODER_INT8:  # its decode steps and prefill ran on sdot
+        counts = arm_report.instructions.get(f"{model}-decoder-{target}")
+        if counts is not None:  # None: no aarch64-linux-gnu-objdump
+            assert counts["sdot"] > 0, counts
     assert arm_report.timings.get("generation on cortex-a76", 0) > 0

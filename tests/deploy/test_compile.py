@@ -54,7 +54,7 @@ def test_cli_compile_and_run_match_reference(tiny_onnx, tmp_path):
 def test_targets_lists_the_presets():
     r = edgejit("targets")
     assert r.returncode == 0
-    for name in ["x86-64-avx2", "x86-64-avx512", "x86-64-avx512-vbmi", "aarch64", "rpi4", "rpi5", "jetson-orin"]:
+    for name in ["x86-64-avx2", "x86-64-avxvnni", "x86-64-avx512", "x86-64-avx512-vbmi", "aarch64", "rpi4", "rpi5", "jetson-orin"]:
         assert name in r.stdout
 
 

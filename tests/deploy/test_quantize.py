@@ -18,6 +18,8 @@ from tests.deploy.int8_models import transformer
 X86_TARGETS = {
     "vnni512": ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "cascadelake",
                  "mattr": ["+avx512f", "+avx512bw", "+avx512vl", "+avx512vnni"]}, ["avx512f", "avx512bw", "avx512_vnni"]),
+    "avxvnni": ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "alderlake", "mattr": ["+avx2", "+fma", "+avxvnni"]},
+                ["avx2", "avx_vnni"]),
     "avx2": ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell", "mattr": ["+avx2", "+fma"]}, ["avx2"]),
     "generic": ({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}, []),
 }

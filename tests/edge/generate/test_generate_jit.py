@@ -64,7 +64,7 @@ def test_decode_variants_compiled_into_the_artifact(tiny_llamas, tmp_path):
     from edge.generate import Generator
 
     from edge.artifact.targets import get_preset
-    from edge.kernels import dense_vnni
+    from edge.kernels import dense_int8act
 
     fx, _ = tiny_llamas["q4_1_gqa"]
     out = tmp_path / "art"
@@ -74,8 +74,8 @@ def test_decode_variants_compiled_into_the_artifact(tiny_llamas, tmp_path):
     assert "built the decode step of 1 sequence(s)" in run.stdout + run.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["decoder"]["variants"] == {"1": "decode-b1.so"} and "decode-b1.so" in manifest["files"]
-    vnni = dense_vnni.supported(get_preset("host").tvm_target())
-    assert manifest["quantization"]["activations"].startswith("int8" if vnni else "fp32")
+    int8 = dense_int8act.isa(get_preset("host").tvm_target()) is not None
+    assert manifest["quantization"]["activations"].startswith("int8" if int8 else "fp32")
     assert manifest["decoder"]["config"]["kv_cache_dtype"] == "float16"  # the CLI's default, as llama.cpp's
     want_toks, want_logits = _greedy(Generator(out))  # the generic module alone
     events = []
