@@ -42,7 +42,7 @@ ISAS = ("vnni512", "avxvnni", "avx2", "dotprod")  # edge.kernels.int8.isa_of nam
 LANES = {"vnni512": 16, "avxvnni": 8, "avx2": 8, "dotprod": 4}  # int32 lanes per instruction
 # Rows per chunk: a static row count up to MAX_ROWS is one chunk, otherwise CHUNK rows at a time.
 # vnni512: 3 zmm per row; SmolLM2 Q4_1, a 256-token prefill, one core: 4 rows 1,587 tok/s, 8 rows 1,161.
-# avx2 and dotprod: 16 columns are 2 ymm / 4 q registers of int32 sums and as many of fp32 per row.
+# avxvnni, avx2, dotprod: 16 columns are 2 ymm / 4 q registers of int32 sums and as many of fp32 per row.
 MAX_ROWS = {"vnni512": 8, "avxvnni": 4, "avx2": 4, "dotprod": 4}
 CHUNK = {"vnni512": 4, "avxvnni": 4, "avx2": 4, "dotprod": 4}
 # One panel per tile, prefetched 3 tiles ahead; vnni512 keeps 2 chains of int32 sums per row (576 x

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench.bench_sampling import full_vocabulary_sample
 from edge.errors import EdgeJitError
 from edge.generate.engine import StopMatcher as _StopMatcher
 from edge.generate.sampler import Sampler, SamplingParams, apply_repetition_penalty
@@ -213,3 +214,19 @@ def test_stop_matcher_random():
             assert hit and out == text[: min(found)], (text, stops, pieces, out)
         else:
             assert not hit and out + m.flush() == text
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(temperature=0.7, top_k=40),
+                                dict(temperature=1.3, top_p=0.5, min_p=0.05), dict(temperature=1.0, top_k=50, top_p=0.95),
+                                dict(temperature=1.0, top_p=0.99)], ids=str)
+@pytest.mark.parametrize("spread", [0.05, 3.0])  # flat (a nucleus of thousands: the candidate set grows) and peaked
+def test_sampler_draws_what_the_full_vocabulary_computation_draws(kw, spread):
+    """The sampler filters only the candidates it needs (a partial sort for top_p, the top-k ids),
+    and still makes the same choices as the filters over a whole 49,152-token vocabulary with a
+    full sort and Generator.choice (bench/bench_sampling.py, which times the two), for the same seed."""
+    x = (np.random.default_rng(7).standard_normal(49152) * spread).astype(np.float32)
+    ours = _sampler(seed=3, **kw)
+    ref_rng = np.random.default_rng(3)
+    got = [ours(x) for _ in range(60)]
+    assert got == [full_vocabulary_sample(x, ref_rng, **kw) for _ in range(60)]
+    assert len(set(got)) > 5
