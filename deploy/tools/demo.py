@@ -558,7 +558,9 @@ def run_chat(args) -> int:
             say(f"  turn {turn + 1}:")
             for k, m in enumerate(msgs):
                 say(f"    user {k + 1} > {m[:90]}{'...' if len(m) > 90 else ''}")
-            records += chat_round(client, histories, msgs, max_tokens=max_tokens, stagger_s=0.3)
+            # users a few tens of ms apart: a 24-token reply (--quick) takes ~0.25 s here, and with
+            # 0.3 s between users each one finished before the next arrived (nothing decoded together)
+            records += chat_round(client, histories, msgs, max_tokens=max_tokens, stagger_s=0.05)
             if turn == 0 and settle_generation_jit(port, timeout=600):
                 say("  JIT settled: the next turns decode on specialized variants")
         wall = time.monotonic() - t_traffic
