@@ -6,7 +6,7 @@ choices for the same seed).
     python bench/bench_sampling.py          # writes bench/results/sampling.md
 
 SmolLM2's vocabulary (49,152 tokens), logits with the spread of a real model's (normal, sigma 3),
-one thread, median per token over 200 draws, the two interleaved; the decode step it follows costs
+one thread, per token: the median of 5 interleaved rounds, each the median of 40 draws; the decode step it follows costs
 ~4 ms (bench/results/generate.md)."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main() -> int:
     body = "\n".join([
         f"Choosing one token from {VOCAB:,} logits (normal, sigma 3), one thread, ms per token (median of 5 "
         "interleaved rounds of medians of 40). edgejit: `edge.generate.sampler.Sampler` (filters over the "
-        "candidates they can keep: the top-k ids, a partial sort for top_p). Full vocabulary: the same filters "
+        "candidates they can keep: the top-k ids; for top_p the tokens above a weight floor that holds the mass, sorted). Full vocabulary: the same filters "
         "over every token with a full sort for top_p, then `Generator.choice` (the sampler before; the tests "
         "hold the two to the same choices for the same seed).", "",
         "| sampling | edgejit ms | full vocabulary ms | speed-up |", "|---|---|---|---|", *rows])

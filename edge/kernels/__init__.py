@@ -20,8 +20,8 @@ MATMUL_ACTIVATIONS = ("int8", "fp32")
 
 def int8_matmuls(mod, target) -> str | None:
     """The instruction set `mod` multiplies quantized weights by int8 activations with on `target`
-    (prefill, decode steps, the LM head; edge/kernels/dense_int8act.py): "vnni512", "avx2" or
-    "dotprod" when asked for at compile time and the target has int8 dot products, else None.
+    (prefill, decode steps, the LM head; edge/kernels/dense_int8act.py): one of dense_int8act.ISAS
+    when asked for at compile time and the target has int8 dot products, else None.
     Modules without the attribute keep fp32."""
     from edge.kernels import dense_int8act
 

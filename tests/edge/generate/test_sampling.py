@@ -219,9 +219,9 @@ def test_stop_matcher_random():
 @pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(temperature=0.7, top_k=40),
                                 dict(temperature=1.3, top_p=0.5, min_p=0.05), dict(temperature=1.0, top_k=50, top_p=0.95),
                                 dict(temperature=1.0, top_p=0.99)], ids=str)
-@pytest.mark.parametrize("spread", [0.05, 3.0])  # flat (a nucleus of thousands: the candidate set grows) and peaked
+@pytest.mark.parametrize("spread", [0.05, 3.0])  # flat (a nucleus of tens of thousands of tokens) and peaked
 def test_sampler_draws_what_the_full_vocabulary_computation_draws(kw, spread):
-    """The sampler filters only the candidates it needs (a partial sort for top_p, the top-k ids),
+    """The sampler filters only the candidates it needs (for top_p the tokens above a weight floor, the top-k ids),
     and still makes the same choices as the filters over a whole 49,152-token vocabulary with a
     full sort and Generator.choice (bench/bench_sampling.py, which times the two), for the same seed."""
     x = (np.random.default_rng(7).standard_normal(49152) * spread).astype(np.float32)
