@@ -19,6 +19,7 @@ from edge.artifact.targets import Preset, get_preset
 from edge.errors import EdgeJitError
 from edge.generate.decoder import kv_bytes_per_token
 from edge import kernels
+from edge.kernels import dense_int8act
 from edge.runtime import pipeline
 
 from deploy.compiler import signing
@@ -134,9 +135,6 @@ def _layer_counts(quant: dict) -> dict[str, int]:
     return dict(collections.Counter(storage_name(b) for b in quant.values()))
 
 
-_DOT_PRODUCTS = {"vnni512": "AVX-512 VNNI vpdpbusd", "avxvnni": "AVX-VNNI vpdpbusd", "avx2": "AVX2 vpmaddubsw", "dotprod": "ARM sdot"}
-
-
 def _quantization(cfg, host: dict | None = None, int8: str | None = None) -> dict | None:
     """`host`: what --precision q4|q8 did (deploy/quantize/weight_only/schemes.py), else the file's
     own quantization; `int8`: the int8-activation kernel's instruction set (kernels.int8_matmuls)."""
@@ -145,7 +143,7 @@ def _quantization(cfg, host: dict | None = None, int8: str | None = None) -> dic
         return None
     return {"scheme": "weight-only", "group": 32, "layers": _layer_counts(quant),
             "activations": "int8 per group of 32 (prefill, decode steps and the LM head)" if int8 else "fp32",
-            "kernel": f"edge/kernels/dense_int8act (int8 activations, {_DOT_PRODUCTS[int8]})" if int8 else
+            "kernel": f"edge/kernels/dense_int8act (int8 activations, {dense_int8act.INSTRUCTIONS[int8]})" if int8 else
                       "edge/kernels/dense.compute_quant (codes dequantized in the inner loop)",
             "f16_kernel": "edge/kernels/dense.compute (fp16 weights widened in the inner loop)", **(host or {})}
 
@@ -258,7 +256,7 @@ def compile_decoder(
     mod = mod.with_attr(kernels.MATMUL_ACTIVATIONS_ATTR, matmul_activations)
     int8 = kernels.int8_matmuls(mod, preset.tvm_target())
     if cfg.quant and any(b != F16 for b in cfg.quant.values()):
-        log(f"matmul activations: {f'int8 ({_DOT_PRODUCTS[int8]})' if int8 else 'fp32'}"
+        log(f"matmul activations: {f'int8 ({dense_int8act.INSTRUCTIONS[int8]})' if int8 else 'fp32'}"
             + ("" if int8 or matmul_activations == "fp32" else f" ({preset.name} has no int8 dot products)"))
     params = registry.get(m.arch).params(m.weights, cfg)
     missing = [n for n in names if n not in params]

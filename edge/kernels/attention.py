@@ -22,6 +22,9 @@ the cache to apply RoPE inside attention keep TVM's kernels (edgejit's models ap
 from __future__ import annotations
 
 import math
+import operator
+
+from edge.kernels.tir_exprs import prefetch, tree
 
 STOCK_NAMES = ("batch_decode_paged_kv_cpu", "tir_attention_decode_cpu")  # its name in the module
 STOCK_RAGGED_NAMES = ("batch_prefill_ragged_kv", "tir_attention_prefill_ragged_cpu")
@@ -84,14 +87,6 @@ def _paged_shapes(q, pages):
     return h_kv, h_qo, d, page_size, dtype
 
 
-def _tree(op, items):
-    """op(op(a, b), op(c, d))...: a balanced tree, so the terms are independent."""
-    items = list(items)
-    while len(items) > 1:
-        items = [op(items[i], items[i + 1]) if i + 1 < len(items) else items[i] for i in range(0, len(items), 2)]
-    return items[0]
-
-
 def _exp2(x):
     """2**x as vector arithmetic (T.exp2 is a scalar libm call per lane, ~40% of the kernel at long
     contexts): 2**round(x) from the exponent bits times Cephes' exp2f polynomial for the fraction in
@@ -109,20 +104,14 @@ def _exp2(x):
     return (p * f + T.float32(1)) * scale
 
 
-def _prefetch(load):
-    from tvm.script import tirx as T
-
-    return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(load), 0, 3, 1))
-
-
 def _row_max(buf, g, n: int):
     from tvm.script import tirx as T
 
-    return _tree(T.max, (buf[g, r] for r in range(n)))
+    return tree(T.max, (buf[g, r] for r in range(n)))
 
 
 def _sum(buf, n: int):
-    return _tree(lambda a, b: a + b, (buf[r] for r in range(n)))
+    return tree(operator.add, (buf[r] for r in range(n)))
 
 
 def _attention_task(G: int, P: int, d: int, dtype: str):
@@ -202,8 +191,8 @@ def _attention_task(G: int, P: int, d: int, dtype: str):
                 ahead: T.let[T.int32] = base_of(chunk + PREFETCH_AHEAD)
                 for r in T.unroll(P):
                     for line in T.unroll(lines):
-                        _prefetch(key(ahead, r, line * per_line))
-                        _prefetch(value(ahead, r, line * per_line))
+                        T.evaluate(prefetch(key(ahead, r, line * per_line)))
+                        T.evaluate(prefetch(value(ahead, r, line * per_line)))
             attend(q_s, o_s, m_s, l_s, s_s, p_s, acc, half, quarter, rows,
                    lambda r, j: key(base, r, j), lambda r, j: value(base, r, j))
         finish(o_s, m_s, l_s, output, lse, first, hk)

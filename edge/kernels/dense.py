@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from edge.kernels import tir_exprs
+
 BLOCK_NAME = "edgejit_dense_packed"
 
 
@@ -219,9 +221,7 @@ def add_prefetch(func, *, panels: int, split: int):
     k_per_line = {4: 8, 8: 4, 16: 2}[bits]  # rows of 16 columns per 64-byte line
 
     def prefetch(buf, *idx):
-        load = buf[tuple(idx)]
-        return tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(load), tirx.const(0, "int32"),
-                                                   tirx.const(3, "int32"), tirx.const(1, "int32")))
+        return tirx.Evaluate(tir_exprs.prefetch(buf[tuple(idx)]))
 
     def prefetches(jo, ko):
         it = str(ko.ty.dtype)

@@ -36,15 +36,19 @@ kernel.
 """
 
 # (no `from __future__ import annotations`: TVMScript reads the kernel's parameter annotations)
+import operator
+
 from edge.kernels.packing import PANEL
+from edge.kernels.tir_exprs import prefetch, tree
 
 ISAS = ("vnni512", "avxvnni", "avx2", "dotprod")  # edge.kernels.int8.isa_of names that have this kernel
+INSTRUCTIONS = {"vnni512": "AVX-512 VNNI vpdpbusd", "avxvnni": "AVX-VNNI vpdpbusd", "avx2": "AVX2 vpmaddubsw", "dotprod": "ARM sdot"}
 LANES = {"vnni512": 16, "avxvnni": 8, "avx2": 8, "dotprod": 4}  # int32 lanes per instruction
 # Rows per chunk: a static row count up to MAX_ROWS is one chunk, otherwise CHUNK rows at a time.
 # vnni512: 3 zmm per row; SmolLM2 Q4_1, a 256-token prefill, one core: 4 rows 1,587 tok/s, 8 rows 1,161.
 # avxvnni, avx2, dotprod: 16 columns are 2 ymm / 4 q registers of int32 sums and as many of fp32 per row.
 MAX_ROWS = {"vnni512": 8, "avxvnni": 4, "avx2": 4, "dotprod": 4}
-CHUNK = {"vnni512": 4, "avxvnni": 4, "avx2": 4, "dotprod": 4}
+CHUNK = 4
 # One panel per tile, prefetched 3 tiles ahead; vnni512 keeps 2 chains of int32 sums per row (576 x
 # 3072 4-bit one row, streamed, one Zen 5 core: 36-39 us; 2 panels per tile 39-47, 4 panels 42; no
 # prefetch 46); the narrower ISAs have 2-4 independent sums per load already.
@@ -66,12 +70,6 @@ def applies(k_dim: int, groups: int, bits: int) -> bool:
         return False
     group = k_dim // groups
     return groups * group == k_dim and group % (8 if bits == 4 else 4) == 0
-
-
-def _tree(vals):
-    while len(vals) > 1:
-        vals = [a + b for a, b in zip(vals[::2], vals[1::2])] + (vals[-1:] if len(vals) % 2 else [])
-    return vals[0]
 
 
 def _columns(T, wf, base, bits: int, lanes: int, v):
@@ -108,8 +106,22 @@ def _codes(T, vec, bits: int, half, isa_name: str):
     n = 4 * LANES[isa_name]
     if bits == 8:
         return T.reinterpret(f"int8x{n}", vec ^ T.broadcast(T.int8(-128), n)) if isa_name == "vnni512" else vec
-    nib = T.if_then_else(half == 0, vec & T.broadcast(T.uint8(15), n), T.shift_right(vec, T.broadcast(T.uint8(4), n)))
-    return T.reinterpret(f"int8x{n}", nib)
+    return T.reinterpret(f"int8x{n}", T.if_then_else(half == 0, _nibbles(T, vec, n, 0), _nibbles(T, vec, n, 1)))
+
+
+def _nibbles(T, vec, n: int, half: int):
+    """The low (half 0) or high nibbles of n code bytes, as bytes."""
+    return vec & T.broadcast(T.uint8(15), n) if half == 0 else T.shift_right(vec, T.broadcast(T.uint8(4), n))
+
+
+def _pair_sums(T, codes, x):
+    """AVX2 `vpmaddubsw`: per int16 lane, two unsigned code bytes times two signed activation bytes."""
+    return T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", codes, x)
+
+
+def _widen(T, p16):
+    """AVX2 `vpmaddwd` by 1s: adjacent int16 pair sums added into int32 lanes."""
+    return T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", p16, T.broadcast(T.int16(1), 16))
 
 
 def _dot(T, isa_name: str, bits: int, acc, codes, word):
@@ -126,8 +138,7 @@ def _dot(T, isa_name: str, bits: int, acc, codes, word):
         codes = T.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", codes, codes)
     if isa_name == "avxvnni":  # the VEX-encoded vpdpbusd (AVX-VNNI: Alder Lake, N100, Zen 5)
         return T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", acc, codes, x)
-    p16 = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", codes, x)
-    return acc + T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", p16, T.broadcast(T.int16(1), 16))
+    return acc + _widen(T, _pair_sums(T, codes, x))
 
 
 def _shape(lead, var, last: int):
@@ -144,17 +155,9 @@ def _zero_term(T, zero, has_zero: bool, panel, g, xsum):
 def _dot_nibbles(T, acc, cols, word_lo, word_hi):
     """AVX2, 4-bit codes: the low and high nibbles' vpmaddubsw pairs added as int16 before one
     vpmaddwd (|sum| <= 4 x 15 x 127 = 7,620: no overflow), a vpmaddwd and an add fewer per load."""
-    lo = T.reinterpret("int8x32", cols & T.broadcast(T.uint8(15), 32))
-    hi = T.reinterpret("int8x32", T.shift_right(cols, T.broadcast(T.uint8(4), 32)))
-    x_lo = T.reinterpret("int8x32", T.broadcast(word_lo, 8))
-    x_hi = T.reinterpret("int8x32", T.broadcast(word_hi, 8))
-    p16 = (T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", lo, x_lo)
-           + T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", hi, x_hi))
-    return acc + T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", p16, T.broadcast(T.int16(1), 16))
-
-
-def _prefetch(T, load):
-    return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(load), 0, 3, 1))
+    lo, hi = (T.reinterpret("int8x32", _nibbles(T, cols, 32, h)) for h in (0, 1))
+    x_lo, x_hi = (T.reinterpret("int8x32", T.broadcast(w, 8)) for w in (word_lo, word_hi))
+    return acc + _widen(T, _pair_sums(T, lo, x_lo) + _pair_sums(T, hi, x_hi))
 
 
 def primfunc(x_shape, n_out: int, k_dim: int, groups: int, bits: int, isa_name: str, *, chunk: int | None = None,
@@ -179,7 +182,7 @@ def primfunc(x_shape, n_out: int, k_dim: int, groups: int, bits: int, isa_name: 
     for d in lead:
         static_rows *= d if isinstance(d, int) else 1
     symbolic = bool(sym)
-    R = static_rows if not symbolic and static_rows <= MAX_ROWS[isa_name] else int(chunk or CHUNK[isa_name])  # rows per chunk
+    R = static_rows if not symbolic and static_rows <= MAX_ROWS[isa_name] else int(chunk or CHUNK)  # rows per chunk
     K, N, G = int(k_dim), int(n_out), int(groups)
     group = K // G
     P = N // PANEL
@@ -231,10 +234,10 @@ def primfunc(x_shape, n_out: int, k_dim: int, groups: int, bits: int, isa_name: 
                     for p in T.unroll(PT):
                         nxt: T.let[T.int32] = T.min(t + ahead, tiles - 1) * PT + p
                         for ln in T.unroll(loads):
-                            _prefetch(T, wf[(nxt * KB + g * (KB // G) + ln * 4) * PANEL])
-                        _prefetch(T, scale[nxt, g, 0])
+                            T.evaluate(prefetch(wf[(nxt * KB + g * (KB // G) + ln * 4) * PANEL]))
+                        T.evaluate(prefetch(scale[nxt, g, 0]))
                         if has_zero:
-                            _prefetch(T, zero[nxt, g, 0])
+                            T.evaluate(prefetch(zero[nxt, g, 0]))
                     for r in T.unroll(R):
                         for p in T.unroll(PT):
                             for h in T.unroll(NCH):
@@ -258,7 +261,7 @@ def primfunc(x_shape, n_out: int, k_dim: int, groups: int, bits: int, isa_name: 
                                                     isa_name), xq[T.min(c * R + r, rows - 1), g * words + i * per + h])
                     for r in T.unroll(R):
                         for p in T.unroll(PT):
-                            acc[r, p, 0:PANEL] = acc.vload([r, p, 0], "float32x16") + T.Cast("float32x16", _tree(
+                            acc[r, p, 0:PANEL] = acc.vload([r, p, 0], "float32x16") + T.Cast("float32x16", tree(operator.add,
                                 [ia.vload([r, p, j, 0], "int32x16") for j in range(NCH)]) - T.broadcast(
                                     xqsum[T.min(c * R + r, rows - 1), g] * (128 if bits == 8 and isa_name == "vnni512" else 0), PANEL)) * (
                                 scale.vload([t * PT + p, g, 0], "float32x16") * T.broadcast(xs[T.min(c * R + r, rows - 1), g], PANEL)
