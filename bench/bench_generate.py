@@ -727,7 +727,7 @@ def main() -> int:
     L.append("Read bandwidth: a C sum over a 256 MiB float array (gcc -O3 -march=native, pthreads; larger than the "
              "L3), median of the passes measured before and after the run: "
              + "; ".join(f"{th} thread(s) {med(v):.1f} GB/s (range {min(v):.1f}-{max(v):.1f})" for th, v in bw.items())
-             + ". Bytes read per decoded token: edgejit the manifest's `decoder.weight_bytes` (4/8-bit codes with fp32 scales and zeros, or fp16 weights; the packed LM head "
+             + ". Bytes read per decoded token: edgejit the manifest's `decoder.weight_bytes` (4/8-bit codes with fp16 scales and zeros, or fp16 weights; the packed LM head "
              "is also the embedding table); llama.cpp all tensor bytes of the GGUF (the tied Q8_0/F16 embedding is read "
              "whole as the LM head). The KV cache (200-330 tokens x 22.5 KiB in fp16, both engines) "
              "is left out: 5-7 MB.")

@@ -36,7 +36,8 @@ def compute(x, wp, rows: int):
 
 
 def as_f32(value):
-    """A weight element as fp32: fp16 weights (a GGUF F16 file's) are widened where they are read."""
+    """A weight element (or a quantized weight's scale or zero) as fp32: fp16 ones (a GGUF F16
+    file's weights, every group's scale and zero) are widened where they are read."""
     return value if str(value.dtype) == "float32" else value.astype("float32")
 
 
@@ -53,8 +54,8 @@ def compute_quant(x, wq, scale, zero, rows: int):
     """The packed dense on weight-only quantized weights, dequantized in the inner loop:
     w[k, j] = q * scale + zero, per group of `K / groups` consecutive k. int8 `wq` [N / n, K, n]
     holds 8-bit codes; uint8 `wq` [N / n, K / 2, n] 4-bit ones, element 2i in the low nibble of
-    byte i and 2i + 1 in the high one. `scale`, `zero`: float32 [N / n, groups, n] (`zero` None:
-    symmetric codes, w = q * scale)."""
+    byte i and 2i + 1 in the high one. `scale`, `zero`: fp16 (or fp32) [N / n, groups, n], widened
+    where they are read (`zero` None: symmetric codes, w = q * scale)."""
     panels, kq, n = wq.shape
     k_dim = kq * 2 if _bits(wq) == 4 else kq
     return _tiled(x, panels, k_dim, n, rows, _quant_weight(wq, scale, zero))
@@ -98,8 +99,8 @@ def _quant_weight(wq, scale, zero):
             q = (wq[jo, k // 2, ji] >> ((k % 2) * 4).astype("uint8")) & tirx.const(15, "uint8")
         else:
             q = wq[jo, k, ji]
-        w = q.astype("float32") * scale[jo, k // group, ji]
-        return w if zero is None else w + zero[jo, k // group, ji]
+        w = q.astype("float32") * as_f32(scale[jo, k // group, ji])
+        return w if zero is None else w + as_f32(zero[jo, k // group, ji])
 
     return weight
 

@@ -149,7 +149,13 @@ def _zero_term(T, zero, has_zero: bool, panel, g, xsum):
     """zero * xscale * sum(xq) of a group, or nothing for symmetric codes."""
     if not has_zero:
         return T.broadcast(T.float32(0), PANEL)
-    return zero.vload([panel, g, 0], "float32x16") * T.broadcast(xsum, PANEL)
+    return _widened(T, zero, panel, g) * T.broadcast(xsum, PANEL)
+
+
+def _widened(T, buf, panel, g):
+    """The 16 scales (or zeros) of a panel's group as fp32 (`vcvtph2ps` / `fcvtl` from fp16)."""
+    vec = buf.vload([panel, g, 0], f"{buf.dtype}x{PANEL}")
+    return vec if buf.dtype == "float32" else T.Cast(f"float32x{PANEL}", vec)
 
 
 def _dot_nibbles(T, acc, cols, word_lo, word_hi):
@@ -161,10 +167,10 @@ def _dot_nibbles(T, acc, cols, word_lo, word_hi):
 
 
 def primfunc(x_shape, n_out: int, k_dim: int, groups: int, bits: int, isa_name: str, *, chunk: int | None = None,
-             zero: bool = True):
-    """The `isa_name` kernel (one of ISAS) for x [*x_shape] (last dim k_dim) times packed codes of `bits` with fp32
-    scale/zero [N / 16, groups, 16] (`zero` False: symmetric codes, no zero tensor); writes
-    y [*x_shape[:-1], n_out].
+             zero: bool = True, scale_dtype: str = "float16"):
+    """The `isa_name` kernel (one of ISAS) for x [*x_shape] (last dim k_dim) times packed codes of `bits` with
+    scale/zero [N / 16, groups, 16] of `scale_dtype` (fp16 as the host packs them, or fp32; `zero`
+    False: symmetric codes, no zero tensor); writes y [*x_shape[:-1], n_out].
 
     The leading dims may hold one symbolic variable (a decoder's `num_seqs`): the rows are then
     taken `chunk` at a time (also a static count of more than MAX_ROWS), a chunk past the last row
@@ -264,7 +270,7 @@ def primfunc(x_shape, n_out: int, k_dim: int, groups: int, bits: int, isa_name: 
                             acc[r, p, 0:PANEL] = acc.vload([r, p, 0], "float32x16") + T.Cast("float32x16", tree(operator.add,
                                 [ia.vload([r, p, j, 0], "int32x16") for j in range(NCH)]) - T.broadcast(
                                     xqsum[T.min(c * R + r, rows - 1), g] * (128 if bits == 8 and isa_name == "vnni512" else 0), PANEL)) * (
-                                scale.vload([t * PT + p, g, 0], "float32x16") * T.broadcast(xs[T.min(c * R + r, rows - 1), g], PANEL)
+                                _widened(T, scale, t * PT + p, g) * T.broadcast(xs[T.min(c * R + r, rows - 1), g], PANEL)
                             ) + _zero_term(T, zero, has_zero, t * PT + p, g, xsum[T.min(c * R + r, rows - 1), g])
                 for r in T.unroll(R):
                     for p in T.unroll(PT):
@@ -284,13 +290,13 @@ def primfunc(x_shape, n_out: int, k_dim: int, groups: int, bits: int, isa_name: 
 
     if has_zero:
         @T.prim_func(private=True)
-        def dense_int8act(var_x: T.handle, wq: T.Buffer((P, KB, PANEL), code_t), scale: T.Buffer((P, G, PANEL), "float32"),
-                       zero: T.Buffer((P, G, PANEL), "float32"), var_y: T.handle):
+        def dense_int8act(var_x: T.handle, wq: T.Buffer((P, KB, PANEL), code_t), scale: T.Buffer((P, G, PANEL), scale_dtype),
+                       zero: T.Buffer((P, G, PANEL), scale_dtype), var_y: T.handle):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             entry(var_x, wq, scale, zero, var_y)
     else:  # symmetric codes: no zero tensor
         @T.prim_func(private=True)
-        def dense_int8act(var_x: T.handle, wq: T.Buffer((P, KB, PANEL), code_t), scale: T.Buffer((P, G, PANEL), "float32"),
+        def dense_int8act(var_x: T.handle, wq: T.Buffer((P, KB, PANEL), code_t), scale: T.Buffer((P, G, PANEL), scale_dtype),
                        var_y: T.handle):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             entry(var_x, wq, scale, scale, var_y)

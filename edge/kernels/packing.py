@@ -149,7 +149,7 @@ def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = No
             x_shape = [int(d) if hasattr(d, "value") else d for d in x.ty.shape.values]
             n_out = int(wq.ty.shape.values[0]) * int(wq.ty.shape.values[2])
             func = dense_int8act.primfunc(x_shape, n_out, x_shape[-1], int(scale.ty.shape.values[1]), 4 if wq.ty.dtype == "uint8" else 8, int8,
-                                       zero=quant[2] is not None)
+                                       zero=quant[2] is not None, scale_dtype=str(scale.ty.dtype))
             gv = self.builder_.add_func(func.with_attr("op_pattern", 8), "dense_int8act")  # opaque: not fused
             out = relax.TensorType([*x_shape[:-1], n_out], "float32")
             return self.builder_.emit(relax.call_tir(gv, [x, *(a for a in quant if a is not None)], out))

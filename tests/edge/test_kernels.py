@@ -377,8 +377,8 @@ def test_quant_dense_few_rows_split_and_prefetch(rows, symbolic, bits, preset):
     x = te.placeholder((1, m, k_dim), "float32", name="x")
     codes_shape = (n_cols // 16, k_dim // 2 if bits == 4 else k_dim, 16)
     wq = te.placeholder(codes_shape, "uint8" if bits == 4 else "int8", name="wq")
-    sc = te.placeholder((n_cols // 16, k_dim // group, 16), "float32", name="sc")
-    ze = te.placeholder((n_cols // 16, k_dim // group, 16), "float32", name="ze")
+    sc = te.placeholder((n_cols // 16, k_dim // group, 16), "float16", name="sc")  # as the host packs them
+    ze = te.placeholder((n_cols // 16, k_dim // group, 16), "float16", name="ze")
     if symmetric:
         func = te.create_prim_func([x, wq, sc, dense.compute_quant_sym(x, wq, sc, rows)])
     else:
@@ -395,11 +395,11 @@ def test_quant_dense_few_rows_split_and_prefetch(rows, symbolic, bits, preset):
     lib = tvm.compile(sch.mod, target=target)["main"]
     rng = np.random.default_rng(rows * 10 + bits)
     codes = rng.integers(0, 256, codes_shape).astype("uint8") if bits == 4 else rng.integers(-128, 128, codes_shape).astype("int8")
-    scale, zero = (rng.standard_normal((n_cols // 16, k_dim // group, 16)).astype("float32") for _ in range(2))
+    scale, zero = (rng.standard_normal((n_cols // 16, k_dim // group, 16)).astype("float16") for _ in range(2))
     zero = np.zeros_like(zero) if symmetric else zero
     q = (np.stack([codes & 15, codes >> 4], axis=2).reshape(n_cols // 16, k_dim, 16) if bits == 4 else codes).astype("float32")
     g = np.repeat(np.arange(k_dim // group), group)
-    w = (q * scale[:, g, :] + zero[:, g, :]).transpose(1, 0, 2).reshape(k_dim, n_cols)
+    w = (q * scale[:, g, :].astype("float32") + zero[:, g, :].astype("float32")).transpose(1, 0, 2).reshape(k_dim, n_cols)
     for n in ((1, 2, 3, 5) if symbolic else (rows,)):
         a = rng.standard_normal((1, n, k_dim)).astype("float32")
         got = tvm.runtime.tensor(np.zeros((1, n, n_cols), "float32"))
@@ -445,16 +445,16 @@ def _int8act_isas():
 
 
 def _quant_weights(rng, bits: int, k_dim: int, n_cols: int, group: int, symmetric: bool = False):
-    """Packed codes, scale, zero in the kernels' layout, and the float weight [K, N] they stand for
-    (symmetric: zero all 0, as Q8_0's)."""
+    """Packed codes, scale, zero (fp16) in the kernels' layout, and the float weight [K, N] they
+    stand for (symmetric: zero all 0, as Q8_0's)."""
     codes_shape = (n_cols // 16, k_dim // 2 if bits == 4 else k_dim, 16)
     codes = rng.integers(0, 256, codes_shape).astype("uint8") if bits == 4 else rng.integers(-128, 128, codes_shape).astype("int8")
-    scale = (rng.random((n_cols // 16, k_dim // group, 16)) * 0.02 + 0.01).astype("float32")
-    zero = (-8 * scale if bits == 4 else rng.standard_normal(scale.shape) * 0.01).astype("float32")  # Q4_1-like
+    scale = (rng.random((n_cols // 16, k_dim // group, 16)) * 0.02 + 0.01).astype("float16")
+    zero = (-8 * scale if bits == 4 else rng.standard_normal(scale.shape) * 0.01).astype("float16")  # Q4_1-like
     zero = np.zeros_like(scale) if symmetric else zero
     q = (np.stack([codes & 15, codes >> 4], axis=2).reshape(n_cols // 16, k_dim, 16) if bits == 4 else codes).astype("float32")
     g = np.repeat(np.arange(k_dim // group), group)
-    w = (q * scale[:, g, :] + zero[:, g, :]).transpose(1, 0, 2).reshape(k_dim, n_cols)
+    w = (q * scale[:, g, :].astype("float32") + zero[:, g, :].astype("float32")).transpose(1, 0, 2).reshape(k_dim, n_cols)
     return codes, scale, zero, w
 
 
@@ -510,8 +510,8 @@ def test_int8act_dense_takes_every_row_count_on_targets_with_int8_dot_products(p
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, m, k_dim), "float32"))
     wq = relax.Var("wq", relax.TensorType((n_cols // 16, k_dim // 2, 16), "uint8"))
-    sc = relax.Var("sc", relax.TensorType((n_cols // 16, k_dim // 32, 16), "float32"))
-    ze = relax.Var("ze", relax.TensorType((n_cols // 16, k_dim // 32, 16), "float32"))
+    sc = relax.Var("sc", relax.TensorType((n_cols // 16, k_dim // 32, 16), "float16"))
+    ze = relax.Var("ze", relax.TensorType((n_cols // 16, k_dim // 32, 16), "float16"))
     with bb.function("main", [x, wq, sc, ze]):
         with bb.dataflow():
             wp = bb.emit(bb.call_te(dense.dequant, wq, sc, ze, primfunc_name_hint="dequant_q4"))

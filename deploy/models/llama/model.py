@@ -67,9 +67,9 @@ class PackedLinear(nn.Module):
         else:  # group-quantized codes, scale and zero per 32 inputs (deploy/quantize/weight_only; Q8S: no zero)
             codes = in_features // 2 if bits == 4 else in_features
             self.qweight = nn.Parameter((panels, codes, PANEL), "uint8" if bits == 4 else "int8")
-            self.qscale = nn.Parameter((panels, in_features // GROUP, PANEL), "float32")
+            self.qscale = nn.Parameter((panels, in_features // GROUP, PANEL), "float16")
             if bits != Q8S:
-                self.qzero = nn.Parameter((panels, in_features // GROUP, PANEL), "float32")
+                self.qzero = nn.Parameter((panels, in_features // GROUP, PANEL), "float16")
         self.bias = nn.Parameter((out_features,), "float32") if bias else None
 
     def packed(self) -> Tensor:

@@ -5,7 +5,8 @@ and how the result is packed for the kernel.
 Kernel layout (edge/kernels/dense.compute_quant), for a weight W [K, N] (in x out):
 - 8 bits: int8 codes [N / 16, K, 16];
 - 4 bits: uint8 [N / 16, K / 2, 16], code of input 2i in the low nibble of byte i, 2i + 1 high;
-- scale, zero: float32 [N / 16, K / 32, 16] (symmetric 8-bit layers, Q8S: no zero).
+- scale, zero: float16 [N / 16, K / 32, 16] (symmetric 8-bit layers, Q8S: no zero), as GGUF stores
+  them: a decode step reads 20 bytes per 32 4-bit weights, not the 24 of fp32 scale and zero.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class QWeight:
     """A matrix in Hugging Face layout [out, in], group-quantized along `in`."""
 
     q: np.ndarray  # codes [out, in]: uint8 0..15 (bits 4) or int8 (bits 8)
-    scale: np.ndarray  # float32 [out, in / 32]
-    zero: np.ndarray  # float32 [out, in / 32]
+    scale: np.ndarray  # float32 [out, in / 32], values fp16 holds (the kernel layout is fp16)
+    zero: np.ndarray  # float32 [out, in / 32], the same
     bits: int
     source: str  # what it was made from, e.g. "Q4_1" or "requantized from Q6_K"
 
@@ -114,8 +115,8 @@ def from_gguf(kind: str, raw: np.ndarray, shape: tuple[int, int]) -> QWeight | N
 def quantize(w: np.ndarray, bits: int, source: str) -> QWeight:
     """fp32 [out, in] -> QWeight: 8 bits symmetric (absmax), 4 bits affine (min/max) per group;
     the codes are those of llama.cpp's reference quantizers (ggml-quants.c quantize_row_q8_0_ref /
-    q4_1_ref: x times the reciprocal of the scale, rounded half away from zero); the scale and zero
-    stay fp32 (GGUF rounds them to fp16)."""
+    q4_1_ref: x times the reciprocal of the fp32 scale, rounded half away from zero); the scale and
+    zero are then rounded to fp16, as llama.cpp stores them (the kernel layout is fp16)."""
     out, cols = w.shape
     g = w.reshape(out, cols // GROUP, GROUP).astype(np.float32)
     if bits == 8:
@@ -124,18 +125,24 @@ def quantize(w: np.ndarray, bits: int, source: str) -> QWeight:
         x = g * inv[..., None]
         q = (np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))).astype(np.int8)  # roundf
         scale = np.where(d > 0, d, 1).astype(np.float32)  # any scale decodes all-zero codes
-        return QWeight(q.reshape(out, cols), scale, np.zeros_like(scale), 8, source)
+        return QWeight(q.reshape(out, cols), _fp16(scale), np.zeros_like(scale), 8, source)
     lo, hi = g.min(axis=2), g.max(axis=2)
     d = (hi - lo) / np.float32(15)
     inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
     q = np.clip(np.trunc((g - lo[..., None]) * inv[..., None] + np.float32(0.5)), 0, 15).astype(np.uint8)
     scale = np.where(d > 0, d, 1).astype(np.float32)
-    return QWeight(q.reshape(out, cols), scale, lo.astype(np.float32), 4, source)
+    return QWeight(q.reshape(out, cols), _fp16(scale), _fp16(lo), 4, source)
+
+
+def _fp16(a: np.ndarray) -> np.ndarray:
+    """fp32 values rounded to the nearest fp16 (kept fp32 on the host)."""
+    return a.astype(np.float16).astype(np.float32)
 
 
 # -- for the kernel ----------------------------------------------------------------------------
 def pack(w: QWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """HF-layout QWeight [N, K] -> (codes, scale, zero) in the kernel layout (N padded to 16)."""
+    """HF-layout QWeight [N, K] -> (codes, scale, zero) in the kernel layout (N padded to 16;
+    scale and zero fp16: exact for GGUF's blocks and for `quantize`'s, which round them)."""
     q, s, z = w.q, w.scale, w.zero
     n = q.shape[0]
     pad = (-n) % PANEL
@@ -149,4 +156,4 @@ def pack(w: QWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         qp = (qp[:, 0::2, :] | (qp[:, 1::2, :] << 4)).astype(np.uint8)
     sp = s.reshape(npan, PANEL, -1).transpose(0, 2, 1)
     zp = z.reshape(npan, PANEL, -1).transpose(0, 2, 1)
-    return np.ascontiguousarray(qp), np.ascontiguousarray(sp, dtype=np.float32), np.ascontiguousarray(zp, dtype=np.float32)
+    return np.ascontiguousarray(qp), np.ascontiguousarray(sp, dtype=np.float16), np.ascontiguousarray(zp, dtype=np.float16)
