@@ -33,9 +33,11 @@ LANES = 16  # partial sums of a dot product; LLVM splits them into the target's 
 # Keys and values are read a chunk (a KV page) at a time from wherever the page pool put them: in a
 # decode step the weights streamed since the last layer have pushed them out of cache, and the
 # hardware prefetchers do not follow a page table. The chunk this many ahead is prefetched while one
-# is computed. SmolLM2 Q4_1, one Zen 5 core, a 128-token reply after 200 prompt tokens, perf samples:
-# decode attention 0.296-0.300 of the batch-1 dense kernels' without, 0.248-0.253 with (3 chunks ahead: 0.260).
-# In a decode step it runs ~2.5x its time with the pages in cache: latency the prefetch only starts on.
+# is computed, its row r while row r of this one is (SmolLM2 Q4_1, one Zen 5 core, a 128-token reply
+# after 200 prompt tokens, perf samples: decode attention 0.296-0.300 of the batch-1 dense kernels'
+# without, 0.248-0.253 with). Spread, not all 64 lines at the chunk's start: a burst of prefetches
+# fills the core's queue of outstanding misses and stalls it (SmolLM2's shapes, 30 layers' pages out
+# of cache, one core, per layer: 264 tokens 35 -> 27 us, 1,024 tokens 115 -> 74-78 us; 2 chunks ahead: the same).
 PREFETCH_AHEAD = 1
 DTYPES = ("float32", "float16")  # of the cache (and of q and the output: TVM's cache wants one dtype); math in fp32
 
@@ -138,11 +140,15 @@ def _attention_task(G: int, P: int, d: int, dtype: str):
             l_s[g] = T.float32(1)
 
     @T.macro
-    def attend(q_s, o_s, m_s, l_s, s_s, p_s, acc, half, quarter, rows, key, value):
+    def attend(q_s, o_s, m_s, l_s, s_s, p_s, acc, half, quarter, rows, key, value, ahead, key_ahead, value_ahead):
         for g in range(G):
             for r in T.vectorized(P):
                 s_s[g, r] = T.float32(-1e30)
             for r in range(rows):
+                if g == 0 and ahead >= 0:
+                    for line in T.unroll(lines):
+                        T.evaluate(prefetch(key_ahead(ahead, r, line * per_line)))
+                        T.evaluate(prefetch(value_ahead(ahead, r, line * per_line)))
                 for l in T.vectorized(L):
                     acc[l] = q_s[g, l] * T.Cast("float32", key(r, l))
                 for c in range(1, C):
@@ -187,14 +193,10 @@ def _attention_task(G: int, P: int, d: int, dtype: str):
         for chunk in range(n_chunks):
             base: T.let[T.int32] = base_of(chunk)
             rows: T.let[T.int32] = rows_of(chunk)
-            if chunk + PREFETCH_AHEAD < n_chunks:
-                ahead: T.let[T.int32] = base_of(chunk + PREFETCH_AHEAD)
-                for r in T.unroll(P):
-                    for line in T.unroll(lines):
-                        T.evaluate(prefetch(key(ahead, r, line * per_line)))
-                        T.evaluate(prefetch(value(ahead, r, line * per_line)))
+            ahead: T.let[T.int32] = T.if_then_else(  # -1: no chunk that far ahead
+                chunk + PREFETCH_AHEAD < n_chunks, base_of(T.min(chunk + PREFETCH_AHEAD, n_chunks - 1)), -1)
             attend(q_s, o_s, m_s, l_s, s_s, p_s, acc, half, quarter, rows,
-                   lambda r, j: key(base, r, j), lambda r, j: value(base, r, j))
+                   lambda r, j: key(base, r, j), lambda r, j: value(base, r, j), ahead, key, value)
         finish(o_s, m_s, l_s, output, lse, first, hk)
 
     @T.macro
