@@ -78,8 +78,9 @@ def lower(mod, target):
                                            int8=int8_matmuls(mod, target))
         mod = packing.rewrite_packed_gather(mod)
         mod = graph.expand_small_powers(mod)
+        mod = graph.expand_silu(mod)
         mod = graph.rewrite_softmax(mod, vector_lanes(target))
-        # erf/exp/tanh legalized as vectorizable polynomials (GELU, softmax) instead of libm
+        # erf/exp/tanh legalized as vectorizable polynomials (GELU, SiLU, softmax) instead of libm
         # calls; called directly because inside a Sequential its opt_level (4) would skip it
         mod = relax.transform.FastMathTransform()(mod)
         return tvm.transform.Sequential(

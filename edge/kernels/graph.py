@@ -34,6 +34,32 @@ def expand_small_powers(mod):
     return expander.builder_.get()
 
 
+def expand_silu(mod):
+    """silu(x) (fp32) -> x / (1 + exp(-x)), whose exp FastMathTransform then makes a vectorizable
+    polynomial: legalized as it is, silu is a scalar libm expf call per element (SwiGLU's gate:
+    SmolLM2, 46,080 per decoded token, ~3% of a decode step on one Zen 5 core)."""
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Expand(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = self.visit_expr_post_order(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.silu"):
+                return call
+            x = call.args[0]
+            if not isinstance(x.ty, relax.TensorType) or x.ty.dtype != "float32":
+                return call
+            e = self.builder_.emit(relax.op.exp(relax.op.negative(x)))
+            return relax.op.divide(x, relax.op.add(relax.const(1.0, "float32"), e))
+
+    expander = _Expand(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            expander.builder_.update_func(gv, expander.visit_expr(func))
+    return expander.builder_.get()
+
+
 def rewrite_softmax(mod, lanes: int):
     """softmax over the last axis (fp32) -> the chunked kernel of edge/kernels/softmax.py."""
     import tvm
