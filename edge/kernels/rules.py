@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 from edge.kernels import dense, softmax
@@ -9,6 +10,10 @@ from edge.kernels.target import tile_panels, vector_lanes
 
 _DEBUG = bool(os.environ.get("EDGEJIT_KERNELS_DEBUG"))
 _SCHEDULED = ("tirx.is_scheduled", "tir.is_scheduled")
+# Elementwise functions of at most this many elements (a decode step's residual adds, RoPE, SwiGLU
+# gate: 576-12,288) run on the calling thread: waking the pool for a few microseconds of work cost
+# more than it saved (SmolLM2 Q4_1 decode at 2 threads: ~150 such launches per token).
+SERIAL_ELEMENTS = 16384
 
 
 def is_scheduled(func) -> bool:
@@ -242,14 +247,18 @@ def _spatial(sch, block, lanes: int) -> None:
     stmt = sch.get(block)
     static = hasattr(sch.get(last).extent, "value") and not any(
         str(r.source.dtype) == "bool" for r in (*stmt.reads, *stmt.writes))
+    extents = [sch.get(lp).extent for lp in loops]
+    small = all(hasattr(e, "value") for e in extents) and math.prod(int(e) for e in extents) <= SERIAL_ELEMENTS
     if not lead:
         if static:
             outer, inner = sch.split(last, factors=[None, lanes])
             sch.vectorize(inner)
-            sch.parallel(outer)
+            if not small:
+                sch.parallel(outer)
         return
     outer = sch.fuse(*lead) if len(lead) > 1 else lead[0]
     if static:
         _, inner = sch.split(last, factors=[None, lanes])
         sch.vectorize(inner)
-    sch.parallel(outer)
+    if not small:
+        sch.parallel(outer)
