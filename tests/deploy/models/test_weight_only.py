@@ -252,7 +252,7 @@ def _smollm2_checkpoint(gguf_path: Path, directory: Path) -> Path:
 @pytest.mark.slow
 def test_smollm2_q8_top1_agreement(smollm2_gguf, tmp_path):
     """SmolLM2-135M-Instruct (its Q4_1 file's values in fp32) compiled with --precision q8: measured
-    top-1 agreement 0.984 and perplexity ratio 0.9999 on the corpus (docs/generation.md)."""
+    top-1 agreement 0.984 and perplexity ratio 0.9997 on the corpus (docs/generation.md)."""
     from deploy.compiler.decoder import compile_decoder
 
     hf = _smollm2_checkpoint(Path(smollm2_gguf), tmp_path / "smollm2")
