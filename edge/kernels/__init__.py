@@ -75,7 +75,7 @@ def lower(mod, target):
     mod = attention.replace_attention_kernels(mod)
     with target:
         mod = packing.rewrite_packed_dense(mod, tile_rows(target), var_rows={"num_seqs": decode_tile_rows(target)},
-                                           int8=int8_matmuls(mod, target))
+                                           int8=int8_matmuls(mod, target), lanes=vector_lanes(target))
         mod = packing.rewrite_packed_gather(mod)
         mod = graph.expand_small_powers(mod)
         mod = graph.expand_silu(mod)

@@ -92,7 +92,8 @@ def _uses(func) -> dict:
     return {v: as_arg.get(v, []) + [None] * (n - len(as_arg.get(v, []))) for v, n in seen.items()}
 
 
-def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = None, int8: str | None = None):
+def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = None, int8: str | None = None,
+                         lanes: int | None = None):
     """Build side: matmul(x, reshape(permute_dims(Wp))) -> call_tir(packed dense kernel).
 
     `rows`: the register tile's rows where the row count is symbolic; `var_rows` overrides it when
@@ -100,11 +101,13 @@ def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = No
     and the LM head's in prefill, are the few sequences in the batch, not their tokens).
     With `int8` (the instruction set of a module compiled for int8 activations, on a target with
     int8 dot products: edge.kernels.int8_matmuls), quantized weights get the int8-activation kernel
-    (edge.kernels.dense_int8act) whatever their rows: prefill chunks, decode steps, the LM head."""
+    (edge.kernels.dense_int8act) whatever their rows: prefill chunks, decode steps, the LM head.
+    With `lanes` (the target's fp32 vector lanes), fp16 weights times a decode step's few static
+    rows get edge.kernels.dense_f16."""
     import tvm
     from tvm import relax
 
-    from edge.kernels import dense_int8act
+    from edge.kernels import dense_f16, dense_int8act
 
 
     @relax.expr_functor.mutator
@@ -130,8 +133,22 @@ def rewrite_packed_dense(mod, rows: int, *, var_rows: dict[str, int] | None = No
                     return self.builder_.call_te(dense.compute_quant_sym, x, *quant[:2], tile, primfunc_name_hint="dense_quant")
                 return self.builder_.call_te(dense.compute_quant, x, *quant, tile, primfunc_name_hint="dense_quant")
             f16 = widened_from(self, wp)  # fp16: widened in the kernel's inner loop
+            if f16 is not None and self._f16_fits(x):
+                return self._call_f16(x, f16)
             wp = wp if f16 is None else f16
             return self.builder_.call_te(dense.compute, x, wp, tile, primfunc_name_hint="dense_packed")
+
+        def _f16_fits(self, x) -> bool:
+            lead = [int(d) if hasattr(d, "value") else d for d in x.ty.shape.values[:-1]]
+            k_dim = x.ty.shape.values[-1]
+            return lanes is not None and hasattr(k_dim, "value") and dense_f16.applies(lead, int(k_dim), lanes)
+
+        def _call_f16(self, x, wp):
+            lead = [int(d) for d in x.ty.shape.values[:-1]]
+            n_out = int(wp.ty.shape.values[0]) * int(wp.ty.shape.values[2])
+            func = dense_f16.primfunc(lead, n_out, int(x.ty.shape.values[-1]))
+            gv = self.builder_.add_func(func.with_attr("op_pattern", 8), "dense_f16")  # opaque: not fused
+            return self.builder_.emit(relax.call_tir(gv, [x, wp], relax.TensorType([*lead, n_out], "float32")))
 
         def _int8act_fits(self, x, quant) -> bool:
             wq, scale, _ = quant

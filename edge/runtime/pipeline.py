@@ -13,7 +13,7 @@ from pathlib import Path
 from edge.errors import TargetError
 
 # Bump when the pipeline or the kernels change the code they generate.
-PIPELINE_VERSION = "23"
+PIPELINE_VERSION = "24"
 
 
 def build(mod, target: dict, *, bind: dict[str, int] | None = None, tuning=None):

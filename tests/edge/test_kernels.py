@@ -433,6 +433,56 @@ def test_f16_dense_widens_and_prefetches(rows, symbolic):
         np.testing.assert_allclose(got.numpy(), a @ w, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("lead", [(1,), (1, 1), (3, 1), (2, 2)], ids=str)
+def test_f16_decode_kernel_is_the_dense_of_widened_weights(lead):
+    """The hand-written fp16 kernel for a decode step's static 1-4 rows computes x @ float32(W)
+    (against numpy, float rounding aside), every row count and layout of the leading dims; it also
+    compiles for aarch64 (NEON's fcvtl widens the weights)."""
+    import tvm
+
+    from edge.kernels import dense_f16
+
+    k_dim, n_cols = 192, 80
+    rng = np.random.default_rng(len(lead) * 10 + lead[0])
+    w16 = rng.standard_normal((n_cols // 16, k_dim, 16)).astype("float16")
+    w = w16.astype("float32").transpose(1, 0, 2).reshape(k_dim, n_cols)
+    func = dense_f16.primfunc(list(lead), n_cols, k_dim).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=_tvm_target("host"))["main"]
+    a = rng.standard_normal((*lead, k_dim)).astype("float32")
+    got = tvm.runtime.tensor(np.zeros((*lead, n_cols), "float32"))
+    lib(tvm.runtime.tensor(a), tvm.runtime.tensor(w16), got)
+    np.testing.assert_allclose(got.numpy(), a @ w, rtol=1e-4, atol=1e-4 * np.abs(a @ w).max())
+    tvm.compile(tvm.IRModule({"main": func}), target=_tvm_target("rpi4"))
+
+
+@pytest.mark.parametrize("rows,lanes,want", [(1, 16, "dense_f16"), (4, 16, "dense_f16"), (5, 16, "dense_packed"),
+                                             ("num_seqs", 16, "dense_packed"), (1, 8, "dense_f16"), (2, 8, "dense_packed"),
+                                             (1, 4, "dense_f16"), (2, 4, "dense_packed")], ids=str)
+def test_f16_matmuls_of_a_decode_step_take_the_f16_kernel(rows, lanes, want):
+    """fp16 weights times a static 1-4 rows (a decode step of a known batch size, the LM head in
+    it) get the hand-written kernel where their sums fit in half the vector registers (AVX-512: 4
+    rows; AVX2, NEON: 1); more rows and symbolic rows (the generic module, prefill) keep the
+    scheduled one."""
+    import tvm
+    from tvm import relax, tirx
+
+    k_dim, n_cols = 64, 32
+    m = tirx.Var(rows, "int64") if isinstance(rows, str) else rows
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, m, k_dim), "float32"))
+    w16 = relax.Var("w16", relax.TensorType((n_cols // 16, k_dim, 16), "float16"))
+    with bb.function("main", [x, w16]):
+        with bb.dataflow():
+            wp = bb.emit(bb.call_te(dense.widen, w16, primfunc_name_hint="widen_f16"))
+            w = bb.emit(relax.op.reshape(relax.op.permute_dims(wp, [1, 0, 2]), (k_dim, n_cols)))
+            out = bb.emit_output(relax.op.matmul(x, w))
+        bb.emit_func_output(out)
+    out = packing.rewrite_packed_dense(bb.get(), 8, var_rows={"num_seqs": 4}, lanes=lanes)
+    names = {gv.name_hint for gv, f in out.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert any(n.startswith(want) for n in names), names
+    assert not any(n.startswith("widen_f16") for n in names), names
+
+
 # -- int8-activation dense (AVX-512 VNNI, AVX-VNNI, AVX2; ARM dotprod under emulation: tests/arm) -
 # (instruction set, a preset with it) for the ones this host can run
 _INT8ACT = [(isa, preset) for isa, preset in (("vnni512", "x86-64-avx512"), ("avxvnni", "x86-64-avxvnni"), ("avx2", "x86-64-avx2"))

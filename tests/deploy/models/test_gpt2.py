@@ -79,6 +79,24 @@ def test_greedy_matches_transformers(gpt2_models, loaded, name, prompt):
     assert len(set(want_toks)) > 3  # the fixture's weights make a non-degenerate sequence
 
 
+def test_f16_batch1_step_matches_transformers(gpt2_models, tmp_path):
+    """The F16 file compiled as `edgejit compile` does (the batch-1 decode step in the artifact,
+    whose fp16 matmuls take edge/kernels/dense_f16.py): greedy tokens equal transformers', logits
+    within the tolerance, and the steps ran on the artifact's variant."""
+    from deploy.compiler.decoder import compile_decoder
+    from edge.generate.loader import load_decoder
+
+    fx, _, _ = gpt2_models["gguf:untied_f16"]
+    art = compile_decoder(fx["gguf"], "host", tmp_path / "f16.art", decode_variants=(1,), log=lambda *a: None)
+    dec = load_decoder(art, context=64, jit="default", cache_dir=tmp_path / "c", state_dir=tmp_path / "s").decoder
+    for prompt in PROMPTS.values():
+        want_toks, want_logits = _reference(gpt2_models, "gguf:untied_f16", prompt)
+        toks, logits = greedy_decode(dec, prompt, N_NEW)
+        assert toks == want_toks
+        assert np.abs(logits - want_logits).max() < LOGIT_TOL * np.abs(want_logits).max()
+    assert dec.specializer.stats()["variants"][1]["source"] == "artifact"
+
+
 def test_positions_up_to_the_last_row_of_the_table(gpt2_models, loaded):
     """A sequence filling the whole context (64 positions) matches transformers at every step, so
     decode step p adds wpe[p] up to the last row; one more token is refused, not clamped."""
