@@ -1,5 +1,6 @@
 """A compiled decoder with its KV cache: prefill chunks and batched decode steps over TVM's paged
-KV cache, which this object owns (one per engine). Logits come back as fp32 numpy."""
+KV cache, which this object owns (one per engine). Logits come back as fp32 numpy (a decode step's
+as a view of the VM's output tensor, not a copy)."""
 
 from __future__ import annotations
 
@@ -175,7 +176,9 @@ class Decoder:
             logits, self.kv = fn(tvm.runtime.tensor(np.asarray(tokens, dtype=np.int32)), self.kv, self.params)
         finally:
             self._end(self.kv)
-        out = logits.numpy()
+        # A view of the VM's output, not a copy: it holds the tensor, so the allocator cannot hand
+        # its memory to the next step while the caller keeps it.
+        out = np.from_dlpack(logits)
         latency = time.perf_counter() - start
         for sid in sids:
             self.lengths[sid] += 1
